@@ -1,0 +1,514 @@
+"""Token Expansion (ToE): the "initialization, expansion, merging" token selector.
+
+Huang et al., "A General and Efficient Training for Transformer via Token Expansion", CVPR 2024.
+
+ToE sits on the output of the first transformer block. In the early stages of training it keeps
+only part of the patch tokens and trains blocks 1..depth-1 on that shorter sequence; stage by
+stage the kept share grows until the full sequence trains at the end. At test time it is off and
+the network is the plain full-token transformer.
+
+This file is self-contained (it needs torch only), so it can be copied into another project:
+
+    import timm, token_select
+    model = timm.create_model("deit_small_patch16_224")
+    toe = token_select.attach(model, token_select.TokenSelect())   # per epoch: toe.update_current_stage(epoch)
+
+Contents:
+- ``TokenSelect``: the operator, with the published interface (``expansion_step``,
+  ``keep_rate``, ``initialization_keep_rate``, ``expansion_multiple_stage``, ``distance``,
+  ``update_current_stage(epoch)``, ``token_select(x) -> (x, index)``, ``sparse_inference``).
+- ``attach(model, token_select)``: puts the operator after block 0 of an unmodified timm ViT.
+- Pure arithmetic shared by the trainers, the tests and the FLOP calculator:
+  ``stage_of_epoch``, ``expansion_plan``, ``kept_tokens_per_stage``, ``vit_step_flops``,
+  ``schedule_flops`` and ``ideal_speedup``.
+
+Shapes: B batch, N input tokens, P patch tokens, K kept patch tokens, C channels.
+"""
+
+from __future__ import annotations
+
+import bisect
+import math
+from typing import Dict, List, Optional, Sequence, Tuple
+
+import torch
+from torch import nn
+
+__all__ = [
+    "TokenSelect",
+    "attach",
+    "detach",
+    "stage_of_epoch",
+    "expansion_plan",
+    "kept_tokens_per_stage",
+    "seed_positions",
+    "vit_step_flops",
+    "schedule_flops",
+    "ideal_speedup",
+]
+
+DISTANCES = ("cosine", "manhattan", "euclidean")
+INITIALIZATIONS = ("stride", "uniform")
+
+
+# ---------------------------------------------------------------------------------------------
+# Schedule arithmetic (pure functions of integers and rates; no tensors)
+# ---------------------------------------------------------------------------------------------
+def validate_schedule(
+    expansion_step: Sequence[int],
+    keep_rate: Sequence[float],
+    initialization_keep_rate: float,
+    expansion_multiple_stage: int,
+) -> None:
+    """Raise ``ValueError`` naming the bad value if the ToE schedule is not usable."""
+    steps, rates = list(expansion_step), list(keep_rate)
+    if not steps or not rates:
+        raise ValueError("expansion_step and keep_rate must each list at least one stage")
+    if len(steps) != len(rates):
+        raise ValueError(
+            f"expansion_step has {len(steps)} entries {steps} but keep_rate has {len(rates)} "
+            f"{rates}: give one keep rate per stage"
+        )
+    for step in steps:
+        if isinstance(step, bool) or not float(step).is_integer() or step < 0:
+            raise ValueError(f"expansion_step {steps} must be non-negative whole epochs; got {step!r}")
+    for prev, cur in zip(steps, steps[1:]):
+        if cur <= prev:
+            raise ValueError(f"expansion_step {steps} must be strictly increasing ({prev} then {cur})")
+    for rate in rates:
+        if not (0.0 < rate <= 1.0):
+            raise ValueError(f"keep_rate {rates} must lie in (0, 1]; got {rate!r}")
+    for prev, cur in zip(rates, rates[1:]):
+        if cur < prev:
+            raise ValueError(f"keep_rate {rates} must not decrease ({prev} then {cur})")
+    if not (0.0 < initialization_keep_rate <= rates[0]):
+        raise ValueError(
+            f"initialization_keep_rate {initialization_keep_rate!r} must lie in (0, first keep rate "
+            f"{rates[0]}]"
+        )
+    if isinstance(expansion_multiple_stage, bool) or int(expansion_multiple_stage) != expansion_multiple_stage \
+            or expansion_multiple_stage < 1:
+        raise ValueError(
+            f"expansion_multiple_stage (repetition steps) must be an integer >= 1; got {expansion_multiple_stage!r}"
+        )
+
+
+def stage_of_epoch(epoch: float, expansion_step: Sequence[int]) -> int:
+    """Stage at ``epoch``: the number of stage starts <= epoch (0 = before the first stage)."""
+    return bisect.bisect_right(list(expansion_step), epoch)
+
+
+def expansion_plan(
+    num_patches: int,
+    stage: int,
+    keep_rate: Sequence[float],
+    initialization_keep_rate: float,
+    expansion_multiple_stage: int,
+) -> Tuple[int, List[int]]:
+    """The published integer rules: ``(seed count, tokens added by each repetition step)``.
+
+    Seeds: ``int(P * r0)`` (at least 1, where the published code would select nothing and
+    crash). Stage t < S adds ``int(P * (k_t - k_{t-1}))`` with ``k_0 = r0``; the last stage S adds
+    ``int(P * k_S) - int(P * (r0 + sum of the earlier deltas))`` so that it lands on k_S exactly.
+    Each stage's count is split over ``expansion_multiple_stage`` steps, ``n // k`` each and the
+    remainder in the last one. All stages 1..stage are replayed, in order.
+    """
+    rates = list(keep_rate)
+    num_stages = len(rates)
+    r0 = initialization_keep_rate
+    seeds = max(1, int(num_patches * r0))
+    deltas = [rates[0] - r0] + [rates[i] - rates[i - 1] for i in range(1, num_stages)]
+    steps: List[int] = []
+    for t in range(1, min(stage, num_stages) + 1):
+        if t == num_stages:
+            added = int(num_patches * rates[-1]) - int(num_patches * (r0 + sum(deltas[: num_stages - 1])))
+        else:
+            added = int(num_patches * deltas[t - 1])
+        per_step = added // expansion_multiple_stage
+        steps += [per_step] * (expansion_multiple_stage - 1)
+        steps.append(added - per_step * (expansion_multiple_stage - 1))
+    # Guard against configurations whose rounding would ask for more tokens than exist.
+    room = num_patches - seeds
+    clipped = []
+    for m in steps:
+        m = max(0, min(m, room))
+        room -= m
+        clipped.append(m)
+    return seeds, clipped
+
+
+def is_reducing_stage(stage: int, keep_rate: Sequence[float]) -> bool:
+    """Whether ``stage`` trains on fewer than all tokens (stage 0 and a final 1.0 stage do not)."""
+    rates = list(keep_rate)
+    if stage <= 0:
+        return False
+    return not (stage >= len(rates) and rates[-1] >= 1.0)
+
+
+def kept_tokens_per_stage(
+    num_patches: int,
+    keep_rate: Sequence[float],
+    initialization_keep_rate: float,
+    expansion_multiple_stage: int = 2,
+) -> List[int]:
+    """Patch tokens kept in each stage 1..S (``num_patches`` where ToE is off).
+
+    >>> kept_tokens_per_stage(196, [0.5, 0.75, 1.0], 0.25)
+    [98, 147, 196]
+    """
+    kept = []
+    for stage in range(1, len(keep_rate) + 1):
+        if not is_reducing_stage(stage, keep_rate):
+            kept.append(num_patches)
+            continue
+        seeds, steps = expansion_plan(num_patches, stage, keep_rate, initialization_keep_rate,
+                                      expansion_multiple_stage)
+        kept.append(seeds + sum(steps))
+    return kept
+
+
+def seed_positions(num_patches: int, initialization_keep_rate: float, initialization: str = "stride",
+                   grid_size: Optional[Tuple[int, int]] = None) -> List[int]:
+    """Positions (0..P-1) of the seed tokens.
+
+    ``"stride"``, the published rule: ``stride = int(1 // r0)`` (float floor division, so
+    ``1 // 0.2 == 4.0``) and the first ``int(P * r0)`` multiples of the stride. For r0 = 0.2 or
+    0.4 this leaves the last ~20 % of the image without seeds.
+
+    ``"uniform"``: a lattice of about ``gh x gw`` points over the (H, W) patch grid with the
+    grid's aspect ratio, cell centres in each direction, thinned evenly to exactly ``int(P*r0)``
+    points. ``grid_size`` defaults to a square grid when P is a square, else one row of P.
+    """
+    count = max(1, int(num_patches * initialization_keep_rate))
+    if initialization == "stride":
+        stride = int(1 // initialization_keep_rate)
+        return list(range(0, num_patches, stride))[:count]
+    if initialization != "uniform":
+        raise ValueError(f"initialization must be one of {INITIALIZATIONS}; got {initialization!r}")
+    if grid_size is None or grid_size[0] * grid_size[1] != num_patches:
+        side = math.isqrt(num_patches)
+        grid_size = (side, side) if side * side == num_patches else (1, num_patches)
+    height, width = grid_size
+    rows = min(height, max(1, round(math.sqrt(count * height / width))))
+    cols = min(width, math.ceil(count / rows))
+    rows = min(height, math.ceil(count / cols))
+    row_pos = [int((i + 0.5) * height / rows) for i in range(rows)]
+    col_pos = [int((j + 0.5) * width / cols) for j in range(cols)]
+    lattice = [r * width + c for r in row_pos for c in col_pos]
+    # Thin the lattice evenly (in raster order) down to exactly `count` points.
+    return [lattice[int((t + 0.5) * len(lattice) / count)] for t in range(count)]
+
+
+# ---------------------------------------------------------------------------------------------
+# FLOP arithmetic
+# ---------------------------------------------------------------------------------------------
+def vit_step_flops(
+    num_patches: int,
+    embed_dim: int,
+    depth: int,
+    kept_patches: Optional[int] = None,
+    num_prefix_tokens: int = 1,
+    mlp_ratio: float = 4.0,
+    patch_dim: int = 0,
+    num_classes: int = 0,
+    training: bool = True,
+) -> float:
+    """FLOPs (2 per multiply-add) of one ViT step for one sample, attention products included.
+
+    A block on N tokens of width d costs ``2 * (4 + 2 * mlp_ratio) * N * d^2`` (qkv, projection,
+    MLP) plus ``4 * N^2 * d`` (q @ k^T and attn @ v). Block 0 runs on all ``P + prefix`` tokens,
+    blocks 1..depth-1 on ``kept_patches + prefix``. ``patch_dim`` (in_chans * patch^2) and
+    ``num_classes`` add the patch embedding and the head. A training step (forward + backward)
+    is 3x the forward.
+    """
+    def block(n: int) -> float:
+        return 2.0 * (4.0 + 2.0 * mlp_ratio) * n * embed_dim ** 2 + 4.0 * n * n * embed_dim
+
+    kept = num_patches if kept_patches is None else kept_patches
+    full_len = num_patches + num_prefix_tokens
+    kept_len = kept + num_prefix_tokens
+    forward = block(full_len) + (depth - 1) * block(kept_len)
+    forward += 2.0 * num_patches * patch_dim * embed_dim + 2.0 * embed_dim * num_classes
+    return 3.0 * forward if training else forward
+
+
+def schedule_flops(
+    epochs: int,
+    num_patches: int,
+    embed_dim: int,
+    depth: int,
+    expansion_step: Sequence[int],
+    keep_rate: Sequence[float],
+    initialization_keep_rate: float,
+    expansion_multiple_stage: int = 2,
+    **flop_kwargs,
+) -> Tuple[float, float]:
+    """``(ToE FLOPs, full-token FLOPs)`` of a whole run, per training sample seen per epoch."""
+    kept = kept_tokens_per_stage(num_patches, keep_rate, initialization_keep_rate, expansion_multiple_stage)
+    full = vit_step_flops(num_patches, embed_dim, depth, **flop_kwargs)
+    toe = 0.0
+    for epoch in range(epochs):
+        stage = stage_of_epoch(epoch, expansion_step)
+        kept_patches = kept[stage - 1] if stage >= 1 else num_patches
+        toe += vit_step_flops(num_patches, embed_dim, depth, kept_patches=kept_patches, **flop_kwargs)
+    return toe, full * epochs
+
+
+def ideal_speedup(*args, **kwargs) -> float:
+    """FLOP-ideal speedup of a whole run (arguments as ``schedule_flops``)."""
+    toe, full = schedule_flops(*args, **kwargs)
+    return full / toe
+
+
+# ---------------------------------------------------------------------------------------------
+# The operator
+# ---------------------------------------------------------------------------------------------
+class TokenSelect(nn.Module):
+    """Token Expansion's "initialization, expansion, merging" operator.
+
+    Args (the published ones first):
+        expansion_step: epoch at which each stage starts, strictly increasing (e.g. [0, 100, 200]).
+        keep_rate: fraction of patch tokens kept in each stage, non-decreasing, in (0, 1].
+        initialization_keep_rate: fraction of seed tokens r0, in (0, keep_rate[0]].
+        expansion_multiple_stage: repetition steps k per stage (>= 1).
+        distance: ``"cosine"`` (published default), ``"manhattan"`` or ``"euclidean"``. Expansion
+            always adds the tokens LEAST like (farthest from) everything kept and merging goes to
+            the MOST similar (nearest) kept token. The published code takes the max and an
+            ascending sort of the raw distance for manhattan/euclidean, which inverts that
+            meaning; here distances are negated into similarities so all three agree. Cosine
+            compares L2-normalised tokens, the distances compare raw tokens.
+        initialization: ``"stride"`` (published seed rule, default) or ``"uniform"`` (seeds
+            spread over the whole 2-D grid; see ``seed_positions``).
+        num_prefix_tokens: leading tokens that pass through untouched and are never merged into
+            (1 = class token, 2 = class + distillation token). ``attach`` sets it from the model.
+        num_suffix_tokens: trailing tokens handled the same way (YOLOS detection tokens).
+        grid_size: (H, W) patch grid, used by ``initialization="uniform"`` (square if omitted).
+        sparse_inference: reduce in eval mode too (published attribute; off by default).
+
+    ``token_select(x)`` (also ``forward``) takes x (B, N, C) and returns ``(x_out, index)``:
+    x_out (B, prefix + K + suffix, C) with the prefix tokens, the kept tokens in selection order
+    (seeds first, then tokens in the order added), each the mean of itself and the tokens merged
+    into it, then the suffix tokens; ``index`` (B, prefix + K + suffix) int64, the input position
+    of every output token. When it does not reduce (eval mode, stage 0, a final stage of 1.0) it
+    returns ``(x, None)`` with x unchanged.
+    """
+
+    def __init__(
+        self,
+        expansion_step: Sequence[int] = (0, 100, 200),
+        keep_rate: Sequence[float] = (0.5, 0.75, 1.0),
+        initialization_keep_rate: float = 0.25,
+        expansion_multiple_stage: int = 2,
+        distance: str = "cosine",
+        initialization: str = "stride",
+        num_prefix_tokens: int = 1,
+        num_suffix_tokens: int = 0,
+        grid_size: Optional[Tuple[int, int]] = None,
+        sparse_inference: bool = False,
+    ) -> None:
+        super().__init__()
+        validate_schedule(expansion_step, keep_rate, initialization_keep_rate, expansion_multiple_stage)
+        if distance not in DISTANCES:
+            raise ValueError(f"distance must be one of {DISTANCES}; got {distance!r}")
+        if initialization not in INITIALIZATIONS:
+            raise ValueError(f"initialization must be one of {INITIALIZATIONS}; got {initialization!r}")
+        if num_prefix_tokens < 0 or num_suffix_tokens < 0:
+            raise ValueError("num_prefix_tokens and num_suffix_tokens must be >= 0")
+        self.expansion_step = [int(s) for s in expansion_step]
+        self.keep_rate = [float(r) for r in keep_rate]
+        self.initialization_keep_rate = float(initialization_keep_rate)
+        self.expansion_multiple_stage = int(expansion_multiple_stage)
+        self.distance = distance
+        self.initialization = initialization
+        self.num_prefix_tokens = int(num_prefix_tokens)
+        self.num_suffix_tokens = int(num_suffix_tokens)
+        self.grid_size = tuple(grid_size) if grid_size is not None else None
+        self.sparse_inference = bool(sparse_inference)
+        self.current_stage = 0
+        self.last_index: Optional[torch.Tensor] = None
+        # (num_patches, grid, device) -> seed positions; (num_patches, stage) -> plan. Plain dicts,
+        # not buffers, so the host model's state_dict keys do not change.
+        self._seed_cache: Dict[tuple, Tuple[torch.Tensor, torch.Tensor]] = {}
+        self._plan_cache: Dict[tuple, Tuple[int, List[int]]] = {}
+
+    def extra_repr(self) -> str:
+        return (f"expansion_step={self.expansion_step}, keep_rate={self.keep_rate}, "
+                f"initialization_keep_rate={self.initialization_keep_rate}, "
+                f"expansion_multiple_stage={self.expansion_multiple_stage}, distance={self.distance!r}, "
+                f"initialization={self.initialization!r}, num_prefix_tokens={self.num_prefix_tokens}, "
+                f"current_stage={self.current_stage}")
+
+    # -- schedule ----------------------------------------------------------------------------
+    def update_current_stage(self, epoch: float) -> int:
+        """Set the stage from the epoch (call before every epoch, and after resuming)."""
+        self.current_stage = stage_of_epoch(epoch, self.expansion_step)
+        return self.current_stage
+
+    @property
+    def reducing(self) -> bool:
+        """Whether a forward call in the current mode and stage reduces the sequence."""
+        return (self.training or self.sparse_inference) and is_reducing_stage(self.current_stage, self.keep_rate)
+
+    def _plan(self, num_patches: int) -> Tuple[int, List[int]]:
+        key = (num_patches, self.current_stage)
+        plan = self._plan_cache.get(key)
+        if plan is None:
+            plan = expansion_plan(num_patches, self.current_stage, self.keep_rate,
+                                  self.initialization_keep_rate, self.expansion_multiple_stage)
+            self._plan_cache[key] = plan
+        return plan
+
+    def kept_patch_tokens(self, num_patches: int) -> int:
+        """Patch tokens the current stage keeps in training (``num_patches`` when it does not reduce)."""
+        if not is_reducing_stage(self.current_stage, self.keep_rate):
+            return num_patches
+        seeds, steps = self._plan(num_patches)
+        return seeds + sum(steps)
+
+    def _seeds(self, num_patches: int, device: torch.device) -> Tuple[torch.Tensor, torch.Tensor]:
+        """(seed positions, the other positions in increasing order), cached per token count."""
+        key = (num_patches, self.grid_size, self.initialization, str(device))
+        cached = self._seed_cache.get(key)
+        if cached is None:
+            positions = seed_positions(num_patches, self.initialization_keep_rate, self.initialization,
+                                       self.grid_size)
+            chosen = set(positions)
+            rest = [i for i in range(num_patches) if i not in chosen]
+            cached = (torch.tensor(positions, dtype=torch.long, device=device),
+                      torch.tensor(rest, dtype=torch.long, device=device))
+            self._seed_cache[key] = cached
+        return cached
+
+    # -- the algorithm -----------------------------------------------------------------------
+    def _similarity(self, patches: torch.Tensor) -> torch.Tensor:
+        """(B, P, P) similarity between all patch tokens, without gradient (higher = closer)."""
+        with torch.no_grad():
+            tokens = patches.detach()
+            if self.distance == "cosine":
+                # clamp: an all-zero token (padding) has similarity 0 to everything, not NaN
+                tokens = tokens / tokens.norm(dim=-1, keepdim=True).clamp_min(1e-12)
+                return tokens @ tokens.transpose(1, 2)
+            p = 1.0 if self.distance == "manhattan" else 2.0
+            return -torch.cdist(tokens, tokens, p=p)
+
+    def token_select(self, x: torch.Tensor) -> Tuple[torch.Tensor, Optional[torch.Tensor]]:
+        """Reduce x (B, N, C) to (B, prefix + K + suffix, C); see the class docstring."""
+        if x.dim() != 3:
+            raise ValueError(f"TokenSelect expects a (batch, tokens, channels) tensor; got shape {tuple(x.shape)}")
+        num_special = self.num_prefix_tokens + self.num_suffix_tokens
+        num_patches = x.shape[1] - num_special
+        if num_patches <= 0:
+            raise ValueError(
+                f"TokenSelect got {x.shape[1]} tokens but {self.num_prefix_tokens} prefix and "
+                f"{self.num_suffix_tokens} suffix tokens: there are no patch tokens to select from"
+            )
+        if not self.reducing:
+            self.last_index = None
+            return x, None
+        seeds_count, step_sizes = self._plan(num_patches)
+        if seeds_count + sum(step_sizes) >= num_patches:
+            self.last_index = None
+            return x, None
+
+        batch, _, channels = x.shape
+        start, stop = self.num_prefix_tokens, self.num_prefix_tokens + num_patches
+        patches = x[:, start:stop]                                            # (B, P, C)
+        sim = self._similarity(patches)                                       # (B, P, P)
+
+        with torch.no_grad():
+            seeds, rest = self._seeds(num_patches, x.device)
+            unselected = rest.unsqueeze(0).expand(batch, -1)                  # (B, U) in order
+            selected = seeds.unsqueeze(0).expand(batch, -1)                   # (B, S)
+            # best[b, i]: similarity of token i to its closest selected token. sim is symmetric,
+            # so the rows of the selected tokens hold their similarity to every token.
+            best = sim[:, seeds].amax(dim=1)                                  # (B, P)
+            added = [selected]
+            for size in step_sizes:
+                # Ascending sort of the unselected tokens' best similarity: the least-like first.
+                order = best.gather(1, unselected).sort(dim=1, stable=True).indices
+                unselected = unselected.gather(1, order)
+                new, unselected = unselected[:, :size], unselected[:, size:]
+                if size == 0:  # the sort still reorders the unselected tokens, as published
+                    continue
+                added.append(new)
+                new_rows = sim.gather(1, new.unsqueeze(-1).expand(-1, -1, num_patches))  # (B, m, P)
+                best = torch.maximum(best, new_rows.amax(dim=1))
+            selected = torch.cat(added, dim=1)                                # (B, K)
+            kept = selected.shape[1]
+            # Merge: each unselected token goes to its most similar selected token.
+            rows = sim.gather(1, unselected.unsqueeze(-1).expand(-1, -1, num_patches))   # (B, U, P)
+            target = rows.gather(2, selected.unsqueeze(1).expand(-1, rows.shape[1], -1)).argmax(dim=2)
+            counts = torch.ones(batch, kept, dtype=x.dtype, device=x.device)
+            counts.scatter_add_(1, target, torch.ones_like(target, dtype=x.dtype))
+
+        # The tokens themselves keep their gradient: gathers and a scatter-add mean.
+        kept_tokens = patches.gather(1, selected.unsqueeze(-1).expand(-1, -1, channels))
+        merged_in = patches.gather(1, unselected.unsqueeze(-1).expand(-1, -1, channels))
+        summed = kept_tokens.scatter_add(1, target.unsqueeze(-1).expand(-1, -1, channels), merged_in)
+        kept_tokens = summed / counts.unsqueeze(-1)                           # (B, K, C)
+
+        parts = [x[:, :start], kept_tokens, x[:, stop:]]
+        out = torch.cat(parts, dim=1)
+        positions = [torch.arange(start, device=x.device).expand(batch, -1), selected + start,
+                     torch.arange(stop, x.shape[1], device=x.device).expand(batch, -1)]
+        index = torch.cat(positions, dim=1)                                   # (B, prefix+K+suffix)
+        self.last_index = index
+        return out, index
+
+    def forward(self, x: torch.Tensor) -> Tuple[torch.Tensor, Optional[torch.Tensor]]:
+        return self.token_select(x)
+
+
+# ---------------------------------------------------------------------------------------------
+# Attaching to an unmodified timm VisionTransformer
+# ---------------------------------------------------------------------------------------------
+def _after_first_block(module: nn.Module, inputs, output):
+    """Forward hook on blocks[0]: replace its output by the reduced sequence."""
+    token_select = module._toe_token_select
+    reduced, _ = token_select.token_select(output)
+    return reduced
+
+
+def attach(model: nn.Module, token_select: Optional[TokenSelect] = None, block_index: int = 0) -> TokenSelect:
+    """Put ``token_select`` after ``model.blocks[block_index]`` of a timm ``VisionTransformer``.
+
+    A forward hook on the block replaces its output, so nothing of timm's forward is copied,
+    the model keeps its class and its state_dict keys (the operator has no parameters or
+    buffers), and it also acts under timm's gradient checkpointing (the checkpointed segments
+    call the blocks as modules, and the selection is deterministic, so recomputation agrees).
+    In eval mode the hook returns the block's output unchanged: the model is bit-identical to
+    the unattached one. Sets ``model.token_select``; ``token_select.last_index`` holds the
+    index of the last reduction (None when it did not reduce). Returns the operator.
+    """
+    if token_select is None:
+        token_select = TokenSelect()
+    blocks = getattr(model, "blocks", None)
+    if blocks is None or len(blocks) <= block_index:
+        raise ValueError(f"attach needs a model with at least {block_index + 1} blocks in model.blocks "
+                         f"(a timm VisionTransformer); got {type(model).__name__}")
+    if getattr(model, "_toe_hook", None) is not None:
+        detach(model)
+    token_select.num_prefix_tokens = int(getattr(model, "num_prefix_tokens", token_select.num_prefix_tokens))
+    patch_embed = getattr(model, "patch_embed", None)
+    grid = getattr(patch_embed, "grid_size", None)
+    if token_select.grid_size is None and grid is not None:
+        token_select.grid_size = tuple(int(g) for g in grid)
+    block = blocks[block_index]
+    # A plain attribute on the block (not a submodule) so blocks[0]'s state_dict is unchanged;
+    # the operator is registered once, as model.token_select, to follow train()/eval()/to().
+    object.__setattr__(block, "_toe_token_select", token_select)
+    model.token_select = token_select
+    object.__setattr__(model, "_toe_hook", (block, block.register_forward_hook(_after_first_block)))
+    return token_select
+
+
+def detach(model: nn.Module) -> None:
+    """Remove an operator put on by ``attach``; the model is the plain timm model again."""
+    hook = getattr(model, "_toe_hook", None)
+    if hook is None:
+        return
+    block, handle = hook
+    handle.remove()
+    object.__delattr__(block, "_toe_token_select")
+    object.__delattr__(model, "_toe_hook")
+    del model.token_select
