@@ -462,9 +462,13 @@ class TokenSelect(nn.Module):
 # ---------------------------------------------------------------------------------------------
 # Attaching to an unmodified timm VisionTransformer
 # ---------------------------------------------------------------------------------------------
-def _after_first_block(module: nn.Module, inputs, output):
+def _after_first_block(module: nn.Module, args, kwargs, output):
     """Forward hook on blocks[0]: replace its output by the reduced sequence."""
     token_select = module._toe_token_select
+    if kwargs.get("attn_mask") is not None and token_select.reducing:
+        # The mask is shaped for the full sequence and would not fit the reduced one.
+        raise ValueError("ToE cannot reduce tokens of a forward pass given an attn_mask; "
+                         "call it without a mask or put the operator in eval mode")
     reduced, _ = token_select.token_select(output)
     return reduced
 
@@ -498,7 +502,7 @@ def attach(model: nn.Module, token_select: Optional[TokenSelect] = None, block_i
     # the operator is registered once, as model.token_select, to follow train()/eval()/to().
     object.__setattr__(block, "_toe_token_select", token_select)
     model.token_select = token_select
-    object.__setattr__(model, "_toe_hook", (block, block.register_forward_hook(_after_first_block)))
+    object.__setattr__(model, "_toe_hook", (block, block.register_forward_hook(_after_first_block, with_kwargs=True)))
     return token_select
 
 

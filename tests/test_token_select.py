@@ -376,6 +376,25 @@ def test_attach_acts_under_gradient_checkpointing_and_detaches():
     assert seen and all(n == full for n in seen) and not hasattr(model, "token_select")
 
 
+def test_attached_model_deepcopies_like_an_ema_copy_and_compiles():
+    import copy
+    model = timm.create_model("test_vit", pretrained=False)
+    op = T.attach(model, TokenSelect(**DEIT))
+    op.update_current_stage(0)
+    ema = copy.deepcopy(model)  # what timm's ModelEma does
+    assert ema.token_select is not op and ema.blocks[0]._toe_token_select is ema.token_select
+    images = torch.randn(2, 3, *_image_size(model))
+    ema.eval(), model.eval()
+    with torch.no_grad():
+        assert torch.equal(ema(images), model(images))
+    model.train()
+    model(images)
+    expected_index = op.last_index
+    compiled = torch.compile(model, backend="eager")
+    compiled(images)
+    assert torch.equal(op.last_index, expected_index)
+
+
 def test_torch_compile_does_not_break():
     op = TokenSelect(**DEIT).train()
     op.update_current_stage(0)
@@ -386,3 +405,14 @@ def test_torch_compile_does_not_break():
     assert torch.equal(index, expected_index)
     torch.testing.assert_close(out, expected)
     assert math.isfinite(out.sum().item())
+
+
+def test_attention_mask_with_reduction_is_a_clear_error():
+    model = timm.create_model("test_vit", pretrained=False)
+    T.attach(model, TokenSelect(**DEIT)).update_current_stage(0)
+    images = torch.randn(1, 3, *_image_size(model))
+    tokens = 1 + model.patch_embed.num_patches
+    mask = torch.zeros(1, 1, tokens, tokens, dtype=torch.bool)
+    with pytest.raises(ValueError, match="attn_mask"):
+        model.train().forward_features(images, attn_mask=mask)
+    model.eval().forward_features(images, attn_mask=mask)  # ToE off: the mask is fine
