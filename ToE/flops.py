@@ -1,0 +1,300 @@
+"""FLOP and ideal-speedup calculator for a ToE schedule on a timm ViT.
+
+    python -m ToE.flops --model deit_small_patch16_224 --epochs 300 \
+        --expansion-step 0 100 200 --keep-rate 0.5 0.75 1.0 \
+        --initialization-keep-rate 0.25 --expansion-multiple-stage 2
+
+For every stage of the schedule it prints the patch tokens kept after block 0 and the FLOPs of
+one training step (forward + backward, per sample), counted by running the real timm model
+(``pretrained=False``, nothing is downloaded) with the operator attached under
+``torch.utils.flop_counter.FlopCounterMode``, next to the analytic figure of
+``token_select.vit_step_flops``; then the whole run's FLOPs against full-token training and the
+FLOP-ideal speedup, counted and analytic.
+
+Counting notes (why counted and analytic differ by a fraction of a per cent):
+- timm's fused attention (``F.scaled_dot_product_attention``) has no FLOP formula on the CPU, so
+  it is switched off while counting: the attention products are then explicit matmuls and get
+  counted (the published FLOP scripts miss them).
+- The counter counts matmuls and convolutions only (not norms, softmax, GELU), as does the formula.
+- The image needs no gradient, so the backward of the patch embedding is 1x its forward, where
+  the formula's "training = 3x forward" assumes 2x; the counter also sees the operator's own
+  similarity matmul (no gradient), which the formula leaves out.
+- The optimizer step is not counted (a few FLOPs per parameter, independent of the tokens).
+"""
+
+from __future__ import annotations
+
+import argparse
+import ast
+import json
+import sys
+from typing import Dict, List, Optional, Sequence
+
+import torch
+from torch import nn
+from torch.utils.flop_counter import FlopCounterMode
+
+import token_select
+
+__all__ = ["ModelShape", "model_shape", "count_step_flops", "schedule_report", "format_report",
+           "parse_model_kwargs", "create_model", "build_parser", "main"]
+
+
+class ModelShape(dict):
+    """The numbers ``token_select.vit_step_flops`` needs, read off a timm VisionTransformer."""
+
+
+def model_shape(model: nn.Module) -> ModelShape:
+    """Patch count, width, depth, prefix tokens, MLP ratio, patch and head sizes of ``model``."""
+    embed = model.patch_embed
+    proj = embed.proj
+    patch_dim = proj.in_channels * proj.kernel_size[0] * proj.kernel_size[1]
+    return ModelShape(
+        num_patches=int(embed.num_patches),
+        embed_dim=int(model.embed_dim),
+        depth=len(model.blocks),
+        num_prefix_tokens=int(model.num_prefix_tokens),
+        mlp_ratio=model.blocks[0].mlp.fc1.out_features / model.embed_dim,
+        patch_dim=int(patch_dim),
+        num_classes=int(model.num_classes),
+    )
+
+
+def analytic_step_flops(shape: ModelShape, kept_patches: Optional[int] = None) -> float:
+    """``token_select.vit_step_flops`` for one training sample of a model of this shape."""
+    return token_select.vit_step_flops(shape["num_patches"], shape["embed_dim"], shape["depth"],
+                                       kept_patches=kept_patches,
+                                       num_prefix_tokens=shape["num_prefix_tokens"],
+                                       mlp_ratio=shape["mlp_ratio"], patch_dim=shape["patch_dim"],
+                                       num_classes=shape["num_classes"])
+
+
+def count_step_flops(model: nn.Module, input_size: int, in_chans: int = 3) -> float:
+    """FLOPs of one training step (forward + backward) of ``model`` on one image, counted.
+
+    The model is used in training mode as it is (an attached operator acts in its current
+    stage). Fused attention is switched off for the count so the attention products are seen,
+    and restored afterwards; gradients are cleared again.
+    """
+    attentions = [blk.attn for blk in model.blocks if hasattr(blk.attn, "fused_attn")]
+    fused = [attn.fused_attn for attn in attentions]
+    was_training = model.training
+    model.train()
+    images = torch.randn(1, in_chans, input_size, input_size)
+    try:
+        for attn in attentions:
+            attn.fused_attn = False
+        with FlopCounterMode(display=False) as counter:
+            model(images).float().sum().backward()
+    finally:
+        for attn, flag in zip(attentions, fused):
+            attn.fused_attn = flag
+        model.zero_grad(set_to_none=True)
+        model.train(was_training)
+    return float(counter.get_total_flops())
+
+
+def parse_model_kwargs(items: Sequence[str]) -> Dict[str, object]:
+    """``["embed_dim=96", "depth=6"]`` -> ``{"embed_dim": 96, "depth": 6}`` (values as Python literals)."""
+    kwargs: Dict[str, object] = {}
+    for item in items:
+        key, sep, value = item.partition("=")
+        if not sep or not key:
+            raise ValueError(f"--model-kwargs expects key=value items; got {item!r}")
+        try:
+            kwargs[key] = ast.literal_eval(value)
+        except (ValueError, SyntaxError):
+            kwargs[key] = value  # a bare word, e.g. a layer name
+    return kwargs
+
+
+def create_model(name: str, input_size: Optional[int] = None, patch_size: Optional[int] = None,
+                 **model_kwargs) -> nn.Module:
+    """A randomly initialised timm ViT (never downloads weights), at the given image and patch size."""
+    import timm  # imported here so `--help` stays fast
+
+    if input_size is not None:
+        model_kwargs.setdefault("img_size", input_size)
+    if patch_size is not None:
+        model_kwargs.setdefault("patch_size", patch_size)
+    try:
+        model = timm.create_model(name, pretrained=False, **model_kwargs)
+    except RuntimeError as err:  # timm: "Unknown model (...)"
+        raise ValueError(str(err)) from None
+    if not hasattr(model, "blocks") or not hasattr(model, "patch_embed"):
+        raise ValueError(f"model {name!r} is not a timm VisionTransformer (no blocks / patch_embed)")
+    return model
+
+
+def schedule_report(model: nn.Module, input_size: int, epochs: int, expansion_step: Sequence[int],
+                    keep_rate: Sequence[float], initialization_keep_rate: float,
+                    expansion_multiple_stage: int = 2, count: bool = True) -> Dict[str, object]:
+    """Per-stage tokens and step FLOPs (counted and analytic) and the whole run's FLOPs.
+
+    Attaches a ``TokenSelect`` with this schedule to ``model`` for the count and detaches it
+    again. Returns a JSON-ready dict: ``stages`` (one row per stage 0..S, stage 0 being the
+    epochs before the first expansion step, if any), ``run`` (totals per training sample and
+    the ideal speedups), ``shape`` (the model numbers used by the formula).
+    """
+    shape = model_shape(model)
+    num_patches = shape["num_patches"]
+    operator = token_select.TokenSelect(expansion_step, keep_rate, initialization_keep_rate,
+                                        expansion_multiple_stage)
+    token_select.attach(model, operator)
+    try:
+        rows: List[Dict[str, object]] = []
+        for stage in range(len(keep_rate) + 1):
+            start = 0 if stage == 0 else expansion_step[stage - 1]
+            stop = expansion_step[stage] if stage < len(expansion_step) else epochs
+            stage_epochs = max(0, min(stop, epochs) - min(start, epochs))
+            if stage == 0 and stage_epochs == 0:
+                continue  # the schedule starts reducing at epoch 0: there is no stage 0
+            operator.current_stage = stage
+            kept = operator.kept_patch_tokens(num_patches)
+            analytic = analytic_step_flops(shape, kept)
+            counted = count_step_flops(model, input_size, model.patch_embed.proj.in_channels) if count else None
+            rows.append({"stage": stage, "epochs": stage_epochs, "first_epoch": start,
+                         "kept_patches": kept, "tokens_after_block0": kept + shape["num_prefix_tokens"],
+                         "reducing": operator.reducing, "step_flops_counted": counted,
+                         "step_flops_analytic": analytic})
+    finally:
+        token_select.detach(model)
+    full_analytic = analytic_step_flops(shape)
+    # The full-token step is the last stage when it keeps everything; count it otherwise.
+    full_counted = None
+    if count:
+        full_rows = [r for r in rows if not r["reducing"]]
+        full_counted = full_rows[-1]["step_flops_counted"] if full_rows else count_step_flops(
+            model, input_size, model.patch_embed.proj.in_channels)
+    run = {"epochs": epochs,
+           "toe_flops_analytic": sum(r["step_flops_analytic"] * r["epochs"] for r in rows),
+           "full_flops_analytic": full_analytic * epochs}
+    run["ideal_speedup_analytic"] = run["full_flops_analytic"] / run["toe_flops_analytic"]
+    # Cross-check against the operator module's own helper (the same numbers the trainers use).
+    run["ideal_speedup_token_select"] = token_select.ideal_speedup(
+        epochs, num_patches, shape["embed_dim"], shape["depth"], expansion_step, keep_rate,
+        initialization_keep_rate, expansion_multiple_stage, num_prefix_tokens=shape["num_prefix_tokens"],
+        mlp_ratio=shape["mlp_ratio"], patch_dim=shape["patch_dim"], num_classes=shape["num_classes"])
+    if count:
+        run["toe_flops_counted"] = sum(r["step_flops_counted"] * r["epochs"] for r in rows)
+        run["full_flops_counted"] = full_counted * epochs
+        run["ideal_speedup_counted"] = run["full_flops_counted"] / run["toe_flops_counted"]
+    for row in rows:
+        row["step_speedup_analytic"] = full_analytic / row["step_flops_analytic"]
+        if count:
+            row["step_speedup_counted"] = full_counted / row["step_flops_counted"]
+    return {"shape": dict(shape), "stages": rows, "run": run}
+
+
+def format_report(report: Dict[str, object], title: str = "") -> str:
+    """The report as the text ``python -m ToE.flops`` prints (markdown tables)."""
+    run = report["run"]
+    counted = "ideal_speedup_counted" in run
+    giga = 1e9
+    lines = []
+    if title:
+        lines += [title, ""]
+    shape = report["shape"]
+    lines.append(f"{shape['num_patches']} patch tokens + {shape['num_prefix_tokens']} prefix, width "
+                 f"{shape['embed_dim']}, depth {shape['depth']}; GFLOPs of one training step "
+                 f"(forward + backward) per sample, attention included")
+    lines.append("")
+    header = "| stage | epochs | kept patch tokens | tokens after block 0 |"
+    rule = "|---|---|---|---|"
+    if counted:
+        header += " GFLOPs counted | GFLOPs analytic | diff | step speedup counted |"
+        rule += "---|---|---|---|"
+    else:
+        header += " GFLOPs analytic | step speedup analytic |"
+        rule += "---|---|"
+    lines += [header, rule]
+    for row in report["stages"]:
+        span = f"{row['first_epoch']}-{row['first_epoch'] + row['epochs'] - 1}" if row["epochs"] else "-"
+        kept = f"{row['kept_patches']}" + ("" if row["reducing"] else " (ToE off)")
+        line = f"| {row['stage']} | {span} | {kept} | {row['tokens_after_block0']} |"
+        if counted:
+            diff = row["step_flops_counted"] / row["step_flops_analytic"] - 1.0
+            line += (f" {row['step_flops_counted'] / giga:.3f} | {row['step_flops_analytic'] / giga:.3f} |"
+                     f" {diff * 100:+.2f} % | {row['step_speedup_counted']:.3f}x |")
+        else:
+            line += f" {row['step_flops_analytic'] / giga:.3f} | {row['step_speedup_analytic']:.3f}x |"
+        lines.append(line)
+    lines.append("")
+    lines.append(f"Whole run, {run['epochs']} epochs, per training sample:")
+    if counted:
+        lines.append(f"  counted : ToE {run['toe_flops_counted'] / 1e12:.3f} TFLOPs vs full "
+                     f"{run['full_flops_counted'] / 1e12:.3f} TFLOPs = "
+                     f"{run['toe_flops_counted'] / run['full_flops_counted']:.4f} of full, "
+                     f"ideal speedup {run['ideal_speedup_counted']:.3f}x")
+    lines.append(f"  analytic: ToE {run['toe_flops_analytic'] / 1e12:.3f} TFLOPs vs full "
+                 f"{run['full_flops_analytic'] / 1e12:.3f} TFLOPs = "
+                 f"{run['toe_flops_analytic'] / run['full_flops_analytic']:.4f} of full, "
+                 f"ideal speedup {run['ideal_speedup_analytic']:.3f}x "
+                 f"(token_select.ideal_speedup: {run['ideal_speedup_token_select']:.3f}x)")
+    if counted:
+        agree = run["ideal_speedup_counted"] / run["ideal_speedup_analytic"] - 1.0
+        lines.append(f"  counted vs analytic ideal speedup: {agree * 100:+.2f} %")
+    return "\n".join(lines)
+
+
+class _OneLineErrorParser(argparse.ArgumentParser):
+    """argparse that reports a bad flag in one line (no usage block) and exits with status 2."""
+
+    def error(self, message: str):  # noqa: D401 - argparse API
+        self.exit(2, f"{self.prog}: error: {message}\n")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The calculator's flags: the trainers' model and ToE schedule names, plus ``--epochs``."""
+    parser = _OneLineErrorParser(prog="python -m ToE.flops", description=__doc__.split("\n\n")[0],
+                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    parser.add_argument("--model", default="deit_small_patch16_224", help="timm model name (a VisionTransformer)")
+    parser.add_argument("--model-kwargs", nargs="*", default=[], metavar="KEY=VALUE",
+                        help="extra timm.create_model arguments, e.g. embed_dim=96 depth=6 num_heads=3")
+    parser.add_argument("--input-size", type=int, default=224, help="image side in pixels")
+    parser.add_argument("--patch-size", type=int, default=None,
+                        help="patch side in pixels (default: the model's own)")
+    parser.add_argument("--epochs", type=int, default=300, help="length of the run in epochs")
+    parser.add_argument("--expansion-step", type=int, nargs="+", default=[0, 100, 200],
+                        help="epoch at which each ToE stage starts")
+    parser.add_argument("--keep-rate", type=float, nargs="+", default=[0.5, 0.75, 1.0],
+                        help="fraction of patch tokens kept in each stage")
+    parser.add_argument("--initialization-keep-rate", type=float, default=0.25,
+                        help="fraction of seed tokens")
+    parser.add_argument("--expansion-multiple-stage", type=int, default=2,
+                        help="repetition steps per stage")
+    parser.add_argument("--analytic-only", action="store_true",
+                        help="skip the counted FLOPs (no model forward; instant)")
+    parser.add_argument("--json", default=None, metavar="PATH", help="also write the report as JSON here")
+    return parser
+
+
+def main(argv: Optional[Sequence[str]] = None) -> Dict[str, object]:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        if args.epochs < 1:
+            raise ValueError(f"--epochs must be >= 1; got {args.epochs}")
+        if args.input_size < 1 or (args.patch_size is not None and args.patch_size < 1):
+            raise ValueError("--input-size and --patch-size must be positive")
+        token_select.validate_schedule(args.expansion_step, args.keep_rate, args.initialization_keep_rate,
+                                       args.expansion_multiple_stage)
+        model = create_model(args.model, args.input_size, args.patch_size, **parse_model_kwargs(args.model_kwargs))
+    except (ValueError, TypeError) as err:
+        parser.error(str(err).splitlines()[0] if str(err) else repr(err))
+    report = schedule_report(model, args.input_size, args.epochs, args.expansion_step, args.keep_rate,
+                             args.initialization_keep_rate, args.expansion_multiple_stage,
+                             count=not args.analytic_only)
+    report["args"] = vars(args)
+    title = (f"{args.model} at {args.input_size} px, schedule {args.expansion_step} / {args.keep_rate} / "
+             f"r0 {args.initialization_keep_rate} / k {args.expansion_multiple_stage}")
+    print(format_report(report, title))
+    if args.json:
+        with open(args.json, "w") as handle:
+            json.dump(report, handle, indent=2)
+    return report
+
+
+if __name__ == "__main__":
+    torch.set_num_threads(max(1, min(2, torch.get_num_threads())))
+    main()
