@@ -26,6 +26,7 @@ import argparse
 import json
 import os
 import statistics
+import tempfile
 import time
 from typing import Callable, Dict, List, Optional, Sequence
 
@@ -295,8 +296,8 @@ def build_parser() -> argparse.ArgumentParser:
                         help="measure at once instead of waiting for other processes to go quiet")
     parser.add_argument("--quick", action="store_true",
                         help="smoke run: the demo model, batch 16, 1 warm-up + 2 steps, results in --out with a _quick suffix")
-    parser.add_argument("--out", default=os.path.join(os.path.dirname(os.path.abspath(__file__)), "results"),
-                        help="folder for speed.md and speed.json")
+    parser.add_argument("--out", default=None,
+                        help="folder for speed.md and speed.json (default: bench/results; with --quick: a temporary folder)")
     return parser
 
 
@@ -318,6 +319,8 @@ def main(argv: Optional[Sequence[str]] = None) -> Dict[str, object]:
         if not args.no_wait and device.type == "cpu":
             results.setdefault("quiet_probes", {})[name] = wait_until_quiet()
         results["models"].append(measure_model(name, args.batch_size, args.steps, args.warmup, device, schedule))
+    args.out = args.out or (os.path.join(tempfile.gettempdir(), "toe_bench") if args.quick
+                            else os.path.join(os.path.dirname(os.path.abspath(__file__)), "results"))
     os.makedirs(args.out, exist_ok=True)
     stem = os.path.join(args.out, "speed_quick" if args.quick else "speed")
     with open(stem + ".json", "w") as handle:
