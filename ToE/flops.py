@@ -186,6 +186,14 @@ def schedule_report(model: nn.Module, input_size: int, epochs: int, expansion_st
     return {"shape": dict(shape), "stages": rows, "run": run}
 
 
+def _flops_text(value: float) -> str:
+    """FLOPs with a unit that keeps three significant digits readable (PFLOPs .. MFLOPs)."""
+    for unit, scale in (("PFLOPs", 1e15), ("TFLOPs", 1e12), ("GFLOPs", 1e9)):
+        if value >= scale:
+            return f"{value / scale:.3f} {unit}"
+    return f"{value / 1e6:.3f} MFLOPs"
+
+
 def format_report(report: Dict[str, object], title: str = "") -> str:
     """The report as the text ``python -m ToE.flops`` prints (markdown tables)."""
     run = report["run"]
@@ -222,12 +230,12 @@ def format_report(report: Dict[str, object], title: str = "") -> str:
     lines.append("")
     lines.append(f"Whole run, {run['epochs']} epochs, per training sample:")
     if counted:
-        lines.append(f"  counted : ToE {run['toe_flops_counted'] / 1e12:.3f} TFLOPs vs full "
-                     f"{run['full_flops_counted'] / 1e12:.3f} TFLOPs = "
+        lines.append(f"  counted : ToE {_flops_text(run['toe_flops_counted'])} vs full "
+                     f"{_flops_text(run['full_flops_counted'])} = "
                      f"{run['toe_flops_counted'] / run['full_flops_counted']:.4f} of full, "
                      f"ideal speedup {run['ideal_speedup_counted']:.3f}x")
-    lines.append(f"  analytic: ToE {run['toe_flops_analytic'] / 1e12:.3f} TFLOPs vs full "
-                 f"{run['full_flops_analytic'] / 1e12:.3f} TFLOPs = "
+    lines.append(f"  analytic: ToE {_flops_text(run['toe_flops_analytic'])} vs full "
+                 f"{_flops_text(run['full_flops_analytic'])} = "
                  f"{run['toe_flops_analytic'] / run['full_flops_analytic']:.4f} of full, "
                  f"ideal speedup {run['ideal_speedup_analytic']:.3f}x "
                  f"(token_select.ideal_speedup: {run['ideal_speedup_token_select']:.3f}x)")
