@@ -247,10 +247,12 @@ def format_markdown(results: Dict[str, object]) -> str:
     for model in results["models"]:
         mib = 2 ** 20
         other = model["other_processes"]
-        lines.append(f"**{model['model']}** ({model['timm_model']} {model['model_kwargs'] or ''}, "
+        kwargs = " ".join(f"{k}={v}" for k, v in model["model_kwargs"].items())
+        lines.append(f"**{model['model']}** ({model['timm_model']}{' ' + kwargs if kwargs else ''}, "
                      f"{model['input_size']} px, {model['num_patches']} patches, batch {model['batch_size']}; "
                      f"median of {model['steps']} steps after {model['warmup']} warm-up; other processes used "
-                     f"{other['other_cpu_cores']:.2f} cores meanwhile, load average {other['load_average'][0]})")
+                     f"{other['other_cpu_cores']:.2f} cores meanwhile; load average {other['load_average'][0]}, "
+                     f"the bench's own 2 threads included)")
         lines.append("")
         cuda = any("cuda_peak_bytes" in r for r in model["rows"])
         header = ("| config | tokens after block 0 | step time (s) | measured speedup | FLOP-ideal speedup | "
@@ -294,6 +296,8 @@ def build_parser() -> argparse.ArgumentParser:
                         help="seed rule")
     parser.add_argument("--no-wait", action="store_true",
                         help="measure at once instead of waiting for other processes to go quiet")
+    parser.add_argument("--render", action="store_true",
+                        help="measure nothing: rewrite speed.md from the speed.json already in --out")
     parser.add_argument("--quick", action="store_true",
                         help="smoke run: the demo model, batch 16, 1 warm-up + 2 steps, results in --out with a _quick suffix")
     parser.add_argument("--out", default=None,
@@ -305,6 +309,13 @@ def main(argv: Optional[Sequence[str]] = None) -> Dict[str, object]:
     args = build_parser().parse_args(argv)
     if args.quick:
         args.models, args.batch_size, args.steps, args.warmup = ["demo"], args.batch_size or 16, 2, 1
+    if args.render:
+        out = args.out or os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
+        with open(os.path.join(out, "speed.json")) as handle:
+            results = json.load(handle)
+        with open(os.path.join(out, "speed.md"), "w") as handle:
+            handle.write(format_markdown(results) + "\n")
+        return results
     torch.set_num_threads(args.threads)
     device = torch.device(args.device)
     schedule = {"expansion_step": list(range(len(args.keep_rate))), "keep_rate": args.keep_rate,
