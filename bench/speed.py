@@ -229,11 +229,24 @@ def measure_model(name: str, batch_size: Optional[int], steps: int, warmup: int,
     stage1 = next(r for r in rows if r["config"] == "stage1")
     return {"model": name, "timm_model": timm_name, "model_kwargs": kwargs, "input_size": input_size,
             "batch_size": batch, "num_patches": shape["num_patches"], "steps": steps, "warmup": warmup,
-            "device": str(device), "rows": rows,
+            "device": str(device), "rows": rows, "run": run_speedup(rows),
             "operator": {"shape": list(block0_out.shape), "median_s": operator_time["median_s"],
                          "times_s": operator_time["times_s"],
                          "share_of_stage1_step": operator_time["median_s"] / stage1["step_median_s"]},
             "other_processes": disturbance}
+
+
+def run_speedup(rows: Sequence[Dict[str, object]]) -> Dict[str, float]:
+    """Whole-run speedup of a schedule whose stages are equally long (the default: thirds).
+
+    Measured: full step time / mean stage step time. Ideal: the same with FLOPs, which is what
+    ``python -m ToE.flops`` prints for such a schedule.
+    """
+    full = next(r for r in rows if r["config"] == "full")
+    stages = [r for r in rows if r["config"] != "full"]
+    measured = full["step_median_s"] / statistics.fmean(r["step_median_s"] for r in stages)
+    ideal = 1.0 / statistics.fmean(1.0 / r["ideal_speedup"] for r in stages)
+    return {"measured_speedup": measured, "ideal_speedup": ideal, "ratio": measured / ideal}
 
 
 def format_markdown(results: Dict[str, object]) -> str:
@@ -272,6 +285,9 @@ def format_markdown(results: Dict[str, object]) -> str:
                 line += f" {row.get('cuda_peak_bytes', 0) / mib:.0f} |"
             lines.append(line)
         op = model["operator"]
+        run = model.get("run") or run_speedup(model["rows"])
+        lines += ["", f"Whole run with stages of equal length (thirds): measured {run['measured_speedup']:.3f}x, "
+                      f"FLOP-ideal {run['ideal_speedup']:.3f}x, ratio {run['ratio']:.3f}."]
         lines += ["", f"Operator alone (forward + backward, stage 1, input {tuple(op['shape'])}): "
                       f"{op['median_s'] * 1e3:.1f} ms = {op['share_of_stage1_step'] * 100:.2f} % of a stage-1 step.", ""]
     return "\n".join(lines)

@@ -130,3 +130,12 @@ def test_accuracy_reads_log_and_summarises(tmp_path):
     toe = rows[1]
     assert toe["speedup"] == pytest.approx(1.25) and toe["acc1_delta"] == pytest.approx(-0.5)
     assert toe["within_one_spread"]
+
+
+def test_run_speedup_of_equal_stages():
+    rows = [{"config": "full", "step_median_s": 6.0, "ideal_speedup": 1.0},
+            {"config": "stage1", "step_median_s": 3.0, "ideal_speedup": 2.0},
+            {"config": "stage2", "step_median_s": 6.0, "ideal_speedup": 1.0}]
+    run = speed.run_speedup(rows)
+    assert run["measured_speedup"] == pytest.approx(6.0 / 4.5)
+    assert run["ideal_speedup"] == pytest.approx(1 / 0.75) and run["ratio"] == pytest.approx(1.0)
