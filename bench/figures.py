@@ -89,6 +89,25 @@ def _grid_overlay(ax, size: int, patch: int) -> None:
         ax.axvline(edge - 0.5, color="white", lw=0.3, alpha=0.5)
 
 
+def _pyplot():
+    """matplotlib.pyplot on the file-only Agg backend (figures are drawn without a display)."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    return plt
+
+
+def _load_results(path: Optional[str], name: str) -> Dict[str, object]:
+    with open(path or os.path.join(RESULTS, name)) as handle:
+        return json.load(handle)
+
+
+def _save(fig, path: str, dpi: int) -> str:
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    fig.savefig(path, dpi=dpi)
+    return path
+
+
 def _shrink_png(path: str, colours: int = 256) -> None:
     """Re-save a photo-heavy PNG with an adaptive palette: a quarter of the bytes, same look."""
     from PIL import Image
@@ -100,9 +119,7 @@ def _shrink_png(path: str, colours: int = 256) -> None:
 
 def draw_pipeline(path: Optional[str] = None, size: int = 224, patch: int = 16) -> str:
     """Figs/toe_pipeline.png: seeds, expansion steps, merge groups and the merged image per stage."""
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = _pyplot()
     from matplotlib.patches import Rectangle
 
     path = path or os.path.join(FIGS, "toe_pipeline.png")
@@ -176,23 +193,16 @@ def draw_pipeline(path: Optional[str] = None, size: int = 224, patch: int = 16) 
                  "0.5 / 0.75 / 1.0, r0 = 0.25, 2 repetition steps per stage.\nToken features: the ImageNet-normalised "
                  "raw pixels of each patch (768 values), cosine distance; the operator is token_select.TokenSelect itself.",
                  fontsize=11)
-    os.makedirs(os.path.dirname(path), exist_ok=True)
-    fig.savefig(path, dpi=72)
+    _shrink_png(_save(fig, path, dpi=72))
     plt.close(fig)
-    _shrink_png(path)
     return path
 
 
 def draw_speed(results_path: Optional[str] = None, path: Optional[str] = None) -> str:
     """Figs/speedup.png: measured vs FLOP-ideal step speedup per model and reducing stage."""
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    results_path = results_path or os.path.join(RESULTS, "speed.json")
+    plt = _pyplot()
+    results = _load_results(results_path, "speed.json")
     path = path or os.path.join(FIGS, "speedup.png")
-    with open(results_path) as handle:
-        results = json.load(handle)
     labels, measured, ideal = [], [], []
     for model in results["models"]:
         for row in model["rows"]:
@@ -217,22 +227,16 @@ def draw_speed(results_path: Optional[str] = None, path: Optional[str] = None) -
                  fontsize=10)
     ax.legend()
     fig.tight_layout()
-    os.makedirs(os.path.dirname(path), exist_ok=True)
-    fig.savefig(path, dpi=90)
+    _save(fig, path, dpi=90)
     plt.close(fig)
     return path
 
 
 def draw_accuracy(results_path: Optional[str] = None, path: Optional[str] = None) -> str:
     """Figs/accuracy_time.png: mean top-1 against mean training time (error bars: std over seeds)."""
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    results_path = results_path or os.path.join(RESULTS, "accuracy.json")
+    plt = _pyplot()
+    results = _load_results(results_path, "accuracy.json")
     path = path or os.path.join(FIGS, "accuracy_time.png")
-    with open(results_path) as handle:
-        results = json.load(handle)
     fig, ax = plt.subplots(figsize=(7, 4.5))
     markers = {"full": "s"}
     for summary in results["summary"]:
@@ -247,8 +251,7 @@ def draw_accuracy(results_path: Optional[str] = None, path: Optional[str] = None
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
     fig.tight_layout()
-    os.makedirs(os.path.dirname(path), exist_ok=True)
-    fig.savefig(path, dpi=90)
+    _save(fig, path, dpi=90)
     plt.close(fig)
     return path
 
