@@ -1,0 +1,1 @@
+"""What every ToE trainer shares: flags, data folders, checkpoints, distributed set-up, logs."""
