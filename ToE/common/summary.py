@@ -1,0 +1,100 @@
+"""Summarise a finished run: accuracy, time, kept tokens and measured vs FLOP-predicted speed per stage.
+
+    python -m ToE.common.summary runs/demo
+
+Reads ``log.txt`` (one JSON line per epoch) and ``args.yaml`` from the output folder. The speed
+of a stage is the full-token stage's median epoch time over that stage's median epoch time; the
+prediction is the FLOP ratio of one training step (``token_select.vit_step_flops``). Without a
+full-token stage in the run there is no measured baseline and only the prediction is printed.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import sys
+from typing import Dict, List
+
+import yaml
+
+import token_select
+
+
+def read_log(output_dir: str) -> List[Dict]:
+    with open(os.path.join(output_dir, "log.txt")) as handle:
+        return [json.loads(line) for line in handle if line.strip()]
+
+
+def model_dims(args: Dict) -> Dict[str, int]:
+    """Width, depth and patch count of the run's model (built on the meta device: no memory, no weights)."""
+    import timm
+    import torch
+
+    kwargs = dict(args.get("model_kwargs") or {})
+    kwargs.setdefault("img_size", args["input_size"])
+    if args.get("patch_size"):
+        kwargs.setdefault("patch_size", args["patch_size"])
+    with torch.device("meta"):
+        model = timm.create_model(args["model"], pretrained=False, **kwargs)
+    mlp = model.blocks[0].mlp.fc1.out_features / model.embed_dim
+    return {"embed_dim": model.embed_dim, "depth": len(model.blocks), "num_patches": model.patch_embed.num_patches,
+            "num_prefix_tokens": model.num_prefix_tokens, "mlp_ratio": mlp}
+
+
+def summarise(output_dir: str) -> str:
+    records = read_log(output_dir)
+    with open(os.path.join(output_dir, "args.yaml")) as handle:
+        args = yaml.safe_load(handle)
+    dims = model_dims(args)
+    flops = lambda kept: token_select.vit_step_flops(  # noqa: E731
+        dims["num_patches"], dims["embed_dim"], dims["depth"], kept_patches=kept,
+        num_prefix_tokens=dims["num_prefix_tokens"], mlp_ratio=dims["mlp_ratio"])
+
+    by_stage: Dict[int, List[Dict]] = {}
+    for record in records:
+        by_stage.setdefault(record["stage"], []).append(record)
+    full_seconds = [r["epoch_seconds"] for r in records if r["kept_tokens"] == dims["num_patches"]]
+    # the very first epoch carries one-off start-up costs; leave it out of the medians where possible
+    median = lambda values: statistics.median(values[1:] if len(values) > 2 else values)  # noqa: E731
+    full_median = median(full_seconds) if full_seconds else None
+
+    last = records[-1]
+    total = sum(r["epoch_seconds"] for r in records)
+    lines = [f"Run in {output_dir}: {args['model']} {args.get('model_kwargs') or ''}, {dims['num_patches']} patch tokens, "
+             f"{len(records)} epochs",
+             f"Top-1 on the held-out images: {last['test_acc1']:.2f} % (best {max(r['test_acc1'] for r in records):.2f} %)"
+             + (f", EMA {last['ema_acc1']:.2f} %" if "ema_acc1" in last else ""),
+             f"Training time: {total:.1f} s ({total / 60:.1f} min), evaluation excluded",
+             "",
+             "| stage | epochs | patch tokens kept | median epoch (s) | measured speed | FLOP-predicted speed |",
+             "|---|---|---|---|---|---|"]
+    for stage in sorted(by_stage):
+        group = by_stage[stage]
+        kept = group[0]["kept_tokens"]
+        seconds = median([r["epoch_seconds"] for r in group])
+        measured = f"{full_median / seconds:.2f}x" if full_median else "n/a (no full-token stage)"
+        predicted = flops(dims["num_patches"]) / flops(kept)
+        lines.append(f"| {stage} | {group[0]['epoch']}-{group[-1]['epoch']} | {kept} of {dims['num_patches']} | "
+                     f"{seconds:.2f} | {measured} | {predicted:.2f}x |")
+    if full_median:
+        full_run = full_median * len(records)
+        predicted_run = flops(dims["num_patches"]) * len(records) / sum(flops(r["kept_tokens"]) for r in records)
+        lines += ["", f"Whole run: {full_run / total:.2f}x faster than {len(records)} full-token epochs would take "
+                      f"(estimated from the full-token stage), FLOP-predicted {predicted_run:.2f}x"]
+    return "\n".join(lines)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("output_dir", help="the run's --output_dir")
+    args = parser.parse_args()
+    if not os.path.isfile(os.path.join(args.output_dir, "log.txt")):
+        print(f"error: no log.txt in {args.output_dir}. Pass the --output_dir of a finished run", file=sys.stderr)
+        sys.exit(2)
+    print(summarise(args.output_dir))
+
+
+if __name__ == "__main__":
+    main()
