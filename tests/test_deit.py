@@ -1,0 +1,527 @@
+"""End-to-end tests of the DeiT trainer (ToE/deit/main.py) and its run scripts, on the CPU.
+
+Every run is a real subprocess of ``ToE/deit/main.py`` on a tiny generated ImageFolder
+(3 classes, 8 train images each, 7 validation images: an odd count) with a 2-block,
+32-wide ViT on 16 px images cut into 4 px patches (16 patch tokens). Runs that several
+tests read are module-scoped fixtures, so each is trained once.
+"""
+
+from __future__ import annotations
+
+import bisect
+import json
+import math
+import os
+import re
+import shlex
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import timm
+import torch
+import yaml
+from PIL import Image
+
+import token_select
+
+ROOT = Path(__file__).resolve().parents[1]
+MAIN = ROOT / "ToE" / "deit" / "main.py"
+RUN_DIR = ROOT / "ToE" / "deit" / "run"
+
+CLASSES = 3
+TRAIN_PER_CLASS = 8
+VAL_PER_CLASS = (3, 3, 1)  # 7 validation images: odd, so 2 processes get unequal shards
+NUM_VAL = sum(VAL_PER_CLASS)
+MODEL = "vit_tiny_patch16_224"
+MODEL_KWARGS = {"embed_dim": 32, "depth": 2, "num_heads": 2}
+INPUT, PATCH = 16, 4
+NUM_PATCHES = (INPUT // PATCH) ** 2
+
+TINY = ["--model", MODEL, "--model-kwargs", *[f"{k}={v}" for k, v in MODEL_KWARGS.items()],
+        "--input-size", str(INPUT), "--patch-size", str(PATCH)]
+FAST = ["--device", "cpu", "--num_workers", "0", "--batch-size", "4", "--no-pin-mem", "--warmup-epochs", "0",
+        "--lr", "1e-3", "--unscale-lr"]
+PLAIN = ["--no-repeated-aug", "--aa", "none", "--reprob", "0", "--mixup", "0", "--cutmix", "0"]
+# Full DeiT recipe on top of FAST: RandAugment, random erasing, mixup/cutmix, repeated augmentation,
+# drop path, EMA (on by default) with a decay that makes it move within a few steps.
+RECIPE = ["--repeated-aug", "--aa", "rand-m9-mstd0.5-inc1", "--reprob", "0.25", "--mixup", "0.8", "--cutmix", "1.0",
+          "--drop-path", "0.1", "--model-ema-decay", "0.9"]
+# Stage 1 in epochs 0-1, stage 2 in epoch 2, stage 3 in epoch 3: epochs 1-2 and 3-4 differ.
+SCHEDULE = ["--expansion-step", "0", "2", "3", "--keep-rate", "0.5", "0.75", "1.0"]
+KEEP_RATE, INIT_RATE, MULTIPLE = [0.5, 0.75, 1.0], 0.25, 2
+
+
+def _env():
+    env = dict(os.environ)
+    env.update(OMP_NUM_THREADS="1", MKL_NUM_THREADS="1", TQDM_DISABLE="1")
+    env.pop("RANK", None)
+    env.pop("WORLD_SIZE", None)
+    env.pop("LOCAL_RANK", None)
+    return env
+
+
+def run_main(*args, timeout=240, cmd=None):
+    """Run ``ToE/deit/main.py`` with ``args`` from the repository root; return the CompletedProcess."""
+    cmd = cmd or [sys.executable, str(MAIN)]
+    return subprocess.run([*cmd, *map(str, args)], cwd=ROOT, env=_env(), capture_output=True, text=True,
+                          timeout=timeout, check=False)
+
+
+def ok(result):
+    assert result.returncode == 0, f"exit {result.returncode}\nstdout:\n{result.stdout}\nstderr:\n{result.stderr}"
+    return result
+
+
+def write_images(root: Path, seed: int = 0) -> Path:
+    """A tiny ImageNet-layout folder: class c is brighter by c, so the classes are learnable."""
+    rng = np.random.default_rng(seed)
+    for split, counts in (("train", [TRAIN_PER_CLASS] * CLASSES), ("val", VAL_PER_CLASS)):
+        for c, count in enumerate(counts):
+            folder = root / split / f"class{c}"
+            folder.mkdir(parents=True, exist_ok=True)
+            for i in range(count):
+                pixels = (rng.random((32, 32, 3)) * 90 + 80 * c).astype(np.uint8)
+                Image.fromarray(pixels).save(folder / f"{i}.png")
+    return root
+
+
+def read_log(out: Path):
+    return [json.loads(line) for line in (out / "log.txt").read_text().splitlines() if line.strip()]
+
+
+def load(path: Path):
+    return torch.load(path, map_location="cpu", weights_only=True)
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def assert_same_tensors(a: dict, b: dict, what: str):
+    assert a.keys() == b.keys(), what
+    for key, value in a.items():
+        assert torch.equal(value, b[key]), f"{what}: {key} differs"
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory):
+    return write_images(tmp_path_factory.mktemp("data"))
+
+
+@pytest.fixture(scope="module")
+def trained(data, tmp_path_factory):
+    """4 epochs straight over 3 ToE stages, plain recipe: run A of the resume test too."""
+    out = tmp_path_factory.mktemp("straight")
+    result = ok(run_main("--data-path", data, "--output_dir", out, "--epochs", 4, *TINY, *FAST, *PLAIN, *SCHEDULE))
+    return out, result
+
+
+# -- training with ToE ------------------------------------------------------------------------
+
+def test_training_with_toe_writes_logs_and_checkpoints(trained):
+    out, result = trained
+    records = read_log(out)
+    assert [r["epoch"] for r in records] == [0, 1, 2, 3]
+    kept = token_select.kept_tokens_per_stage(NUM_PATCHES, KEEP_RATE, INIT_RATE, MULTIPLE)
+    assert kept == [8, 12, 16]
+    steps = [0, 2, 3]
+    for r in records:
+        stage = bisect.bisect_right(steps, r["epoch"])
+        assert r["stage"] == stage
+        assert r["kept_tokens"] == kept[stage - 1]
+        assert math.isfinite(r["train_loss"]) and r["train_loss"] > 0
+        assert math.isfinite(r["test_loss"])
+        assert r["test_images"] == NUM_VAL
+        assert 0.0 <= r["test_acc1"] <= r["test_acc5"] <= 100.0
+        assert "ema_acc1" in r and r["lr"] > 0 and r["epoch_seconds"] >= 0
+    assert records[-1]["best_acc1"] == max(r["test_acc1"] for r in records)
+    for name in ("checkpoint.pth", "best_checkpoint.pth", "args.yaml"):
+        assert (out / name).is_file(), name
+    assert not list(out.glob("*.tmp")), "a temporary checkpoint was left behind"
+    assert list((out / "tensorboard").glob("events.out.tfevents.*"))
+    saved_args = yaml.safe_load((out / "args.yaml").read_text())
+    assert saved_args["model"] == MODEL and saved_args["keep_rate"] == KEEP_RATE
+    assert "Traceback" not in result.stderr
+
+
+def test_training_changes_the_weights_and_tensorboard_has_scalars(trained):
+    out, _ = trained
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    events = EventAccumulator(str(out / "tensorboard"))
+    events.Reload()
+    tags = events.Tags()["scalars"]
+    for tag in ("train_loss", "kept_tokens", "test_acc1"):
+        assert tag in tags
+    assert [e.value for e in events.Scalars("kept_tokens")] == [8, 8, 12, 16]
+    checkpoint = load(out / "checkpoint.pth")
+    torch.manual_seed(0)
+    fresh = timm.create_model(MODEL, num_classes=CLASSES, img_size=INPUT, patch_size=PATCH, **MODEL_KWARGS)
+    # trained weights differ from an initialisation (the run learnt something)
+    assert not torch.equal(fresh.head.weight, checkpoint["model"]["head.weight"])
+
+
+# -- the checkpoint -------------------------------------------------------------------------
+
+def test_checkpoint_loads_into_plain_timm_model_with_same_eval(trained, data):
+    out, _ = trained
+    checkpoint = load(out / "checkpoint.pth")
+    for key in ("model", "optimizer", "lr_scheduler", "scaler", "model_ema", "epoch", "rng", "args"):
+        assert key in checkpoint, key
+    assert checkpoint["epoch"] == 3
+    assert isinstance(checkpoint["args"], dict) and checkpoint["args"]["model"] == MODEL
+    best = load(out / "best_checkpoint.pth")
+    assert best["best_acc1"] == read_log(out)[-1]["best_acc1"]
+
+    def fresh():
+        model = timm.create_model(MODEL, num_classes=CLASSES, img_size=INPUT, patch_size=PATCH, **MODEL_KWARGS)
+        model.load_state_dict(checkpoint["model"], strict=True)
+        return model.eval()
+
+    plain, attached = fresh(), fresh()
+    toe = token_select.attach(attached, token_select.TokenSelect([0, 2, 3], KEEP_RATE, INIT_RATE, MULTIPLE))
+    toe.update_current_stage(0)  # a reducing stage: in eval mode it must still be the identity
+    attached.eval()
+
+    from timm.data import create_transform
+    from torchvision import datasets
+
+    val = datasets.ImageFolder(str(data / "val"), transform=create_transform(INPUT, is_training=False,
+                                                                            interpolation="bicubic"))
+    loader = torch.utils.data.DataLoader(val, batch_size=6, shuffle=False)  # the trainer's 1.5 x batch
+    loss_sum, hits, count = 0.0, 0, 0
+    with torch.no_grad():
+        for images, targets in loader:
+            logits = plain(images)
+            assert torch.equal(logits, attached(images)), "attached model in eval mode is not the plain model"
+            loss_sum += torch.nn.functional.cross_entropy(logits, targets, reduction="sum").item()
+            hits += (logits.argmax(1) == targets).sum().item()
+            count += targets.numel()
+    last = read_log(out)[-1]
+    assert count == NUM_VAL
+    assert loss_sum / count == pytest.approx(last["test_loss"], rel=1e-6, abs=1e-9)
+    assert 100.0 * hits / count == pytest.approx(last["test_acc1"])
+
+    # the trainer's own --eval of the same checkpoint agrees
+    result = ok(run_main("--data-path", data, "--eval", "--resume", out / "checkpoint.pth", *TINY, *FAST, *PLAIN,
+                         *SCHEDULE))
+    match = re.search(r"Accuracy on (\d+) test images: top-1 ([\d.]+) %", result.stdout)
+    assert match, result.stdout
+    assert int(match.group(1)) == NUM_VAL
+    assert float(match.group(2)) == pytest.approx(last["test_acc1"], abs=0.01)
+
+
+# -- resume ---------------------------------------------------------------------------------
+
+def _interrupted(data, out, extra):
+    """Epochs 0-1 (stage 1), exit, then resume for epochs 2-3 (stages 2 and 3) into the same folder."""
+    common = ["--data-path", data, "--output_dir", out, "--epochs", 4, *TINY, *FAST, *extra, *SCHEDULE]
+    ok(run_main(*common, "--stop-after-epochs", 2))
+    first = load(out / "checkpoint.pth")
+    assert first["epoch"] == 1
+    assert [r["epoch"] for r in read_log(out)] == [0, 1]
+    ok(run_main(*common, "--resume", out / "checkpoint.pth"))
+    return first
+
+
+def _assert_resume_matches(straight: Path, resumed: Path):
+    a, b = load(straight / "checkpoint.pth"), load(resumed / "checkpoint.pth")
+    assert a["epoch"] == b["epoch"] == 3
+    assert_same_tensors(a["model"], b["model"], "model")
+    if a["model_ema"] is not None:
+        assert_same_tensors(a["model_ema"], b["model_ema"], "EMA")
+    for key in a["optimizer"]["state"]:
+        assert_same_tensors(a["optimizer"]["state"][key], b["optimizer"]["state"][key], f"optimizer state {key}")
+    log_a, log_b = read_log(straight), read_log(resumed)
+    assert [r["epoch"] for r in log_b] == [0, 1, 2, 3]
+    for ra, rb in zip(log_a, log_b):
+        for key in ("stage", "kept_tokens", "train_loss", "lr", "test_loss", "test_acc1"):
+            assert ra[key] == rb[key], (ra["epoch"], key)
+
+
+def test_resume_equals_uninterrupted_run(trained, data, tmp_path):
+    straight, _ = trained
+    first = _interrupted(data, tmp_path, PLAIN)
+    # the resumed half really trained (weights moved after the stage boundary)
+    final = load(tmp_path / "checkpoint.pth")
+    assert not torch.equal(first["model"]["head.weight"], final["model"]["head.weight"])
+    _assert_resume_matches(straight, tmp_path)
+
+
+def test_resume_equals_uninterrupted_run_with_full_recipe(data, tmp_path):
+    """Mixup, cutmix, RandAugment, random erasing, repeated augmentation, drop path and EMA."""
+    straight, resumed = tmp_path / "straight", tmp_path / "resumed"
+    ok(run_main("--data-path", data, "--output_dir", straight, "--epochs", 4, *TINY, *FAST, *RECIPE, *SCHEDULE))
+    _interrupted(data, resumed, RECIPE)
+    checkpoint = load(straight / "checkpoint.pth")
+    assert checkpoint["model_ema"] is not None
+    assert not torch.equal(checkpoint["model_ema"]["module.head.weight"], checkpoint["model"]["head.weight"])
+    _assert_resume_matches(straight, resumed)
+
+
+# -- user errors ------------------------------------------------------------------------------
+
+def assert_user_error(result, *needles):
+    """One line ``error: ...`` on stderr naming the problem, no traceback, exit code 2."""
+    lines = [line for line in result.stderr.splitlines() if line.strip()]
+    assert result.returncode == 2, f"exit {result.returncode}\n{result.stderr}"
+    assert "Traceback" not in result.stderr + result.stdout
+    assert len(lines) == 1, result.stderr
+    assert lines[0].startswith("error: "), lines[0]
+    for needle in needles:
+        assert str(needle) in lines[0], (needle, lines[0])
+    return lines[0]
+
+
+def error_run(data, *extra, out=None):
+    args = ["--data-path", data, "--epochs", 1, *TINY, *FAST, *PLAIN, *SCHEDULE]
+    if out is not None:
+        args += ["--output_dir", out]
+    return run_main(*args, *extra)
+
+
+def test_error_missing_data_path(tmp_path):
+    missing = tmp_path / "no_such_folder"
+    assert_user_error(error_run(missing), str(missing), "does not exist")
+
+
+def test_error_data_path_without_class_folders(tmp_path):
+    (tmp_path / "train").mkdir()
+    (tmp_path / "val").mkdir()
+    assert_user_error(error_run(tmp_path), "no class folders")
+    assert_user_error(error_run(tmp_path / "train"), "missing")  # a folder without train/ and val/
+
+
+def test_error_empty_split(tmp_path):
+    write_images(tmp_path)
+    for image in (tmp_path / "val").rglob("*.png"):
+        image.unlink()
+    assert_user_error(error_run(tmp_path), "val", "no images")
+
+
+def test_error_unreadable_image_is_named(tmp_path):
+    write_images(tmp_path)
+    bad = tmp_path / "train" / "class1" / "broken.png"
+    bad.write_bytes(b"\x89PNG\r\n\x1a\n this is not an image")
+    assert_user_error(error_run(tmp_path, out=tmp_path / "out"), str(bad))
+
+
+def test_error_bad_toe_schedule(data):
+    result = run_main("--data-path", data, *TINY, *FAST, *PLAIN, "--expansion-step", "0", "1", "2",
+                      "--keep-rate", "0.5", "0.4", "1.0")
+    assert_user_error(result, "ToE schedule", "--keep-rate")
+
+
+def test_error_unknown_model(data):
+    assert_user_error(error_run(data, "--model", "no_such_vit_model"), "no_such_vit_model")
+
+
+def test_error_missing_resume_file(data, tmp_path):
+    missing = tmp_path / "nothing.pth"
+    assert_user_error(error_run(data, "--resume", missing), str(missing), "does not exist")
+
+
+def test_error_corrupt_resume_file(data, tmp_path):
+    corrupt = tmp_path / "checkpoint.pth"
+    corrupt.write_bytes(np.random.default_rng(1).bytes(4096))
+    assert_user_error(error_run(data, "--resume", corrupt), str(corrupt), "corrupt")
+
+
+def test_error_unwritable_output_folder(data, tmp_path):
+    regular = tmp_path / "a_file"
+    regular.write_text("not a folder")
+    assert_user_error(error_run(data, out=regular / "out"), str(regular / "out"), "output folder")
+
+
+def test_non_finite_loss_stops_and_keeps_earlier_checkpoints(data, trained, tmp_path):
+    """Resuming from a checkpoint whose weights hold a NaN: the first loss is NaN, training stops
+    with a clear message and a non-zero exit, and the checkpoint already in the folder survives."""
+    straight, _ = trained
+    good = load(straight / "checkpoint.pth")
+    poisoned = dict(good)
+    poisoned["model"] = {k: v.clone() for k, v in good["model"].items()}
+    poisoned["model"]["head.weight"][0, 0] = float("nan")
+    poisoned["epoch"] = 1  # continue at epoch 2
+    torch.save(poisoned, tmp_path / "poisoned.pth")
+    out = tmp_path / "out"
+    out.mkdir()
+    kept = out / "checkpoint.pth"
+    kept.write_bytes((straight / "checkpoint.pth").read_bytes())
+    before = kept.read_bytes()
+
+    result = error_run(data, "--epochs", 4, "--resume", tmp_path / "poisoned.pth", out=out)
+    assert result.returncode not in (0, 2), result.stderr
+    assert "Traceback" not in result.stderr
+    assert re.search(r"loss became nan in epoch 2", result.stderr), result.stderr
+    assert kept.read_bytes() == before
+    assert load(kept)["epoch"] == 3
+    assert not (out / "best_checkpoint.pth").exists()
+
+
+def test_train_one_epoch_raises_training_stopped_on_nan():
+    from ToE.common.errors import TrainingStopped
+    from ToE.deit.engine import train_one_epoch
+
+    model = torch.nn.Linear(4, 2)
+    loader = [(torch.randn(2, 4), torch.tensor([0, 1]))]
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    before = model.weight.detach().clone()
+
+    def criterion(images, outputs, targets):
+        return outputs.sum() * float("inf")
+
+    with pytest.raises(TrainingStopped, match="loss became"):
+        train_one_epoch(model, criterion, loader, optimizer, torch.device("cpu"), 0,
+                        torch.amp.GradScaler("cuda", enabled=False), show_progress=False)
+    assert torch.equal(model.weight, before), "a non-finite loss must not update the weights"
+
+
+# -- distributed ------------------------------------------------------------------------------
+
+DUMP_WRAPPER = """
+import os, runpy, sys
+import torch
+sys.path.insert(0, {root!r})
+import ToE.deit.trainer as trainer
+
+fit = trainer.Trainer.fit
+
+def fit_and_dump(self):
+    fit(self)
+    torch.save(self.model_without_ddp.state_dict(), os.path.join({out!r}, f"rank{{self.env.rank}}.pt"))
+
+trainer.Trainer.fit = fit_and_dump
+sys.argv = [{main!r}] + sys.argv[1:]
+runpy.run_path({main!r}, run_name="__main__")
+"""
+
+
+def test_two_process_gloo_run(data, tmp_path):
+    """torchrun with 2 CPU processes: completes, both end with the same weights (also the saved
+    ones), and distributed evaluation counts each of the 7 (odd) validation images exactly once."""
+    out = tmp_path / "out"
+    out.mkdir()
+    wrapper = tmp_path / "dump_ranks.py"  # ToE/deit/main.py, plus a per-rank dump of the final weights
+    wrapper.write_text(DUMP_WRAPPER.format(root=str(ROOT), out=str(out), main=str(MAIN)))
+    torchrun = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
+                "--master_addr", "127.0.0.1", "--master_port", str(free_port()), str(wrapper)]
+    result = ok(run_main("--data-path", data, "--output_dir", out, "--epochs", 2, "--dist-eval", *TINY, *FAST,
+                         *PLAIN, "--expansion-step", "0", "1", "--keep-rate", "0.5", "1.0", cmd=torchrun))
+    assert "2 process(es)" in result.stdout
+    records = read_log(out)
+    assert [r["epoch"] for r in records] == [0, 1]
+    assert all(r["test_images"] == NUM_VAL for r in records)
+    rank0, rank1 = load(out / "rank0.pt"), load(out / "rank1.pt")
+    assert_same_tensors(rank0, rank1, "rank 0 vs rank 1")
+    checkpoint = load(out / "checkpoint.pth")
+    assert_same_tensors(rank0, checkpoint["model"], "rank 0 vs checkpoint")
+    assert set(checkpoint["rng"]) == {"0", "1"}  # each process's RNG stream is saved for resume
+
+
+# -- run scripts ------------------------------------------------------------------------------
+
+SCRIPTS = {"tiny": ("deit_tiny_patch16_224", 256), "small": ("deit_small_patch16_224", 256),
+           "base": ("deit_base_patch16_224", 128)}
+
+
+def run_script(name, *args, cwd, **env):
+    environment = _env()
+    for key in ("NPROC", "NNODES", "NODE_RANK", "MASTER_ADDR", "MASTER_PORT", "DRY_RUN"):
+        environment.pop(key, None)
+    environment.update(PYTHON=sys.executable, CUDA_VISIBLE_DEVICES="", **env)
+    return subprocess.run(["bash", str(name), *map(str, args)], cwd=cwd, env=environment, capture_output=True,
+                          text=True, timeout=60, check=False)
+
+
+def flag(argv, name, count=1):
+    i = argv.index(name)
+    values = argv[i + 1:i + 1 + count]
+    return values[0] if count == 1 else values
+
+
+@pytest.mark.parametrize("size", ["tiny", "small", "base"])
+def test_run_script_usage_without_data_and_output(size, tmp_path):
+    script = RUN_DIR / f"imagenet_{size}_run1.sh"
+    for args in ([], ["/data/imagenet"]):
+        result = run_script(script, *args, cwd=tmp_path)
+        assert result.returncode == 2, result.stderr
+        assert "usage:" in result.stderr and f"imagenet_{size}_run1.sh DATA OUT" in result.stderr
+        assert "Traceback" not in result.stderr
+
+
+def split_command(result):
+    """The printed command as (launcher part, main.py arguments)."""
+    assert result.returncode == 0, result.stderr
+    argv = shlex.split(result.stdout.strip())
+    main_index = next(i for i, a in enumerate(argv) if a.endswith("main.py"))
+    assert Path(argv[main_index]) == MAIN
+    assert argv[0] == sys.executable
+    return argv[:main_index], argv[main_index + 1:]
+
+
+@pytest.mark.parametrize("size", ["tiny", "small", "base"])
+def test_run_script_builds_the_published_command(size, tmp_path):
+    from ToE.deit.main import parse_args
+
+    model, batch = SCRIPTS[size]
+    # from ToE/deit with the relative path, as the README says; no GPU visible
+    result = run_script(f"run/imagenet_{size}_run1.sh", "/data/imagenet", "runs/x", "--epochs", "1", "--lr",
+                        "1e-3", cwd=ROOT / "ToE" / "deit", DRY_RUN="1")
+    launcher, main_argv = split_command(result)
+    assert launcher == [sys.executable]  # one CPU process: main.py directly, no torchrun
+    args = parse_args(main_argv)  # every flag is one main.py knows
+    assert args.model == model and args.batch_size == batch and args.seed == 3407
+    assert args.expansion_step == [0, 100, 200] and args.keep_rate == [0.5, 0.75, 1.0]
+    assert args.initialization_keep_rate == 0.25 and args.expansion_multiple_stage == 2
+    assert args.device == "cpu"
+    assert args.data_path == "/data/imagenet" and args.output_dir == "runs/x"
+    assert args.epochs == 1 and args.lr == 1e-3  # extra arguments pass through and win
+    # DeiT defaults for the rest
+    assert args.opt == "adamw" and args.sched == "cosine" and args.mixup == 0.8 and args.model_ema
+
+
+def test_run_script_environment_and_any_cwd(tmp_path):
+    script = RUN_DIR / "imagenet_small_run1.sh"
+    result = run_script(script, "d a t a", "out", "--model-kwargs", "drop_rate=0.1", cwd=tmp_path, DRY_RUN="1",
+                        NPROC="3", NNODES="2", NODE_RANK="1", MASTER_ADDR="10.0.0.7", MASTER_PORT="29411")
+    launcher, main_argv = split_command(result)
+    assert launcher[1:3] == ["-m", "torch.distributed.run"]
+    assert flag(launcher, "--nproc_per_node") == "3"
+    assert flag(launcher, "--nnodes") == "2" and flag(launcher, "--node_rank") == "1"
+    assert flag(launcher, "--master_addr") == "10.0.0.7" and flag(launcher, "--master_port") == "29411"
+    assert flag(main_argv, "--data-path") == "d a t a"
+    assert main_argv[-2:] == ["--model-kwargs", "drop_rate=0.1"]
+
+    # several processes on one machine: torchrun on a free-picked local port
+    launcher, _ = split_command(run_script(script, "d", "o", cwd=tmp_path, DRY_RUN="1", NPROC="2"))
+    assert flag(launcher, "--nproc_per_node") == "2" and flag(launcher, "--nnodes") == "1"
+    assert flag(launcher, "--master_addr") == "127.0.0.1"
+    assert 1024 <= int(flag(launcher, "--master_port")) < 65536
+
+    # several machines need the address of machine 0; the process count must be a number
+    bad = run_script(script, "d", "o", cwd=tmp_path, DRY_RUN="1", NNODES="2")
+    assert bad.returncode == 2 and "MASTER_ADDR" in bad.stderr
+    bad = run_script(script, "d", "o", cwd=tmp_path, DRY_RUN="1", NPROC="zero")
+    assert bad.returncode == 2 and "NPROC" in bad.stderr
+
+
+def test_run_script_missing_data_folder_is_one_line(tmp_path):
+    result = run_script(RUN_DIR / "imagenet_base_run1.sh", tmp_path / "nope", tmp_path / "out", cwd=tmp_path)
+    assert_user_error(result, str(tmp_path / "nope"))
+
+
+def test_run_script_really_trains(data, tmp_path):
+    """The script itself (no dry run) from another folder, with the tiny model passed through."""
+    out = tmp_path / "out"
+    result = run_script(RUN_DIR / "imagenet_tiny_run1.sh", data, out, *TINY, *FAST, *PLAIN, "--epochs", "1",
+                        "--no-model-ema", cwd=tmp_path)
+    assert result.returncode == 0, result.stderr
+    records = read_log(out)
+    assert len(records) == 1 and records[0]["kept_tokens"] == NUM_PATCHES // 2
+    assert load(out / "checkpoint.pth")["args"]["seed"] == 3407
