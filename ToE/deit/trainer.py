@@ -195,7 +195,7 @@ class Trainer:
         self.lr_scheduler.load_state_dict(checkpoint["lr_scheduler"])
         self.scaler.load_state_dict(checkpoint["scaler"])
         if self.model_ema is not None and checkpoint.get("model_ema") is not None:
-            self.model_ema.load_state_dict(checkpoint["model_ema"])
+            self.model_ema.module.load_state_dict(checkpoint["model_ema"])
         self.start_epoch = int(checkpoint["epoch"]) + 1
         self.best_acc1 = float(checkpoint.get("best_acc1", 0.0))
         rng = checkpoint.get("rng", {})
@@ -208,7 +208,8 @@ class Trainer:
             "optimizer": self.optimizer.state_dict(),
             "lr_scheduler": self.lr_scheduler.state_dict(),
             "scaler": self.scaler.state_dict(),
-            "model_ema": self.model_ema.state_dict() if self.model_ema is not None else None,
+            # the EMA's plain weights (timm keys, no "module." prefix): they load into timm.create_model
+            "model_ema": self.model_ema.module.state_dict() if self.model_ema is not None else None,
             "epoch": epoch,
             "best_acc1": self.best_acc1,
             "rng": {str(self.env.rank): rng_state()},
