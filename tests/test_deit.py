@@ -526,3 +526,33 @@ def test_run_script_really_trains(data, tmp_path):
     records = read_log(out)
     assert len(records) == 1 and records[0]["kept_tokens"] == NUM_PATCHES // 2
     assert load(out / "checkpoint.pth")["args"]["seed"] == 3407
+
+
+# -- run summary and embedded data ------------------------------------------------------------
+
+def test_summary_reports_each_stage_against_its_flop_prediction(trained):
+    out, _ = trained
+    result = ok(subprocess.run([sys.executable, "-m", "ToE.common.summary", str(out)], cwd=ROOT, env=_env(),
+                               capture_output=True, text=True, timeout=120))
+    rows = [line for line in result.stdout.splitlines() if re.match(r"\| \d ", line)]
+    kept = token_select.kept_tokens_per_stage(NUM_PATCHES, KEEP_RATE, INIT_RATE, MULTIPLE)
+    assert [row.split("|")[3].strip() for row in rows] == [f"{k} of {NUM_PATCHES}" for k in kept]
+    assert rows[-1].split("|")[5].strip() == "1.00x"  # the full-token stage is the baseline
+    predicted = [float(row.split("|")[6].strip().rstrip("x")) for row in rows]
+    assert predicted[0] > predicted[1] > predicted[2] == 1.0
+    assert "Top-1 on the held-out images" in result.stdout
+
+
+def test_embedded_digits_are_an_imagenet_layout_folder(tmp_path):
+    from ToE.common.digits import build_digits
+
+    root = build_digits(str(tmp_path / "digits"), size=16)
+    counts = {split: {c: len(os.listdir(tmp_path / "digits" / split / c)) for c in os.listdir(tmp_path / "digits" / split)}
+              for split in ("train", "val")}
+    assert sorted(counts["train"]) == sorted(counts["val"]) == [str(d) for d in range(10)]
+    assert sum(counts["train"].values()) == 1500 and sum(counts["val"].values()) == 297
+    image = Image.open(next((tmp_path / "digits" / "val" / "3").iterdir()))
+    assert image.size == (16, 16) and image.mode == "RGB"
+    before = sorted(p.stat().st_mtime_ns for p in (tmp_path / "digits" / "train" / "0").iterdir())
+    build_digits(root, size=16)  # complete: left alone
+    assert sorted(p.stat().st_mtime_ns for p in (tmp_path / "digits" / "train" / "0").iterdir()) == before

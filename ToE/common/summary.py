@@ -4,7 +4,7 @@
 
 Reads ``log.txt`` (one JSON line per epoch) and ``args.yaml`` from the output folder. The speed
 of a stage is the full-token stage's median epoch time over that stage's median epoch time; the
-prediction is the FLOP ratio of one training step (``token_select.vit_step_flops``). Without a
+prediction is the FLOP ratio of one training step (``token_select.vit_step_flops`` via ``ToE.flops``). Without a
 full-token stage in the run there is no measured baseline and only the prediction is printed.
 """
 
@@ -19,38 +19,25 @@ from typing import Dict, List
 
 import yaml
 
-import token_select
-
 
 def read_log(output_dir: str) -> List[Dict]:
     with open(os.path.join(output_dir, "log.txt")) as handle:
         return [json.loads(line) for line in handle if line.strip()]
 
 
-def model_dims(args: Dict) -> Dict[str, int]:
-    """Width, depth and patch count of the run's model (built on the meta device: no memory, no weights)."""
-    import timm
-    import torch
-
-    kwargs = dict(args.get("model_kwargs") or {})
-    kwargs.setdefault("img_size", args["input_size"])
-    if args.get("patch_size"):
-        kwargs.setdefault("patch_size", args["patch_size"])
-    with torch.device("meta"):
-        model = timm.create_model(args["model"], pretrained=False, **kwargs)
-    mlp = model.blocks[0].mlp.fc1.out_features / model.embed_dim
-    return {"embed_dim": model.embed_dim, "depth": len(model.blocks), "num_patches": model.patch_embed.num_patches,
-            "num_prefix_tokens": model.num_prefix_tokens, "mlp_ratio": mlp}
-
-
 def summarise(output_dir: str) -> str:
     records = read_log(output_dir)
     with open(os.path.join(output_dir, "args.yaml")) as handle:
         args = yaml.safe_load(handle)
-    dims = model_dims(args)
-    flops = lambda kept: token_select.vit_step_flops(  # noqa: E731
-        dims["num_patches"], dims["embed_dim"], dims["depth"], kept_patches=kept,
-        num_prefix_tokens=dims["num_prefix_tokens"], mlp_ratio=dims["mlp_ratio"])
+    import torch
+
+    from ToE.flops import analytic_step_flops, create_model, model_shape
+
+    with torch.device("meta"):  # only the shape is needed: no memory, no initialisation
+        model = create_model(args["model"], args["input_size"], args.get("patch_size"),
+                             **dict(args.get("model_kwargs") or {}))
+    dims = model_shape(model)
+    flops = lambda kept: analytic_step_flops(dims, kept)  # noqa: E731
 
     by_stage: Dict[int, List[Dict]] = {}
     for record in records:
