@@ -556,3 +556,44 @@ def test_embedded_digits_are_an_imagenet_layout_folder(tmp_path):
     before = sorted(p.stat().st_mtime_ns for p in (tmp_path / "digits" / "train" / "0").iterdir())
     build_digits(root, size=16)  # complete: left alone
     assert sorted(p.stat().st_mtime_ns for p in (tmp_path / "digits" / "train" / "0").iterdir()) == before
+
+
+# -- distillation -------------------------------------------------------------------------------
+
+def test_distillation_loss_variants():
+    from ToE.deit.losses import DistillationLoss
+
+    torch.manual_seed(0)
+    teacher = torch.nn.Linear(6, 3)
+    images, targets = torch.randn(4, 6), torch.tensor([0, 1, 2, 1])
+    cls, dist = torch.randn(4, 3), torch.randn(4, 3)
+    ce = torch.nn.CrossEntropyLoss()
+    none = DistillationLoss(ce)
+    assert torch.allclose(none(images, cls, targets), ce(cls, targets))
+    assert torch.allclose(none(images, (cls, dist), targets), (ce(cls, targets) + ce(dist, targets)) / 2)
+    hard = DistillationLoss(ce, teacher, "hard", alpha=0.5)
+    expected = 0.5 * ce(cls, targets) + 0.5 * ce(dist, teacher(images).argmax(1))
+    assert torch.allclose(hard(images, (cls, dist), targets), expected)
+    soft = DistillationLoss(ce, teacher, "soft", alpha=1.0, tau=2.0)
+    # a student that copies the teacher has zero soft-distillation loss
+    assert soft(images, (cls, teacher(images).detach()), targets).abs().item() < 1e-6
+
+
+def test_distilled_deit_trains_with_a_teacher_from_disk(data, tmp_path):
+    teacher = timm.create_model("test_resnet", pretrained=False, num_classes=CLASSES)
+    torch.save(teacher.state_dict(), tmp_path / "teacher.pth")
+    out = tmp_path / "distilled"
+    student = ["--model", "deit_tiny_distilled_patch16_224", "--model-kwargs", "embed_dim=32", "depth=2",
+               "num_heads=2", "--input-size", str(INPUT), "--patch-size", str(PATCH)]
+    ok(run_main("--data-path", data, "--output_dir", out, "--epochs", 1, *student, *FAST, *PLAIN, *SCHEDULE,
+                "--distillation-type", "hard", "--teacher-model", "test_resnet", "--teacher-path",
+                tmp_path / "teacher.pth"))
+    record = read_log(out)[-1]
+    assert record["kept_tokens"] == token_select.kept_tokens_per_stage(NUM_PATCHES, KEEP_RATE, INIT_RATE)[0]
+    fresh = timm.create_model("deit_tiny_distilled_patch16_224", pretrained=False, num_classes=CLASSES,
+                              img_size=INPUT, patch_size=PATCH, embed_dim=32, depth=2, num_heads=2)
+    fresh.load_state_dict(load(out / "checkpoint.pth")["model"], strict=True)
+    missing = run_main("--data-path", data, "--output_dir", tmp_path / "x", "--epochs", 1, *student, *FAST, *PLAIN,
+                       "--distillation-type", "soft", "--teacher-model", "test_resnet",
+                       "--teacher-path", tmp_path / "nope.pth")
+    assert missing.returncode == 2 and "teacher checkpoint" in missing.stderr and "Traceback" not in missing.stderr
