@@ -597,3 +597,28 @@ def test_distilled_deit_trains_with_a_teacher_from_disk(data, tmp_path):
                        "--distillation-type", "soft", "--teacher-model", "test_resnet",
                        "--teacher-path", tmp_path / "nope.pth")
     assert missing.returncode == 2 and "teacher checkpoint" in missing.stderr and "Traceback" not in missing.stderr
+
+
+def test_distilled_student_consults_the_teacher(data, tmp_path):
+    """The trainer switches timm's distilled DeiT to return (class, distillation) logits in training,
+    so the distillation head learns from the teacher (timm averages the two heads otherwise)."""
+    from ToE.deit.main import parse_args
+    from ToE.deit.trainer import Trainer
+
+    teacher = timm.create_model("test_resnet", pretrained=False, num_classes=CLASSES)
+    torch.save(teacher.state_dict(), tmp_path / "teacher.pth")
+    args = parse_args(["--data-path", str(data), "--model", "deit_tiny_distilled_patch16_224", "--model-kwargs",
+                       "embed_dim=32", "depth=2", "num_heads=2", "--input-size", str(INPUT), "--patch-size",
+                       str(PATCH), *FAST, *PLAIN, "--distillation-type", "hard", "--teacher-model", "test_resnet",
+                       "--teacher-path", str(tmp_path / "teacher.pth")])
+    trainer = Trainer(args)
+    calls = []
+    trainer.criterion.teacher.register_forward_hook(lambda module, inputs, output: calls.append(output.shape))
+    images, targets = next(iter(trainer.train_loader))
+    trainer.model.train()
+    outputs = trainer.model(images)
+    assert isinstance(outputs, tuple) and len(outputs) == 2
+    trainer.criterion(images, outputs, targets)
+    assert calls == [(images.shape[0], CLASSES)]
+    trainer.model.eval()
+    assert torch.is_tensor(trainer.model(images))  # evaluation: the averaged heads, as DeiT reports

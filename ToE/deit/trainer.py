@@ -154,6 +154,9 @@ class Trainer:
         teacher = None
         if args.distillation_type != "none":
             teacher = self._load_teacher()
+            # timm's distilled DeiT returns the (class, distillation) logit pair in training only when
+            # asked; without this the loss gets averaged logits and the teacher is never consulted
+            self.model_without_ddp.set_distilled_training(True)
         self.criterion = DistillationLoss(base, teacher, args.distillation_type, args.distillation_alpha,
                                           args.distillation_tau)
 
