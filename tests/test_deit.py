@@ -424,6 +424,12 @@ def test_two_process_gloo_run(data, tmp_path):
     assert_same_tensors(rank0, checkpoint["model"], "rank 0 vs checkpoint")
     assert set(checkpoint["rng"]) == {"0", "1"}  # each process's RNG stream is saved for resume
 
+    # without --dist-eval each process evaluates the whole set: still every image once, not once per process
+    torchrun[torchrun.index("--master_port") + 1] = str(free_port())
+    whole = ok(run_main("--data-path", data, "--eval", "--resume", out / "checkpoint.pth", "--no-dist-eval", *TINY,
+                        *FAST, *PLAIN, cmd=torchrun))
+    assert f"Accuracy on {NUM_VAL} test images" in whole.stdout, whole.stdout
+
 
 # -- run scripts ------------------------------------------------------------------------------
 

@@ -69,11 +69,15 @@ def train_one_epoch(model: nn.Module, criterion, loader, optimizer, device: torc
 
 
 @torch.no_grad()
-def evaluate(model: nn.Module, loader, device: torch.device, amp_dtype: Optional[torch.dtype] = None
-             ) -> Dict[str, float]:
-    """Top-1, top-5 and loss over this process's shard, summed over all processes.
+def evaluate(model: nn.Module, loader, device: torch.device, amp_dtype: Optional[torch.dtype] = None,
+             sharded: bool = True) -> Dict[str, float]:
+    """Top-1, top-5 and loss over the validation images.
 
-    Each validation image sits in exactly one shard, so every image is counted exactly once.
+    ``sharded``: ``loader`` holds this process's shard; the sums are added over all processes, and
+    as each image sits in exactly one shard, every image is counted exactly once. Otherwise every
+    process evaluates the whole set on its own (no sums, which would count each image per process).
+    Pass the unwrapped model: DDP's forward may talk to the other processes, whose shards can hold
+    one batch fewer.
     """
     model.eval()
     totals = torch.zeros(4, dtype=torch.float64)  # loss sum, top-1 hits, top-5 hits, images
@@ -88,7 +92,8 @@ def evaluate(model: nn.Module, loader, device: torch.device, amp_dtype: Optional
         totals += torch.tensor([F.cross_entropy(logits, targets, reduction="sum").item(),
                                 hits[:, :1].sum().item(), hits.sum().item(), targets.numel()],
                                dtype=torch.float64)
-    totals = all_reduce_sum(totals)
+    if sharded:
+        totals = all_reduce_sum(totals)
     images = max(totals[3].item(), 1.0)
     return {"loss": totals[0].item() / images, "acc1": 100.0 * totals[1].item() / images,
             "acc5": 100.0 * totals[2].item() / images, "images": int(totals[3].item())}

@@ -223,7 +223,8 @@ class Trainer:
         args, env = self.args, self.env
         try:
             if args.eval:
-                stats = evaluate(self.model, self.val_loader, self.device, self.amp_dtype)
+                stats = evaluate(self.model_without_ddp, self.val_loader, self.device, self.amp_dtype,
+                                 args.dist_eval)
                 if env.is_main:
                     print(f"Accuracy on {stats['images']} test images: top-1 {stats['acc1']:.2f} %, "
                           f"top-5 {stats['acc5']:.2f} %")
@@ -256,8 +257,9 @@ class Trainer:
         train_stats = train_one_epoch(self.model, self.criterion, self.train_loader, self.optimizer, self.device,
                                       epoch, self.scaler, self.amp_dtype, args.clip_grad, self.mixup_fn,
                                       self.model_ema, show_progress=env.is_main)
-        test_stats = evaluate(self.model, self.val_loader, self.device, self.amp_dtype)
-        ema_stats = evaluate(self.model_ema.module, self.val_loader, self.device, self.amp_dtype) \
+        # the unwrapped model: shards may differ by a batch, and DDP's forward may sync the processes
+        test_stats = evaluate(self.model_without_ddp, self.val_loader, self.device, self.amp_dtype, args.dist_eval)
+        ema_stats = evaluate(self.model_ema.module, self.val_loader, self.device, self.amp_dtype, args.dist_eval) \
             if self.model_ema is not None else None
         is_best = test_stats["acc1"] > self.best_acc1
         self.best_acc1 = max(self.best_acc1, test_stats["acc1"])
