@@ -628,3 +628,18 @@ def test_distilled_student_consults_the_teacher(data, tmp_path):
     assert calls == [(images.shape[0], CLASSES)]
     trainer.model.eval()
     assert torch.is_tensor(trainer.model(images))  # evaluation: the averaged heads, as DeiT reports
+
+
+def test_sparse_eval_reduces_the_model_and_its_ema_in_evaluation(data):
+    """--sparse-eval: evaluation runs the current stage's token count, for the EMA copy too."""
+    from ToE.deit.main import parse_args
+    from ToE.deit.trainer import Trainer
+
+    trainer = Trainer(parse_args(["--data-path", str(data), "--epochs", "4", *TINY, *FAST, *PLAIN, *SCHEDULE,
+                                  "--sparse-eval", "--model-ema"]))
+    trainer.train_epoch(0)  # stage 1: 8 of 16 patch tokens
+    for model in (trainer.model_without_ddp, trainer.model_ema.module):
+        model.eval()
+        assert model.token_select.current_stage == 1 and model.token_select.reducing
+        model(torch.zeros(2, 3, INPUT, INPUT))
+        assert model.token_select.last_index.shape == (2, 1 + 8)

@@ -193,6 +193,8 @@ class Trainer:
             raise UserError(f"resume file {path} does not fit model {self.args.model} ({error.__class__.__name__}). "
                             "Resume with the --model and --model-kwargs it was trained with") from None
         if self.args.eval:
+            # --eval --sparse-eval reduces tokens as the checkpoint's last epoch did
+            self.toe.update_current_stage(int(checkpoint.get("epoch", 0)))
             return
         self.optimizer.load_state_dict(checkpoint["optimizer"])
         self.lr_scheduler.load_state_dict(checkpoint["lr_scheduler"])
@@ -252,6 +254,9 @@ class Trainer:
     def train_epoch(self, epoch: int) -> None:
         args, env = self.args, self.env
         stage = self.toe.update_current_stage(epoch)
+        if self.model_ema is not None:
+            # the EMA is a deep copy with its own operator: keep its stage in step for --sparse-eval
+            self.model_ema.module.token_select.update_current_stage(epoch)
         self.train_sampler.set_epoch(epoch)
         self.lr_scheduler.step(epoch)
         train_stats = train_one_epoch(self.model, self.criterion, self.train_loader, self.optimizer, self.device,
