@@ -42,7 +42,7 @@ def check_output_dir(path: str) -> None:
         return
     try:
         os.makedirs(path, exist_ok=True)
-        probe = os.path.join(path, ".write_test")
+        probe = os.path.join(path, f".write_test.{os.getpid()}")  # one per process: they check at once
         with open(probe, "w"):
             pass
         os.remove(probe)
