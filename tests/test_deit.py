@@ -321,6 +321,8 @@ def test_error_bad_toe_schedule(data):
 
 def test_error_unknown_model(data):
     assert_user_error(error_run(data, "--model", "no_such_vit_model"), "no_such_vit_model")
+    not_a_vit = run_main("--data-path", data, "--model", "test_resnet", "--input-size", INPUT, *FAST, *PLAIN)
+    assert_user_error(not_a_vit, "test_resnet", "ViT")
 
 
 def test_error_missing_resume_file(data, tmp_path):

@@ -124,8 +124,13 @@ class Trainer:
                                       drop_path_rate=args.drop_path, **kwargs)
         except TypeError as error:
             raise UserError(f"model {args.model} does not take these arguments ({error}). "
-                            "Check --model-kwargs/--patch-size") from None
-        token_select.attach(model, self.toe)
+                            "Pick a timm ViT (e.g. deit_small_patch16_224) and check --model-kwargs/--patch-size"
+                            ) from None
+        try:
+            token_select.attach(model, self.toe)
+        except ValueError as error:  # not a transformer with model.blocks (e.g. a CNN)
+            raise UserError(f"model {args.model} cannot take Token Expansion ({error}). "
+                            "Pick a timm ViT, e.g. deit_small_patch16_224") from None
         model.to(self.device)
         self.model_without_ddp = model
         self.model = model
