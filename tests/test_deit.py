@@ -319,6 +319,10 @@ def test_error_bad_toe_schedule(data):
     assert_user_error(result, "ToE schedule", "--keep-rate")
 
 
+def test_error_odd_batch_with_mixup(data):
+    assert_user_error(error_run(data, "--batch-size", "3", "--mixup", "0.8"), "even --batch-size")
+
+
 def test_error_unknown_model(data):
     assert_user_error(error_run(data, "--model", "no_such_vit_model"), "no_such_vit_model")
     not_a_vit = run_main("--data-path", data, "--model", "test_resnet", "--input-size", INPUT, *FAST, *PLAIN)

@@ -109,6 +109,9 @@ class Trainer:
                                      shuffle=False, **loader_kwargs)
         self.mixup_fn = None
         if args.mixup > 0 or args.cutmix > 0:
+            if args.batch_size % 2:  # timm's Mixup pairs each image with its mirror in the batch
+                raise UserError(f"mixup/cutmix need an even --batch-size, not {args.batch_size}. "
+                                "Pass an even one, or --mixup 0 --cutmix 0")
             self.mixup_fn = Mixup(mixup_alpha=args.mixup, cutmix_alpha=args.cutmix, prob=args.mixup_prob,
                                   switch_prob=args.mixup_switch_prob, mode=args.mixup_mode,
                                   label_smoothing=args.smoothing, num_classes=self.num_classes)
