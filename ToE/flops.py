@@ -25,7 +25,6 @@ Counting notes (why counted and analytic differ by a fraction of a per cent):
 from __future__ import annotations
 
 import argparse
-import ast
 import json
 import sys
 from typing import Dict, List, Optional, Sequence
@@ -35,9 +34,10 @@ from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
 
 import token_select
+from ToE.common.args import ParseKwargs, add_toe_args
 
 __all__ = ["ModelShape", "model_shape", "count_step_flops", "schedule_report", "format_report",
-           "parse_model_kwargs", "create_model", "build_parser", "main"]
+           "create_model", "build_parser", "main"]
 
 
 class ModelShape(dict):
@@ -92,20 +92,6 @@ def count_step_flops(model: nn.Module, input_size: int, in_chans: int = 3) -> fl
         model.zero_grad(set_to_none=True)
         model.train(was_training)
     return float(counter.get_total_flops())
-
-
-def parse_model_kwargs(items: Sequence[str]) -> Dict[str, object]:
-    """``["embed_dim=96", "depth=6"]`` -> ``{"embed_dim": 96, "depth": 6}`` (values as Python literals)."""
-    kwargs: Dict[str, object] = {}
-    for item in items:
-        key, sep, value = item.partition("=")
-        if not sep or not key:
-            raise ValueError(f"--model-kwargs expects key=value items; got {item!r}")
-        try:
-            kwargs[key] = ast.literal_eval(value)
-        except (ValueError, SyntaxError):
-            kwargs[key] = value  # a bare word, e.g. a layer name
-    return kwargs
 
 
 def create_model(name: str, input_size: Optional[int] = None, patch_size: Optional[int] = None,
@@ -254,23 +240,18 @@ class _OneLineErrorParser(argparse.ArgumentParser):
 
 def build_parser() -> argparse.ArgumentParser:
     """The calculator's flags: the trainers' model and ToE schedule names, plus ``--epochs``."""
-    parser = _OneLineErrorParser(prog="python -m ToE.flops", description=__doc__.split("\n\n")[0],
-                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    parser.add_argument("--model", default="deit_small_patch16_224", help="timm model name (a VisionTransformer)")
-    parser.add_argument("--model-kwargs", nargs="*", default=[], metavar="KEY=VALUE",
+    parser = _OneLineErrorParser(prog="python -m ToE.flops", description=__doc__.split("\n\n")[0])
+    parser.add_argument("--model", default="deit_small_patch16_224",
+                        help="timm model name, a VisionTransformer (default: deit_small_patch16_224)")
+    parser.add_argument("--model-kwargs", nargs="*", default={}, action=ParseKwargs, metavar="KEY=VALUE",
                         help="extra timm.create_model arguments, e.g. embed_dim=96 depth=6 num_heads=3")
-    parser.add_argument("--input-size", type=int, default=224, help="image side in pixels")
+    parser.add_argument("--input-size", type=int, default=224, help="image side in pixels (default: 224)")
     parser.add_argument("--patch-size", type=int, default=None,
                         help="patch side in pixels (default: the model's own)")
-    parser.add_argument("--epochs", type=int, default=300, help="length of the run in epochs")
-    parser.add_argument("--expansion-step", type=int, nargs="+", default=[0, 100, 200],
-                        help="epoch at which each ToE stage starts")
-    parser.add_argument("--keep-rate", type=float, nargs="+", default=[0.5, 0.75, 1.0],
-                        help="fraction of patch tokens kept in each stage")
-    parser.add_argument("--initialization-keep-rate", type=float, default=0.25,
-                        help="fraction of seed tokens")
-    parser.add_argument("--expansion-multiple-stage", type=int, default=2,
-                        help="repetition steps per stage")
+    parser.add_argument("--epochs", type=int, default=300, help="length of the run in epochs (default: 300)")
+    # The trainers' own ToE flags (one definition in ToE/common); --distance, --initialization
+    # and --sparse-eval are accepted so a trainer command line can be pasted, and change no FLOPs.
+    add_toe_args(parser)
     parser.add_argument("--analytic-only", action="store_true",
                         help="skip the counted FLOPs (no model forward; instant)")
     parser.add_argument("--json", default=None, metavar="PATH", help="also write the report as JSON here")
@@ -287,7 +268,7 @@ def main(argv: Optional[Sequence[str]] = None) -> Dict[str, object]:
             raise ValueError("--input-size and --patch-size must be positive")
         token_select.validate_schedule(args.expansion_step, args.keep_rate, args.initialization_keep_rate,
                                        args.expansion_multiple_stage)
-        model = create_model(args.model, args.input_size, args.patch_size, **parse_model_kwargs(args.model_kwargs))
+        model = create_model(args.model, args.input_size, args.patch_size, **args.model_kwargs)
     except (ValueError, TypeError) as err:
         parser.error(str(err).splitlines()[0] if str(err) else repr(err))
     report = schedule_report(model, args.input_size, args.epochs, args.expansion_step, args.keep_rate,

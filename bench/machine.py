@@ -87,31 +87,61 @@ def own_process_tree(snapshot: Dict[int, Tuple[int, int, str]], root: Optional[i
     return tree
 
 
+def _busy_ticks() -> int:
+    """CPU ticks the whole machine has spent busy (all cores, everything but idle and iowait)."""
+    with open("/proc/stat") as handle:
+        fields = [int(v) for v in handle.readline().split()[1:]]
+    idle = fields[3] + (fields[4] if len(fields) > 4 else 0)
+    return sum(fields[:8]) - idle
+
+
+def _tree_ticks(snapshot: Dict[int, Tuple[int, int, str]], root: int) -> int:
+    """CPU ticks of ``root`` and its live descendants plus the children it has already reaped."""
+    tree = own_process_tree(snapshot, root)
+    reaped = 0
+    try:
+        with open(f"/proc/{root}/stat") as handle:
+            text = handle.read()
+        fields = text[text.rindex(")") + 2:].split()
+        reaped = int(fields[13]) + int(fields[14])          # cutime + cstime
+    except (OSError, ValueError, IndexError):
+        pass
+    return sum(snapshot[pid][1] for pid in tree if pid in snapshot) + reaped
+
+
 class CpuWatch:
     """CPU time other processes (not this one or its children) used between start and stop.
 
-    ``stop()`` returns ``{"other_cpu_cores": mean cores busy elsewhere, "busiest": [...],
-    "seconds": wall time, "load_average": ...}``; 0.0 cores means a quiet machine.
+    Counted as the machine's busy time minus this process tree's, so processes that started
+    and ended in between (a test run, say) are included. ``stop()`` returns
+    ``{"other_cpu_cores": mean cores busy elsewhere, "busiest": the top processes still alive,
+    "seconds": wall time, "load_average": ...}``; about 0.0 cores means a quiet machine.
     """
 
     def __init__(self) -> None:
+        self.root = os.getpid()
         self.start_time = time.perf_counter()
         self.start = cpu_ticks()
+        self.start_busy = _busy_ticks()
+        self.start_mine = _tree_ticks(self.start, self.root)
 
     def stop(self) -> Dict[str, object]:
         end = cpu_ticks()
+        busy = _busy_ticks() - self.start_busy
+        mine = _tree_ticks(end, self.root) - self.start_mine
         seconds = max(1e-6, time.perf_counter() - self.start_time)
-        mine = own_process_tree(end) | own_process_tree(self.start)
+        tree = own_process_tree(end, self.root) | own_process_tree(self.start, self.root)
         used: List[Tuple[float, int, str]] = []
         for pid, (_, ticks, name) in end.items():
-            if pid in mine:
+            if pid in tree:
                 continue
-            before = self.start.get(pid, (0, 0, name))[1] if pid in self.start else 0
+            before = self.start[pid][1] if pid in self.start else 0
             cores = (ticks - before) / _TICKS_PER_SECOND / seconds
             if cores > 0:
                 used.append((cores, pid, name))
         used.sort(reverse=True)
-        return {"other_cpu_cores": round(sum(c for c, _, _ in used), 3),
+        other = max(0.0, (busy - mine) / _TICKS_PER_SECOND / seconds)
+        return {"other_cpu_cores": round(other, 3),
                 "busiest": [{"pid": pid, "name": name, "cores": round(c, 3)} for c, pid, name in used[:3]],
                 "seconds": round(seconds, 2), "load_average": [round(v, 2) for v in os.getloadavg()]}
 

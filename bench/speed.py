@@ -35,6 +35,7 @@ from torch import nn
 
 import token_select
 from bench.machine import CpuWatch, describe_machine, wait_until_quiet
+from ToE.common.args import add_toe_args
 from ToE.flops import analytic_step_flops, create_model, model_shape
 
 __all__ = ["MODELS", "SavedTensorBytes", "saved_activation_bytes", "median_time", "format_markdown",
@@ -139,6 +140,7 @@ def measure_model(name: str, batch_size: Optional[int], steps: int, warmup: int,
     labels = torch.randint(0, shape["num_classes"], (batch,), device=device)
     operator = token_select.TokenSelect(schedule["expansion_step"], schedule["keep_rate"],
                                         schedule["initialization_keep_rate"], schedule["expansion_multiple_stage"],
+                                        distance=schedule.get("distance", "cosine"),
                                         initialization=schedule["initialization"])
     num_stages = len(schedule["keep_rate"])
     configs = ["full"] + [f"stage{s}" for s in range(1, num_stages + 1)]
@@ -304,12 +306,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--warmup", type=int, default=2, help="untimed steps per configuration first")
     parser.add_argument("--threads", type=int, default=2, help="torch.set_num_threads")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="cpu or cuda")
-    parser.add_argument("--keep-rate", type=float, nargs="+", default=[0.5, 0.75, 1.0],
-                        help="fraction of patch tokens kept in each stage")
-    parser.add_argument("--initialization-keep-rate", type=float, default=0.25, help="fraction of seed tokens")
-    parser.add_argument("--expansion-multiple-stage", type=int, default=2, help="repetition steps per stage")
-    parser.add_argument("--initialization", default="stride", choices=token_select.INITIALIZATIONS,
-                        help="seed rule")
+    # The trainers' ToE flags (one definition in ToE/common). Every stage is measured, so
+    # --expansion-step plays no part here; --sparse-eval neither (training steps only).
+    add_toe_args(parser)
     parser.add_argument("--no-wait", action="store_true",
                         help="measure at once instead of waiting for other processes to go quiet")
     parser.add_argument("--render", action="store_true",
@@ -336,7 +335,8 @@ def main(argv: Optional[Sequence[str]] = None) -> Dict[str, object]:
     device = torch.device(args.device)
     schedule = {"expansion_step": list(range(len(args.keep_rate))), "keep_rate": args.keep_rate,
                 "initialization_keep_rate": args.initialization_keep_rate,
-                "expansion_multiple_stage": args.expansion_multiple_stage, "initialization": args.initialization}
+                "expansion_multiple_stage": args.expansion_multiple_stage, "initialization": args.initialization,
+                "distance": args.distance}
     token_select.validate_schedule(schedule["expansion_step"], args.keep_rate, args.initialization_keep_rate,
                                    args.expansion_multiple_stage)
     results = {"machine": describe_machine(), "device": str(device), "schedule": schedule,

@@ -66,9 +66,11 @@ def test_bad_flags_exit_2_with_one_line(argv, capsys):
     assert err.count("\n") == 1 and "error:" in err
 
 
-def test_parse_model_kwargs():
-    assert flops.parse_model_kwargs(["embed_dim=96", "qkv_bias=False", "act=gelu"]) == \
-        {"embed_dim": 96, "qkv_bias": False, "act": "gelu"}
+def test_model_kwargs_reach_the_model(capsys):
+    report = flops.main(["--model", "vit_tiny_patch16_224", "--model-kwargs", "embed_dim=96", "depth=6",
+                         "num_heads=3", "--input-size", "32", "--patch-size", "4", "--analytic-only"])
+    assert report["shape"]["embed_dim"] == 96 and report["shape"]["depth"] == 6
+    assert report["shape"]["num_patches"] == 64
 
 
 def test_saved_tensor_counter_counts_each_storage_once():
@@ -139,3 +141,10 @@ def test_run_speedup_of_equal_stages():
     run = speed.run_speedup(rows)
     assert run["measured_speedup"] == pytest.approx(6.0 / 4.5)
     assert run["ideal_speedup"] == pytest.approx(1 / 0.75) and run["ratio"] == pytest.approx(1.0)
+
+
+def test_robust_seconds_ignore_disturbed_epochs():
+    # stage 1: three 2 s epochs, one slowed to 9 s; stage 2: 4 s epochs
+    seconds = [2.0, 9.0, 2.0, 2.0, 4.0, 4.0]
+    assert accuracy.robust_seconds(seconds, [1, 1, 1, 1, 2, 2]) == pytest.approx(4 * 2.0 + 2 * 4.0)
+    assert accuracy.slow_epochs(seconds, [1, 1, 1, 1, 2, 2]) == 1
