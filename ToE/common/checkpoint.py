@@ -12,6 +12,13 @@ import torch
 from .errors import UserError
 
 
+def seed_everything(seed: int) -> None:
+    """Seed every random number generator training draws from (Python, NumPy, torch on all devices)."""
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
 def rng_state() -> Dict[str, Any]:
     """Every random number generator training draws from, as tensors and plain Python values."""
     kind, keys, pos, has_gauss, gauss = np.random.get_state()

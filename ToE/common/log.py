@@ -8,6 +8,23 @@ from typing import Any, Dict, Optional
 
 import yaml
 
+from .errors import UserError
+
+
+def check_output_dir(path: str) -> None:
+    """Create ``path`` and make sure files can be written there; a user error otherwise ("" = no outputs)."""
+    if not path:
+        return
+    try:
+        os.makedirs(path, exist_ok=True)
+        probe = os.path.join(path, f".write_test.{os.getpid()}")  # one per process: they check at once
+        with open(probe, "w"):
+            pass
+        os.remove(probe)
+    except OSError as error:
+        raise UserError(f"cannot write to output folder {path} ({error.strerror}). "
+                        "Pass an --output_dir you can write to") from None
+
 
 class RunLog:
     """Appends one JSON line per epoch to ``log.txt`` and mirrors numbers to TensorBoard."""

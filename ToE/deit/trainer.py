@@ -4,10 +4,8 @@ from __future__ import annotations
 
 import argparse
 import os
-import random
 from typing import Any, Dict, Optional
 
-import numpy as np
 import timm
 import torch
 from timm.data import Mixup, create_transform
@@ -20,35 +18,15 @@ from torch.utils.data import DataLoader, DistributedSampler, Subset
 
 import token_select
 from ToE.common.args import build_token_select
-from ToE.common.checkpoint import load_checkpoint, rng_state, save_checkpoint, set_rng_state
+from ToE.common.checkpoint import load_checkpoint, rng_state, save_checkpoint, seed_everything, set_rng_state
 from ToE.common.data import image_folder
 from ToE.common.distributed import barrier, cleanup, init_distributed
 from ToE.common.errors import UserError
-from ToE.common.log import RunLog, save_args
+from ToE.common.log import RunLog, check_output_dir, save_args
 from ToE.deit.engine import evaluate, train_one_epoch
 from ToE.deit.losses import DistillationLoss
 
 AMP_DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": None}
-
-
-def seed_everything(seed: int) -> None:
-    random.seed(seed)
-    np.random.seed(seed)
-    torch.manual_seed(seed)
-
-
-def check_output_dir(path: str) -> None:
-    if not path:
-        return
-    try:
-        os.makedirs(path, exist_ok=True)
-        probe = os.path.join(path, f".write_test.{os.getpid()}")  # one per process: they check at once
-        with open(probe, "w"):
-            pass
-        os.remove(probe)
-    except OSError as error:
-        raise UserError(f"cannot write to output folder {path} ({error.strerror}). "
-                        "Pass an --output_dir you can write to") from None
 
 
 class Trainer:
