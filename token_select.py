@@ -438,17 +438,24 @@ class TokenSelect(nn.Module):
             # Merge: each unselected token goes to its most similar selected token.
             rows = sim.gather(1, unselected.unsqueeze(-1).expand(-1, -1, num_patches))   # (B, U, P)
             target = rows.gather(2, selected.unsqueeze(1).expand(-1, rows.shape[1], -1)).argmax(dim=2)
-            counts = torch.ones(batch, kept, dtype=x.dtype, device=x.device)
-            counts.scatter_add_(1, target, torch.ones_like(target, dtype=x.dtype))
+            # dest[b, n]: the output slot that input token n ends in. Prefix and suffix tokens keep
+            # their own slots; a kept patch token has its slot, a merged one its target's. One
+            # scatter-add over all N tokens then does the whole merge, and its backward is a
+            # single gather of the output gradient: no slices, no zero-filled (B, N, C) buffers.
+            num_out = x.shape[1] - num_patches + kept
+            slots = torch.arange(start, start + kept, device=x.device).expand(batch, -1)
+            dest = torch.empty(batch, x.shape[1], dtype=torch.long, device=x.device)
+            dest[:, :start] = torch.arange(start, device=x.device)
+            dest[:, stop:] = torch.arange(start + kept, num_out, device=x.device)
+            patch_dest = dest[:, start:stop]
+            patch_dest.scatter_(1, selected, slots).scatter_(1, unselected, target + start)
+            counts = torch.zeros(batch, num_out, dtype=x.dtype, device=x.device)
+            counts.scatter_add_(1, dest, torch.ones_like(dest, dtype=x.dtype))
 
-        # The tokens themselves keep their gradient: gathers and a scatter-add mean.
-        kept_tokens = patches.gather(1, selected.unsqueeze(-1).expand(-1, -1, channels))
-        merged_in = patches.gather(1, unselected.unsqueeze(-1).expand(-1, -1, channels))
-        summed = kept_tokens.scatter_add(1, target.unsqueeze(-1).expand(-1, -1, channels), merged_in)
-        kept_tokens = summed / counts.unsqueeze(-1)                           # (B, K, C)
-
-        parts = [x[:, :start], kept_tokens, x[:, stop:]]
-        out = torch.cat(parts, dim=1)
+        # The tokens themselves keep their gradient: a scatter-add mean (a count of 1 for the
+        # prefix and suffix tokens, which pass unchanged).
+        summed = x.new_zeros(batch, num_out, channels).scatter_add(1, dest.unsqueeze(-1).expand(-1, -1, channels), x)
+        out = summed / counts.unsqueeze(-1)                                   # (B, prefix+K+suffix, C)
         positions = [torch.arange(start, device=x.device).expand(batch, -1), selected + start,
                      torch.arange(stop, x.shape[1], device=x.device).expand(batch, -1)]
         index = torch.cat(positions, dim=1)                                   # (B, prefix+K+suffix)

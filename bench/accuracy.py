@@ -1,8 +1,9 @@
 """The embedded mini-table: accuracy and training time of ToE against full tokens on digits.
 
-    python -m bench.accuracy                 # 5 configs x 3 seeds, about 40-50 min on 2 cores
-    python -m bench.accuracy --quick         # smoke run: 3 epochs, 1 seed
+    python -m bench.accuracy                 # 7 configs x 3 seeds, about 65 min on 2 quiet cores
+    python -m bench.accuracy --quick         # smoke run: 3 epochs, 1 seed, its own folders
     python -m bench.accuracy --resume        # keep the runs already in runs.jsonl, do the rest
+    python -m bench.accuracy --render        # train nothing: rewrite the tables from runs.jsonl
 
 Trains the demo model (timm ``vit_tiny_patch16_224`` at 96 wide, 6 blocks, 3 heads, 32 px
 images, 4 px patches: 64 tokens) on the embedded digits data through the real DeiT trainer
@@ -13,7 +14,9 @@ expansion steps at thirds of the run):
 - ``full``: full tokens (the schedule ``--expansion-step 0 --keep-rate 1.0``, i.e. ToE off);
 - ``deit-stride`` / ``deit-uniform``: the DeiT schedule 0.5 0.75 1.0 / r0 0.25, published
   (stride) and uniform seeds;
-- ``aggressive-stride`` / ``aggressive-uniform``: 0.4 0.7 1.0 / r0 0.2 (the LV-ViT rates).
+- ``aggressive-stride`` / ``aggressive-uniform``: 0.4 0.7 1.0 / r0 0.2 (the LV-ViT rates);
+- ``deit-stride-k1`` / ``deit-stride-k3``: the DeiT schedule with stride seeds and 1 or 3
+  repetition steps per stage instead of 2 (``--expansion-multiple-stage``).
 
 Runs are interleaved (seed 0: full, ToE..., seed 1: full, ToE...) so drift of the machine hits
 every configuration alike; before each run the script waits for other processes to go quiet
@@ -52,13 +55,15 @@ DEMO_TRAINER_ARGS = ["--device", "cpu", "--model", "vit_tiny_patch16_224",
                      "--drop-path", "0.1", "--smoothing", "0.1", "--aa", "none", "--reprob", "0", "--mixup", "0",
                      "--cutmix", "0", "--hflip", "0", "--scale", "0.6", "1.0", "--no-repeated-aug", "--no-model-ema"]
 
-# name -> (label, keep rates, initialization keep rate, seed rule); None = full tokens
+# name -> (label, keep rates, initialization keep rate, seed rule, repetition steps); None = full tokens
 CONFIGS: Dict[str, Optional[tuple]] = {
     "full": None,
-    "deit-stride": ("ToE 0.5/0.75/1.0, r0 0.25, stride seeds", [0.5, 0.75, 1.0], 0.25, "stride"),
-    "deit-uniform": ("ToE 0.5/0.75/1.0, r0 0.25, uniform seeds", [0.5, 0.75, 1.0], 0.25, "uniform"),
-    "aggressive-stride": ("ToE 0.4/0.7/1.0, r0 0.2, stride seeds", [0.4, 0.7, 1.0], 0.2, "stride"),
-    "aggressive-uniform": ("ToE 0.4/0.7/1.0, r0 0.2, uniform seeds", [0.4, 0.7, 1.0], 0.2, "uniform"),
+    "deit-stride": ("ToE 0.5/0.75/1.0, r0 0.25, stride seeds", [0.5, 0.75, 1.0], 0.25, "stride", 2),
+    "deit-uniform": ("ToE 0.5/0.75/1.0, r0 0.25, uniform seeds", [0.5, 0.75, 1.0], 0.25, "uniform", 2),
+    "aggressive-stride": ("ToE 0.4/0.7/1.0, r0 0.2, stride seeds", [0.4, 0.7, 1.0], 0.2, "stride", 2),
+    "aggressive-uniform": ("ToE 0.4/0.7/1.0, r0 0.2, uniform seeds", [0.4, 0.7, 1.0], 0.2, "uniform", 2),
+    "deit-stride-k1": ("ToE 0.5/0.75/1.0, r0 0.25, stride seeds, k=1", [0.5, 0.75, 1.0], 0.25, "stride", 1),
+    "deit-stride-k3": ("ToE 0.5/0.75/1.0, r0 0.25, stride seeds, k=3", [0.5, 0.75, 1.0], 0.25, "stride", 3),
 }
 
 # Keys a trainer may use for the seconds one epoch spent training, evaluation excluded (first
@@ -70,13 +75,13 @@ def label_of(name: str) -> str:
     return "full tokens" if CONFIGS.get(name) is None else CONFIGS[name][0]
 
 
-def config_args(name: str, epochs: int, expansion_multiple_stage: int = 2) -> List[str]:
+def config_args(name: str, epochs: int) -> List[str]:
     """The trainer's ToE flags for configuration ``name``: stages start at thirds of the run."""
     spec = CONFIGS[name]
     if spec is None:
         # A one-stage schedule that keeps every token: the operator never reduces.
         return ["--expansion-step", "0", "--keep-rate", "1.0", "--initialization-keep-rate", "1.0"]
-    _, rates, r0, initialization = spec
+    _, rates, r0, initialization, expansion_multiple_stage = spec
     steps = [round(i * epochs / len(rates)) for i in range(len(rates))]
     return (["--expansion-step", *map(str, steps), "--keep-rate", *map(str, rates),
              "--initialization-keep-rate", str(r0), "--expansion-multiple-stage", str(expansion_multiple_stage),
@@ -174,8 +179,8 @@ def format_markdown(results: Dict[str, object]) -> str:
     """The mini-table as markdown."""
     machine = results["machine"]
     lines = [f"Demo ViT (96 wide, 6 blocks, 64 tokens) on embedded digits, {results['epochs']} epochs, seeds "
-             f"{results['seeds']}, expansion steps at thirds of the run, {results['expansion_multiple_stage']} "
-             f"repetition steps. Time = seconds spent in training epochs (evaluation excluded; "
+             f"{results['seeds']}, expansion steps at thirds of the run, 2 repetition steps unless the "
+             f"config says k. Time = seconds spent in training epochs (evaluation excluded; "
              f"source: {results['time_source']}). Machine: {machine['cpu_model']}, {machine['cpu_count']} cores, "
              f"torch {machine['torch']}.", "",
              "| config | seeds | top-1 % (mean ± std) | Δ top-1 vs full | within one spread | train time s, raw "
@@ -218,7 +223,7 @@ def run_one(name: str, seed: int, args, data_path: str, log=print) -> Dict[str, 
     command = [sys.executable, os.path.join(ROOT, "ToE", "deit", "main.py"), *DEMO_TRAINER_ARGS,
                "--data-path", data_path, "--output_dir", out_dir, "--epochs", str(args.epochs),
                "--batch-size", str(args.batch_size), "--lr", str(args.lr), "--seed", str(seed),
-               "--num_workers", "0", *config_args(name, args.epochs, args.expansion_multiple_stage),
+               "--num_workers", "0", *config_args(name, args.epochs),
                *args.trainer_args]
     env = dict(os.environ, OMP_NUM_THREADS=str(args.threads), MKL_NUM_THREADS=str(args.threads),
                PYTHONPATH=ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""))
@@ -251,12 +256,12 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2], help="training seeds")
     parser.add_argument("--batch-size", type=int, default=64, help="trainer --batch-size")
     parser.add_argument("--lr", type=float, default=1e-3, help="trainer --lr")
-    parser.add_argument("--expansion-multiple-stage", type=int, default=2, help="ToE repetition steps per stage")
     parser.add_argument("--threads", type=int, default=2, help="CPU threads of each training run")
     parser.add_argument("--data-path", default=os.path.join(ROOT, "data", "digits"),
                         help="embedded digits data at 32 px (written by ToE.common.digits if missing, as run/demo.sh does)")
     parser.add_argument("--work-dir", default=os.path.join(tempfile.gettempdir(), "toe_accuracy"),
-                        help="per-run output folders (checkpoints, logs); not part of the repository")
+                        help="per-run output folders (checkpoints, logs); not part of the repository; "
+                             "--quick uses WORK_DIR_quick")
     parser.add_argument("--trainer-args", nargs=argparse.REMAINDER, default=[],
                         help="everything after this flag goes to ToE/deit/main.py unchanged")
     parser.add_argument("--max-other-cores", type=float, default=0.3,
@@ -266,7 +271,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--max-wait", type=float, default=300.0,
                         help="seconds to wait for a quiet machine before a run; then it runs anyway, flagged")
     parser.add_argument("--render", action="store_true",
-                        help="train nothing: re-read the logs of the runs in runs.jsonl from --work-dir and rewrite the tables")
+                        help="train nothing: rewrite accuracy.{md,json} from the runs in runs.jsonl")
     parser.add_argument("--resume", action="store_true", help="keep the runs already in runs.jsonl")
     parser.add_argument("--quick", action="store_true",
                         help="smoke run: 3 epochs, seed 0, no waiting, results in a temporary folder")
@@ -280,18 +285,19 @@ def main(argv: Optional[Sequence[str]] = None) -> Dict[str, object]:
     if args.quick:
         args.epochs, args.seeds, args.no_wait = 3, [0], True
     suffix = "_quick" if args.quick else ""
+    # A smoke run never shares run folders with the real table.
+    args.work_dir += suffix
     args.out = args.out or (os.path.join(tempfile.gettempdir(), "toe_bench") if args.quick else RESULTS)
     os.makedirs(args.out, exist_ok=True)
     runs_path = os.path.join(args.out, f"accuracy_runs{suffix}.jsonl")
     runs: List[Dict[str, object]] = []
     if args.render:
+        # runs.jsonl holds every number of every run, so the per-run folders are not needed.
+        if not os.path.exists(runs_path):
+            build_parser().error(f"--render: no runs to render in {runs_path}; train them first "
+                                 f"(python -m bench.accuracy) or pass the --out folder that holds them")
         with open(runs_path) as handle:
             runs = [json.loads(line) for line in handle if line.strip()]
-        for run in runs:
-            log_path = os.path.join(args.work_dir, f"{run['config']}_seed{run['seed']}", "log.txt")
-            run.update(_log_fields(read_log(log_path), run["wall_s"]))
-        with open(runs_path, "w") as handle:
-            handle.writelines(json.dumps(run) + "\n" for run in runs)
         args.seeds = sorted({r["seed"] for r in runs})
         args.configs = [c for c in CONFIGS if any(r["config"] == c for r in runs)]
         args.epochs = runs[0]["epochs"]
@@ -321,13 +327,12 @@ def main(argv: Optional[Sequence[str]] = None) -> Dict[str, object]:
                     handle.write(json.dumps(run) + "\n")
     time_keys = {r["time_key"] for r in runs}
     results = {"machine": describe_machine(), "epochs": args.epochs, "seeds": args.seeds,
-               "expansion_multiple_stage": args.expansion_multiple_stage, "batch_size": args.batch_size,
+               "batch_size": args.batch_size,
                "lr": args.lr, "trainer_args": args.trainer_args, "max_other_cores": args.max_other_cores,
                "time_source": ("log.txt " + "/".join(sorted(k for k in time_keys if k))) if None not in time_keys
                else "subprocess wall time",
                "command": "python -m bench.accuracy " + " ".join(argv if argv is not None else sys.argv[1:]),
-               "configs": {name: {"label": label_of(name), "trainer_flags": config_args(name, args.epochs,
-                                                                                         args.expansion_multiple_stage)}
+               "configs": {name: {"label": label_of(name), "trainer_flags": config_args(name, args.epochs)}
                            for name in args.configs},
                "runs": runs, "summary": summarise(runs, args.configs)}
     with open(os.path.join(args.out, f"accuracy{suffix}.json"), "w") as handle:

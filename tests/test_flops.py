@@ -115,6 +115,8 @@ def test_accuracy_config_flags_put_stages_at_thirds():
     assert accuracy.config_args("deit-uniform", 30) == [
         "--expansion-step", "0", "10", "20", "--keep-rate", "0.5", "0.75", "1.0",
         "--initialization-keep-rate", "0.25", "--expansion-multiple-stage", "2", "--initialization", "uniform"]
+    k3 = accuracy.config_args("deit-stride-k3", 30)
+    assert k3[k3.index("--expansion-multiple-stage") + 1] == "3" and k3[-1] == "stride"
     full = accuracy.config_args("full", 30)
     stage = token_select.stage_of_epoch(5, [0])
     assert not token_select.is_reducing_stage(stage, [float(full[full.index("--keep-rate") + 1])])
@@ -132,6 +134,18 @@ def test_accuracy_reads_log_and_summarises(tmp_path):
     toe = rows[1]
     assert toe["speedup"] == pytest.approx(1.25) and toe["acc1_delta"] == pytest.approx(-0.5)
     assert toe["within_one_spread"]
+
+
+def test_accuracy_render_needs_only_the_runs_file(tmp_path):
+    runs = [{"config": c, "seed": s, "epochs": 4, "acc1": 90.0 + s, "time_s": t, "wall_s": t + 1, "time_key": "epoch_seconds"}
+            for c, t in [("full", 10.0), ("aggressive-uniform", 8.0)] for s in (0, 1)]
+    (tmp_path / "accuracy_runs.jsonl").write_text("".join(json.dumps(r) + "\n" for r in runs))
+    results = accuracy.main(["--render", "--out", str(tmp_path), "--work-dir", str(tmp_path / "absent")])
+    assert [row["config"] for row in results["summary"]] == ["full", "aggressive-uniform"]
+    assert results["summary"][1]["speedup"] == pytest.approx(1.25)
+    assert "| ToE 0.4/0.7/1.0, r0 0.2, uniform seeds | 2 |" in (tmp_path / "accuracy.md").read_text()
+    with pytest.raises(SystemExit):
+        accuracy.main(["--render", "--out", str(tmp_path / "empty")])
 
 
 def test_run_speedup_of_equal_stages():
