@@ -26,7 +26,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import sys
 from typing import Dict, List, Optional, Sequence
 
 import torch

@@ -108,7 +108,8 @@ def read_log(path: str) -> Dict[str, object]:
             "epochs_logged": len(epochs), "time_key": time_key,
             "train_seconds": sum(seconds) if time_key else None,
             "robust_train_seconds": robust_seconds(seconds, [r.get("stage", 0) for r in epochs]) if seconds else None,
-            "fastest_train_seconds": robust_seconds(seconds, [r.get("stage", 0) for r in epochs], min) if seconds else None,
+            "fastest_train_seconds": (robust_seconds(seconds, [r.get("stage", 0) for r in epochs], min)
+                                      if seconds else None),
             "slow_epochs": slow_epochs(seconds, [r.get("stage", 0) for r in epochs]) if seconds else 0,
             "epoch_seconds": seconds, "acc1_per_epoch": [float(r["test_acc1"]) for r in epochs]}
 
@@ -258,7 +259,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--lr", type=float, default=1e-3, help="trainer --lr")
     parser.add_argument("--threads", type=int, default=2, help="CPU threads of each training run")
     parser.add_argument("--data-path", default=os.path.join(ROOT, "data", "digits"),
-                        help="embedded digits data at 32 px (written by ToE.common.digits if missing, as run/demo.sh does)")
+                        help="embedded digits data at 32 px "
+                             "(written by ToE.common.digits if missing, as run/demo.sh does)")
     parser.add_argument("--work-dir", default=os.path.join(tempfile.gettempdir(), "toe_accuracy"),
                         help="per-run output folders (checkpoints, logs); not part of the repository; "
                              "--quick uses WORK_DIR_quick")
@@ -276,7 +278,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--quick", action="store_true",
                         help="smoke run: 3 epochs, seed 0, no waiting, results in a temporary folder")
     parser.add_argument("--out", default=None,
-                        help="folder for accuracy.{md,json} and the runs (default: bench/results; with --quick: a temporary folder)")
+                        help="folder for accuracy.{md,json} and the runs "
+                             "(default: bench/results; with --quick: a temporary folder)")
     return parser
 
 

@@ -191,7 +191,8 @@ def draw_pipeline(path: Optional[str] = None, size: int = 224, patch: int = 16) 
             ax.set_yticks([])
     fig.suptitle("Token Expansion on a real photo: scikit-learn china.jpg, 224 px, 16 px patches, DeiT schedule "
                  "0.5 / 0.75 / 1.0, r0 = 0.25, 2 repetition steps per stage.\nToken features: the ImageNet-normalised "
-                 "raw pixels of each patch (768 values), cosine distance; the operator is token_select.TokenSelect itself.",
+                 "raw pixels of each patch (768 values), cosine distance; "
+                 "the operator is token_select.TokenSelect itself.",
                  fontsize=11)
     _shrink_png(_save(fig, path, dpi=72))
     plt.close(fig)

@@ -291,7 +291,8 @@ def format_markdown(results: Dict[str, object]) -> str:
         lines += ["", f"Whole run with stages of equal length (thirds): measured {run['measured_speedup']:.3f}x, "
                       f"FLOP-ideal {run['ideal_speedup']:.3f}x, ratio {run['ratio']:.3f}."]
         lines += ["", f"Operator alone (forward + backward, stage 1, input {tuple(op['shape'])}): "
-                      f"{op['median_s'] * 1e3:.1f} ms = {op['share_of_stage1_step'] * 100:.2f} % of a stage-1 step.", ""]
+                      f"{op['median_s'] * 1e3:.1f} ms = {op['share_of_stage1_step'] * 100:.2f} % "
+                      "of a stage-1 step.", ""]
     return "\n".join(lines)
 
 
@@ -314,9 +315,11 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--render", action="store_true",
                         help="measure nothing: rewrite speed.md from the speed.json already in --out")
     parser.add_argument("--quick", action="store_true",
-                        help="smoke run: the demo model, batch 16, 1 warm-up + 2 steps, results in --out with a _quick suffix")
+                        help="smoke run: the demo model, batch 16, 1 warm-up + 2 steps, "
+                             "results in --out with a _quick suffix")
     parser.add_argument("--out", default=None,
-                        help="folder for speed.md and speed.json (default: bench/results; with --quick: a temporary folder)")
+                        help="folder for speed.md and speed.json "
+                             "(default: bench/results; with --quick: a temporary folder)")
     return parser
 
 

@@ -9,6 +9,7 @@ tests read are module-scoped fixtures, so each is trained once.
 from __future__ import annotations
 
 import bisect
+import copy
 import json
 import math
 import os
@@ -559,7 +560,8 @@ def test_embedded_digits_are_an_imagenet_layout_folder(tmp_path):
     from ToE.common.digits import build_digits
 
     root = build_digits(str(tmp_path / "digits"), size=16)
-    counts = {split: {c: len(os.listdir(tmp_path / "digits" / split / c)) for c in os.listdir(tmp_path / "digits" / split)}
+    counts = {split: {c: len(os.listdir(tmp_path / "digits" / split / c))
+                      for c in os.listdir(tmp_path / "digits" / split)}
               for split in ("train", "val")}
     assert sorted(counts["train"]) == sorted(counts["val"]) == [str(d) for d in range(10)]
     assert sum(counts["train"].values()) == 1500 and sum(counts["val"].values()) == 297
@@ -649,3 +651,44 @@ def test_sparse_eval_reduces_the_model_and_its_ema_in_evaluation(data):
         assert model.token_select.current_stage == 1 and model.token_select.reducing
         model(torch.zeros(2, 3, INPUT, INPUT))
         assert model.token_select.last_index.shape == (2, 1 + 8)
+
+
+def test_eval_sparse_eval_end_to_end(trained, data, tmp_path):
+    """``--eval --sparse-eval --resume CKPT`` evaluates with the tokens of the checkpoint's stage."""
+    out, _ = trained
+    checkpoint = load(out / "checkpoint.pth")
+    checkpoint["epoch"] = 0  # as if written at the end of epoch 0: stage 1, 8 of 16 patch tokens
+    torch.save(checkpoint, tmp_path / "stage1.pth")
+    common = ["--data-path", data, "--eval", "--resume", tmp_path / "stage1.pth", *TINY, *FAST, *PLAIN, *SCHEDULE]
+    sparse, dense = ok(run_main(*common, "--sparse-eval")), ok(run_main(*common))
+    pattern = r"Accuracy on (\d+) test images: top-1 ([\d.]+) %, top-5 [\d.]+ %, loss ([\d.]+)"
+    sparse_match, dense_match = re.search(pattern, sparse.stdout), re.search(pattern, dense.stdout)
+    assert sparse_match and dense_match, sparse.stdout + dense.stdout
+    assert "sparse evaluation: 8 of 16 patch tokens (stage 1)" in sparse.stdout
+    assert "sparse evaluation" not in dense.stdout
+
+    # The same evaluation by hand: a fresh timm model, the operator in sparse-inference mode.
+    model = timm.create_model(MODEL, num_classes=CLASSES, img_size=INPUT, patch_size=PATCH, **MODEL_KWARGS)
+    model.load_state_dict(checkpoint["model"], strict=True)
+    plain = copy.deepcopy(model).eval()
+    toe = token_select.attach(model, token_select.TokenSelect([0, 2, 3], KEEP_RATE, INIT_RATE, MULTIPLE))
+    toe.sparse_inference = True
+    toe.update_current_stage(0)
+    model.eval()
+    from timm.data import create_transform
+    from torchvision import datasets
+
+    val = datasets.ImageFolder(str(data / "val"), transform=create_transform(INPUT, is_training=False,
+                                                                            interpolation="bicubic"))
+    images, targets = zip(*[val[i] for i in range(len(val))])
+    images, targets = torch.stack(images), torch.tensor(targets)
+    with torch.no_grad():
+        logits, plain_logits = model(images), plain(images)
+    assert toe.last_index.shape == (NUM_VAL, 1 + 8)
+    assert not torch.allclose(logits, plain_logits), "sparse inference did not change the output"
+    for match, out_logits in ((sparse_match, logits), (dense_match, plain_logits)):
+        assert int(match.group(1)) == NUM_VAL
+        acc1 = 100.0 * (out_logits.argmax(1) == targets).float().mean().item()
+        loss = torch.nn.functional.cross_entropy(out_logits, targets).item()
+        assert float(match.group(2)) == pytest.approx(acc1, abs=0.01)
+        assert float(match.group(3)) == pytest.approx(loss, abs=1e-4)

@@ -137,7 +137,8 @@ def test_accuracy_reads_log_and_summarises(tmp_path):
 
 
 def test_accuracy_render_needs_only_the_runs_file(tmp_path):
-    runs = [{"config": c, "seed": s, "epochs": 4, "acc1": 90.0 + s, "time_s": t, "wall_s": t + 1, "time_key": "epoch_seconds"}
+    runs = [{"config": c, "seed": s, "epochs": 4, "acc1": 90.0 + s, "time_s": t, "wall_s": t + 1,
+             "time_key": "epoch_seconds"}
             for c, t in [("full", 10.0), ("aggressive-uniform", 8.0)] for s in (0, 1)]
     (tmp_path / "accuracy_runs.jsonl").write_text("".join(json.dumps(r) + "\n" for r in runs))
     results = accuracy.main(["--render", "--out", str(tmp_path), "--work-dir", str(tmp_path / "absent")])

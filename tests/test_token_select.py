@@ -46,7 +46,8 @@ def reference_token_select(x, keep_rate, initialization_keep_rate, repetitions, 
             deltas.append(keep_rate[t - 1] - previous)
             previous = keep_rate[t - 1]
             for step in range(repetitions):
-                m = count // repetitions if step < repetitions - 1 else count - (repetitions - 1) * (count // repetitions)
+                share = count // repetitions
+                m = share if step < repetitions - 1 else count - (repetitions - 1) * share
                 best = score(patches[unselected], patches[selected]).max(dim=1).values
                 order = sorted(range(len(unselected)), key=lambda j: best[j].item())  # stable, ascending
                 moved = [unselected[j] for j in order]

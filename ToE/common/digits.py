@@ -53,7 +53,8 @@ def main() -> None:
     parser.add_argument("--size", type=int, default=32, help="image side in pixels (default: 32)")
     args = parser.parse_args()
     path = build_digits(args.out, args.size)
-    counts = {split: sum(len(files) for _, _, files in os.walk(os.path.join(path, split))) for split in ("train", "val")}
+    counts = {split: sum(len(files) for _, _, files in os.walk(os.path.join(path, split)))
+              for split in ("train", "val")}
     print(f"digits data in {path}: {counts['train']} train and {counts['val']} val images, {args.size} px")
 
 

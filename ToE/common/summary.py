@@ -49,9 +49,10 @@ def summarise(output_dir: str) -> str:
 
     last = records[-1]
     total = sum(r["epoch_seconds"] for r in records)
-    lines = [f"Run in {output_dir}: {args['model']} {args.get('model_kwargs') or ''}, {dims['num_patches']} patch tokens, "
-             f"{len(records)} epochs",
-             f"Top-1 on the held-out images: {last['test_acc1']:.2f} % (best {max(r['test_acc1'] for r in records):.2f} %)"
+    best = max(r["test_acc1"] for r in records)
+    lines = [f"Run in {output_dir}: {args['model']} {args.get('model_kwargs') or ''}, "
+             f"{dims['num_patches']} patch tokens, {len(records)} epochs",
+             f"Top-1 on the held-out images: {last['test_acc1']:.2f} % (best {best:.2f} %)"
              + (f", EMA {last['ema_acc1']:.2f} %" if "ema_acc1" in last else ""),
              f"Training time: {total:.1f} s ({total / 60:.1f} min), evaluation excluded",
              "",

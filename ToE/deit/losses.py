@@ -15,7 +15,8 @@ class DistillationLoss(nn.Module):
     ``outputs`` is a tensor, or for a distilled student in training mode the pair
     (class-token logits, distillation-token logits). Without a teacher both heads learn the
     labels. With one, the distillation head learns the teacher: ``soft`` is the KL divergence at
-    temperature ``tau`` (scaled by tau^2, averaged over logits as DeiT does), ``hard`` the cross-entropy with the teacher's argmax;
+    temperature ``tau`` (scaled by tau^2, averaged over logits as DeiT does), ``hard`` the
+    cross-entropy with the teacher's argmax;
     ``alpha`` weighs the two heads.
     """
 

@@ -28,7 +28,8 @@ def get_args_parser() -> argparse.ArgumentParser:
     parser.add_argument("--epochs", default=300, type=int, help="training epochs (default: 300)")
 
     model = parser.add_argument_group("model")
-    model.add_argument("--model", default="deit_small_patch16_224", help="timm model name (default: deit_small_patch16_224)")
+    model.add_argument("--model", default="deit_small_patch16_224",
+                       help="timm model name (default: deit_small_patch16_224)")
     model.add_argument("--model-kwargs", nargs="*", default={}, action=ParseKwargs,
                        help="extra timm.create_model arguments, e.g. embed_dim=96 depth=6 num_heads=3")
     model.add_argument("--input-size", default=224, type=int, help="image side in pixels (default: 224)")
@@ -36,7 +37,8 @@ def get_args_parser() -> argparse.ArgumentParser:
     model.add_argument("--drop", type=float, default=0.0, help="dropout rate (default: 0)")
     model.add_argument("--drop-path", type=float, default=0.1, help="drop path rate (default: 0.1)")
     model.add_argument("--model-ema", action=argparse.BooleanOptionalAction, default=True,
-                       help="keep an exponential moving average of the weights, evaluated with all tokens (default: on)")
+                       help="keep an exponential moving average of the weights, "
+                            "evaluated with all tokens (default: on)")
     model.add_argument("--model-ema-decay", type=float, default=0.99996, help="EMA decay (default: 0.99996)")
 
     optim = parser.add_argument_group("optimizer and schedule")
@@ -58,11 +60,13 @@ def get_args_parser() -> argparse.ArgumentParser:
     aug.add_argument("--aa", default="rand-m9-mstd0.5-inc1",
                      help="timm AutoAugment policy, 'none' for off (default: rand-m9-mstd0.5-inc1)")
     aug.add_argument("--smoothing", type=float, default=0.1, help="label smoothing (default: 0.1)")
-    aug.add_argument("--train-interpolation", default="bicubic", help="training resize interpolation (default: bicubic)")
+    aug.add_argument("--train-interpolation", default="bicubic",
+                     help="training resize interpolation (default: bicubic)")
     aug.add_argument("--scale", type=float, nargs=2, default=[0.08, 1.0],
                      help="random-resized-crop area range (default: 0.08 1.0)")
     aug.add_argument("--hflip", type=float, default=0.5, help="horizontal flip probability (default: 0.5)")
-    aug.add_argument("--crop-pct", type=float, default=None, help="evaluation centre-crop share (default: timm's 0.875)")
+    aug.add_argument("--crop-pct", type=float, default=None,
+                     help="evaluation centre-crop share (default: timm's 0.875)")
     aug.add_argument("--repeated-aug", action=argparse.BooleanOptionalAction, default=True,
                      help="repeated augmentation sampler, 3 repeats (default: on)")
     aug.add_argument("--reprob", type=float, default=0.25, help="random erasing probability (default: 0.25)")
@@ -71,21 +75,28 @@ def get_args_parser() -> argparse.ArgumentParser:
     aug.add_argument("--mixup", type=float, default=0.8, help="mixup alpha, 0 for off (default: 0.8)")
     aug.add_argument("--cutmix", type=float, default=1.0, help="cutmix alpha, 0 for off (default: 1.0)")
     aug.add_argument("--mixup-prob", type=float, default=1.0, help="probability of mixup or cutmix (default: 1.0)")
-    aug.add_argument("--mixup-switch-prob", type=float, default=0.5, help="probability of cutmix over mixup (default: 0.5)")
+    aug.add_argument("--mixup-switch-prob", type=float, default=0.5,
+                     help="probability of cutmix over mixup (default: 0.5)")
     aug.add_argument("--mixup-mode", default="batch", help="mixup mode: batch, pair or elem (default: batch)")
 
     distill = parser.add_argument_group("distillation (distilled DeiT models)")
-    distill.add_argument("--teacher-model", default="regnety_160", help="timm name of the teacher (default: regnety_160)")
+    distill.add_argument("--teacher-model", default="regnety_160",
+                         help="timm name of the teacher (default: regnety_160)")
     distill.add_argument("--teacher-path", default="", help="teacher checkpoint on disk (model weights)")
     distill.add_argument("--distillation-type", default="none", choices=["none", "soft", "hard"],
                          help="distillation from the teacher (default: none)")
-    distill.add_argument("--distillation-alpha", default=0.5, type=float, help="weight of the distillation loss (default: 0.5)")
-    distill.add_argument("--distillation-tau", default=1.0, type=float, help="soft distillation temperature (default: 1.0)")
+    distill.add_argument("--distillation-alpha", default=0.5, type=float,
+                         help="weight of the distillation loss (default: 0.5)")
+    distill.add_argument("--distillation-tau", default=1.0, type=float,
+                         help="soft distillation temperature (default: 1.0)")
 
     run = parser.add_argument_group("data and run")
-    run.add_argument("--data-path", default="data/digits", help="folder with train/<class>/ and val/<class>/ (default: data/digits)")
-    run.add_argument("--output_dir", "--output-dir", default="", help="where to write checkpoints and logs (default: nothing written)")
-    run.add_argument("--device", default="cuda", help="cuda or cpu; cuda falls back to cpu without a GPU (default: cuda)")
+    run.add_argument("--data-path", default="data/digits",
+                     help="folder with train/<class>/ and val/<class>/ (default: data/digits)")
+    run.add_argument("--output_dir", "--output-dir", default="",
+                     help="where to write checkpoints and logs (default: nothing written)")
+    run.add_argument("--device", default="cuda",
+                     help="cuda or cpu; cuda falls back to cpu without a GPU (default: cuda)")
     run.add_argument("--amp-dtype", default="bfloat16", choices=["bfloat16", "float16", "float32"],
                      help="mixed precision on GPUs via torch.amp; float32 turns it off (default: bfloat16)")
     run.add_argument("--seed", default=0, type=int, help="random seed (default: 0)")
@@ -97,8 +108,10 @@ def get_args_parser() -> argparse.ArgumentParser:
     run.add_argument("--eval", action="store_true", help="only evaluate (with --resume: the checkpoint)")
     run.add_argument("--dist-eval", action=argparse.BooleanOptionalAction, default=True,
                      help="split evaluation over the processes, each image exactly once (default: on)")
-    run.add_argument("--num_workers", "--num-workers", default=8, type=int, help="data loading workers per process (default: 8)")
-    run.add_argument("--pin-mem", action=argparse.BooleanOptionalAction, default=True, help="pin host memory (default: on)")
+    run.add_argument("--num_workers", "--num-workers", default=8, type=int,
+                     help="data loading workers per process (default: 8)")
+    run.add_argument("--pin-mem", action=argparse.BooleanOptionalAction, default=True,
+                     help="pin host memory (default: on)")
 
     add_toe_args(parser)
     return parser

@@ -214,8 +214,11 @@ class Trainer:
                 stats = evaluate(self.model_without_ddp, self.val_loader, self.device, self.amp_dtype,
                                  args.dist_eval)
                 if env.is_main:
+                    if args.sparse_eval and self.toe.reducing:
+                        print(f"sparse evaluation: {self.toe.kept_patch_tokens(self.num_patches)} of "
+                              f"{self.num_patches} patch tokens (stage {self.toe.current_stage})")
                     print(f"Accuracy on {stats['images']} test images: top-1 {stats['acc1']:.2f} %, "
-                          f"top-5 {stats['acc5']:.2f} %")
+                          f"top-5 {stats['acc5']:.2f} %, loss {stats['loss']:.4f}")
                 return
             if env.is_main and args.output_dir:
                 save_args(vars(args), args.output_dir)
