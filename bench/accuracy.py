@@ -1,6 +1,6 @@
 """The embedded mini-table: accuracy and training time of ToE against full tokens on digits.
 
-    python -m bench.accuracy                 # 7 configs x 3 seeds, about 65 min on 2 quiet cores
+    python -m bench.accuracy                 # 7 configs x 3 seeds, about 75 min on 2 cores
     python -m bench.accuracy --quick         # smoke run: 3 epochs, 1 seed, its own folders
     python -m bench.accuracy --resume        # keep the runs already in runs.jsonl, do the rest
     python -m bench.accuracy --render        # train nothing: rewrite the tables from runs.jsonl
