@@ -329,16 +329,24 @@ def main(argv: Optional[Sequence[str]] = None) -> Dict[str, object]:
                 with open(runs_path, "a") as handle:
                     handle.write(json.dumps(run) + "\n")
     time_keys = {r["time_key"] for r in runs}
-    results = {"machine": describe_machine(), "epochs": args.epochs, "seeds": args.seeds,
+    machine = describe_machine()
+    command = "python -m bench.accuracy " + " ".join(argv if argv is not None else sys.argv[1:])
+    json_path = os.path.join(args.out, f"accuracy{suffix}.json")
+    if args.render and os.path.exists(json_path):
+        # Re-rendering changes the tables, not where and how the runs were trained.
+        with open(json_path) as handle:
+            previous = json.load(handle)
+        machine, command = previous.get("machine", machine), previous.get("command", command)
+    results = {"machine": machine, "epochs": args.epochs, "seeds": args.seeds,
                "batch_size": args.batch_size,
                "lr": args.lr, "trainer_args": args.trainer_args, "max_other_cores": args.max_other_cores,
                "time_source": ("log.txt " + "/".join(sorted(k for k in time_keys if k))) if None not in time_keys
                else "subprocess wall time",
-               "command": "python -m bench.accuracy " + " ".join(argv if argv is not None else sys.argv[1:]),
+               "command": command,
                "configs": {name: {"label": label_of(name), "trainer_flags": config_args(name, args.epochs)}
                            for name in args.configs},
                "runs": runs, "summary": summarise(runs, args.configs)}
-    with open(os.path.join(args.out, f"accuracy{suffix}.json"), "w") as handle:
+    with open(json_path, "w") as handle:
         json.dump(results, handle, indent=2)
     table = format_markdown(results)
     with open(os.path.join(args.out, f"accuracy{suffix}.md"), "w") as handle:
