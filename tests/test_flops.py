@@ -1,6 +1,7 @@
 """Fast tests of the FLOP calculator (ToE/flops.py) and of the bench scripts' pure pieces."""
 
 import json
+import re
 
 import pytest
 import torch
@@ -163,3 +164,11 @@ def test_robust_seconds_ignore_disturbed_epochs():
     seconds = [2.0, 9.0, 2.0, 2.0, 4.0, 4.0]
     assert accuracy.robust_seconds(seconds, [1, 1, 1, 1, 2, 2]) == pytest.approx(4 * 2.0 + 2 * 4.0)
     assert accuracy.slow_epochs(seconds, [1, 1, 1, 1, 2, 2]) == 1
+
+
+def test_operator_bench_times_the_operator(capsys):
+    from bench import operator as operator_bench
+
+    assert operator_bench.time_operator((2, 17, 8), loops=1, repeats=1) > 0
+    operator_bench.main(["--shapes", "demo", "--loops", "1", "--repeats", "1", "--threads", "1"])
+    assert re.match(r"demo \(64, 65, 96\): [\d.]+ ms forward \+ backward \(stage 1\)", capsys.readouterr().out)
