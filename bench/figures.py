@@ -25,6 +25,7 @@ import numpy as np
 import torch
 
 import token_select
+from bench.speed import paired_ratios
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 FIGS = os.path.join(ROOT, "Figs")
@@ -200,33 +201,39 @@ def draw_pipeline(path: Optional[str] = None, size: int = 224, patch: int = 16) 
 
 
 def draw_speed(results_path: Optional[str] = None, path: Optional[str] = None) -> str:
-    """Figs/speedup.png: measured vs FLOP-ideal step speedup per model and reducing stage."""
+    """Figs/speedup.png: measured vs FLOP-ideal step speedup per model and stage, with the A/A noise."""
     plt = _pyplot()
     results = _load_results(results_path, "speed.json")
     path = path or os.path.join(FIGS, "speedup.png")
-    labels, measured, ideal = [], [], []
+    labels, measured, ideal, spread = [], [], [], []
     for model in results["models"]:
+        full = next(r for r in model["rows"] if r["config"] == "full")
         for row in model["rows"]:
             if row["config"] == "full":
                 continue
             labels.append(f"{model['model']}\nstage {row['stage']}\n{row['tokens_after_block0']} tokens")
             measured.append(row["measured_speedup"])
             ideal.append(row["ideal_speedup"])
+            rounds = paired_ratios(full["step_times_s"], row["step_times_s"])
+            spread.append((row["measured_speedup"] - min(rounds), max(rounds) - row["measured_speedup"]))
     x = np.arange(len(labels))
-    fig, ax = plt.subplots(figsize=(max(6, 1.1 * len(labels)), 4.2))
+    fig, ax = plt.subplots(figsize=(max(6, 1.1 * len(labels)), 4.4))
     ax.bar(x - 0.2, ideal, 0.4, label="FLOP-ideal", color="#9ecae1")
-    bars = ax.bar(x + 0.2, measured, 0.4, label="measured", color="#08519c")
-    for bar, m, i in zip(bars, measured, ideal):
-        ax.text(bar.get_x() + bar.get_width() / 2, m + 0.02, f"{m / i:.2f}", ha="center", fontsize=8)
+    bars = ax.bar(x + 0.2, measured, 0.4, yerr=np.array(spread).T, capsize=3, color="#08519c",
+                  label="measured (median of per-round paired ratios; whiskers: range over rounds)")
+    for bar, m, i, (_, above) in zip(bars, measured, ideal, spread):
+        ax.text(bar.get_x() + bar.get_width() / 2, m + above + 0.03, f"{m / i:.2f}", ha="center", fontsize=8)
     ax.axhline(1.0, color="grey", lw=0.8)
     ax.set_xticks(x)
     ax.set_xticklabels(labels, fontsize=8)
     ax.set_ylabel("training-step speedup over full tokens")
     machine = results["machine"]
+    noise = ", ".join(f"{m['model']} ±{m['aa_control']['max_deviation']:.3f}" for m in results["models"])
     ax.set_title(f"ToE training step (fwd + bwd + AdamW), measured vs FLOP-ideal; number = ratio\n"
+                 f"A/A noise (ToE-off stage vs full, largest per-round deviation): {noise}\n"
                  f"{machine['cpu_model']}, {machine['torch_threads']} threads, torch {machine['torch']}",
-                 fontsize=10)
-    ax.legend()
+                 fontsize=9)
+    ax.legend(fontsize=8)
     fig.tight_layout()
     _save(fig, path, dpi=90)
     plt.close(fig)
@@ -234,22 +241,22 @@ def draw_speed(results_path: Optional[str] = None, path: Optional[str] = None) -
 
 
 def draw_accuracy(results_path: Optional[str] = None, path: Optional[str] = None) -> str:
-    """Figs/accuracy_time.png: mean top-1 against mean training time (error bars: std over seeds)."""
+    """Figs/accuracy_time.png: mean top-1 against mean training time (error bars: std over seeds).
+
+    Each epoch's time counts at its stage's median epoch time (``bench.accuracy.robust_seconds``);
+    the speedup in the legend is the mean of the per-seed paired ratios of the table.
+    """
     plt = _pyplot()
     results = _load_results(results_path, "accuracy.json")
     path = path or os.path.join(FIGS, "accuracy_time.png")
     fig, ax = plt.subplots(figsize=(7, 4.5))
-    markers = {"full": "s"}
-    # The fastest epoch of each stage, times its epochs: the time least touched by other processes.
-    robust = all("fastest_time_mean" in summary for summary in results["summary"])
-    key, speed_key = ("fastest_time", "fastest_speedup") if robust else ("time", "speedup")
     for summary in results["summary"]:
         name = summary["config"]
-        ax.errorbar(summary[f"{key}_mean"], summary["acc1_mean"], xerr=summary[f"{key}_std"], yerr=summary["acc1_std"],
-                    fmt=markers.get(name, "o"), capsize=3, ms=7,
-                    label=f"{summary['label']} ({summary[speed_key]:.2f}x)" if name != "full" else summary["label"])
-    ax.set_xlabel(("training time (s; each epoch at its stage's fastest epoch time)" if robust else
-                   "training time (s)") + ", mean ± std over seeds")
+        ax.errorbar(summary["robust_time_mean"], summary["acc1_mean"], xerr=summary["robust_time_std"],
+                    yerr=summary["acc1_std"], fmt="s" if name == "full" else "o", capsize=3, ms=7,
+                    label=summary["label"] if name == "full" else
+                    f"{summary['label']} ({summary['robust_speedup']:.2f}x paired)")
+    ax.set_xlabel("training time (s; each epoch at its stage's median epoch time), mean ± std over seeds")
     ax.set_ylabel("test top-1 (%), mean ± std over seeds")
     ax.set_title(f"Demo ViT on embedded digits, {results['epochs']} epochs, seeds {results['seeds']} "
                  f"(n per config in the table)\n"

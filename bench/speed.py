@@ -1,23 +1,31 @@
 """Measured training-step speed and activation memory of ToE, per stage, against full tokens.
 
-    python -m bench.speed                          # deit_tiny, deit_small (224 px, batch 32), demo
-    python -m bench.speed --models deit_small --steps 7
-    python -m bench.speed --quick                  # smoke run: the demo model, 2 steps
+    python -m bench.speed --steps 7                # deit_tiny, deit_small (224 px, batch 32), demo (batch 64)
+    python -m bench.speed --models demo --steps 25
+    python -m bench.speed --render                 # measure nothing: rewrite speed.md from speed.json
+    python -m bench.speed --quick                  # smoke run: the demo model, batch 16, 2 steps
 
 For each model and each stage of the schedule (default: the DeiT one, 0.5 0.75 1.0 / 0.25 /
 k = 2) one training step is forward + backward + AdamW on random images and labels, with
 ``token_select.TokenSelect`` attached after block 0 in that stage. The full-token step is the
-plain timm model (operator detached). Configurations are interleaved step by step (full, stage
-1, stage 2, ..., full, stage 1, ...) so drift in the machine hits all of them alike; the figure
-is the median over ``--steps`` timed steps after ``--warmup`` steps.
+plain timm model (operator detached).
 
-Reported per stage: median step time, measured speedup over full tokens, the FLOP-ideal
-speedup (``token_select.vit_step_flops``: full-step FLOPs / stage-step FLOPs) and their ratio;
-the activation memory of a step, i.e. the bytes autograd saves for backward, counted exactly
-with ``torch.autograd.graph.saved_tensors_hooks`` (deduplicated by storage, parameters left
-out), and on CUDA the peak allocated memory. Per model also the operator's own forward +
-backward time on the block-0 output, as a share of a stage-1 step. Results go to
-``bench/results/speed.{md,json}`` with the machine and the CPU other processes took meanwhile.
+Timing runs in rounds: a round times one step of every configuration, and round r starts at
+configuration r mod n (full, stage 1, stage 2, ... rotated), so neither drift of the machine
+nor the place in a round favours one configuration. Every step's time is kept in the JSON. A
+stage's measured speedup is the median over rounds of the paired ratio (full-token step /
+stage step, same round); the FLOP-ideal speedup is ``token_select.vit_step_flops``'s.
+
+The last stage (keep rate 1.0, ToE off) does the same work as full tokens with the operator
+attached: it is an A/A control, and its paired ratios to full tokens are the noise of the
+measurement. Under every table: their median and the largest |1 - ratio| of one round; a
+stage whose measured/ideal ratio lies closer to 1 than that cannot be told from noise.
+
+Also per stage: the activation memory of a step, i.e. the bytes autograd saves for backward,
+counted exactly with ``torch.autograd.graph.saved_tensors_hooks`` (each storage once,
+parameters left out), and on CUDA the peak allocated memory; per model the operator's own
+forward + backward time on the real block-0 output, as a share of a stage-1 step. Results go
+to ``bench/results/speed.{md,json}``.
 """
 
 from __future__ import annotations
@@ -26,6 +34,7 @@ import argparse
 import json
 import os
 import statistics
+import sys
 import tempfile
 import time
 from typing import Callable, Dict, List, Optional, Sequence
@@ -34,12 +43,14 @@ import torch
 from torch import nn
 
 import token_select
-from bench.machine import CpuWatch, describe_machine, wait_until_quiet
+from bench.common import describe_machine, git_commit, rotated
 from ToE.common.args import add_toe_args
 from ToE.flops import analytic_step_flops, create_model, model_shape
 
-__all__ = ["MODELS", "SavedTensorBytes", "saved_activation_bytes", "median_time", "format_markdown",
-           "measure_model", "main"]
+__all__ = ["MODELS", "SavedTensorBytes", "saved_activation_bytes", "median_time", "paired_ratios", "summarise",
+           "format_markdown", "measure_model", "main"]
+
+RESULTS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
 
 # name -> (timm name, create_model kwargs, input size, default batch size)
 MODELS: Dict[str, tuple] = {
@@ -129,7 +140,7 @@ def _sync(device: torch.device) -> None:
 
 def measure_model(name: str, batch_size: Optional[int], steps: int, warmup: int, device: torch.device,
                   schedule: Dict[str, object], log=print) -> Dict[str, object]:
-    """Time and memory of a training step per stage for one model of ``MODELS`` (see module doc)."""
+    """Step times (every round), memory and operator time of one model of ``MODELS`` (see module doc)."""
     timm_name, kwargs, input_size, default_batch = MODELS[name]
     batch = batch_size or default_batch
     torch.manual_seed(0)
@@ -142,8 +153,7 @@ def measure_model(name: str, batch_size: Optional[int], steps: int, warmup: int,
                                         schedule["initialization_keep_rate"], schedule["expansion_multiple_stage"],
                                         distance=schedule.get("distance", "cosine"),
                                         initialization=schedule["initialization"])
-    num_stages = len(schedule["keep_rate"])
-    configs = ["full"] + [f"stage{s}" for s in range(1, num_stages + 1)]
+    configs = ["full"] + [f"stage{s}" for s in range(1, len(schedule["keep_rate"]) + 1)]
 
     def configure(config: str) -> None:
         """Full tokens: the plain timm model. Stage s: the operator attached, in stage s."""
@@ -172,20 +182,18 @@ def measure_model(name: str, batch_size: Optional[int], steps: int, warmup: int,
             memory[config]["cuda_peak_bytes"] = torch.cuda.max_memory_allocated(device) - base
 
     log(f"[bench] {name}: batch {batch}, {input_size} px, {shape['num_patches']} patches; "
-        f"timing {configs} interleaved, {warmup} warm-up + {steps} steps each")
-    watch = CpuWatch()
-    times: Dict[str, List[float]] = {config: [] for config in configs}
-    for step in range(warmup + steps):
-        last: Dict[str, float] = {}
-        for config in configs:
+        f"{warmup} warm-up + {steps} timed rounds of {configs}, the order rotated each round")
+    rounds = []
+    for index in range(warmup + steps):
+        seconds: Dict[str, float] = {}
+        for config in rotated(configs, index):
             configure(config)
             start = time.perf_counter()
             train_step()
-            last[config] = time.perf_counter() - start
-            if step >= warmup:
-                times[config].append(last[config])
-        log(f"[bench]   step {step + 1}/{warmup + steps}" + (" (warm-up)" if step < warmup else "") + ": " +
-            ", ".join(f"{c} {t:.3f}s" for c, t in last.items()))
+            seconds[config] = time.perf_counter() - start
+        rounds.append({"warmup": index < warmup, "order": list(seconds), "seconds": seconds})
+        log(f"[bench]   round {index + 1}/{warmup + steps}" + (" (warm-up)" if index < warmup else "") + ": " +
+            ", ".join(f"{c} {t:.3f}s" for c, t in seconds.items()))
 
     # The operator alone: forward + backward on the real block-0 output (B, 1 + P, C), stage 1.
     # A hook catches that output from an ordinary forward, so no timm code is repeated here.
@@ -208,91 +216,103 @@ def measure_model(name: str, batch_size: Optional[int], steps: int, warmup: int,
         _sync(device)
 
     operator_time = median_time(operator_step, repeats=max(5, 2 * steps), warmup=2)
-    disturbance = watch.stop()
     token_select.detach(model)
 
     full_flops = analytic_step_flops(shape)
-    full_median = statistics.median(times["full"])
     rows = []
     for config in configs:
         stage = 0 if config == "full" else int(config[len("stage"):])
         operator.current_stage = stage
         kept = shape["num_patches"] if config == "full" else operator.kept_patch_tokens(shape["num_patches"])
-        median = statistics.median(times[config])
-        ideal = full_flops / analytic_step_flops(shape, kept)
-        measured = full_median / median
         rows.append({"config": config, "stage": stage, "kept_patches": kept,
                      "tokens_after_block0": kept + shape["num_prefix_tokens"],
                      "reducing": config != "full" and token_select.is_reducing_stage(stage, operator.keep_rate),
-                     "step_median_s": median, "step_times_s": times[config],
-                     "measured_speedup": measured, "ideal_speedup": ideal, "ratio": measured / ideal,
-                     **memory[config],
-                     "memory_vs_full": memory[config]["saved_bytes"] / memory["full"]["saved_bytes"]})
-    stage1 = next(r for r in rows if r["config"] == "stage1")
-    return {"model": name, "timm_model": timm_name, "model_kwargs": kwargs, "input_size": input_size,
-            "batch_size": batch, "num_patches": shape["num_patches"], "steps": steps, "warmup": warmup,
-            "device": str(device), "rows": rows, "run": run_speedup(rows),
-            "operator": {"shape": list(block0_out.shape), "median_s": operator_time["median_s"],
-                         "times_s": operator_time["times_s"],
-                         "share_of_stage1_step": operator_time["median_s"] / stage1["step_median_s"]},
-            "other_processes": disturbance}
+                     "step_times_s": [r["seconds"][config] for r in rounds if not r["warmup"]],
+                     "ideal_speedup": full_flops / analytic_step_flops(shape, kept), **memory[config]})
+    return summarise({"model": name, "timm_model": timm_name, "model_kwargs": kwargs, "input_size": input_size,
+                      "batch_size": batch, "num_patches": shape["num_patches"], "steps": steps, "warmup": warmup,
+                      "device": str(device), "rounds": rounds, "rows": rows,
+                      "operator": {"shape": list(block0_out.shape), "median_s": operator_time["median_s"],
+                                   "times_s": operator_time["times_s"]}})
 
 
-def run_speedup(rows: Sequence[Dict[str, object]]) -> Dict[str, float]:
-    """Whole-run speedup of a schedule whose stages are equally long (the default: thirds).
+def paired_ratios(reference: Sequence[float], other: Sequence[float]) -> List[float]:
+    """reference[i] / other[i] for every round i: the speedup of ``other`` within each round."""
+    return [r / o for r, o in zip(reference, other)]
 
-    Measured: full step time / mean stage step time. Ideal: the same with FLOPs, which is what
-    ``python -m ToE.flops`` prints for such a schedule.
+
+def summarise(model: Dict[str, object]) -> Dict[str, object]:
+    """Fill in the figures derived from a model's step times (``measure_model`` and ``--render``).
+
+    Per row: median step time, measured speedup (median of paired per-round ratios), its ratio
+    to the FLOP ideal, memory against full tokens. Per model: the whole run with stages of equal
+    length, the A/A control (the last ToE-off stage against full tokens) and the operator's share.
     """
+    rows = model["rows"]
     full = next(r for r in rows if r["config"] == "full")
+    for row in rows:
+        row["step_median_s"] = statistics.median(row["step_times_s"])
+        row["measured_speedup"] = statistics.median(paired_ratios(full["step_times_s"], row["step_times_s"]))
+        row["ratio"] = row["measured_speedup"] / row["ideal_speedup"]
+        row["memory_vs_full"] = row["saved_bytes"] / full["saved_bytes"]
     stages = [r for r in rows if r["config"] != "full"]
-    measured = full["step_median_s"] / statistics.fmean(r["step_median_s"] for r in stages)
+    # Whole run, stages of equal length: per round, full step / mean stage step; median over rounds.
+    mean_stage = [statistics.fmean(times) for times in zip(*(r["step_times_s"] for r in stages))]
+    measured = statistics.median(paired_ratios(full["step_times_s"], mean_stage))
     ideal = 1.0 / statistics.fmean(1.0 / r["ideal_speedup"] for r in stages)
-    return {"measured_speedup": measured, "ideal_speedup": ideal, "ratio": measured / ideal}
+    model["run"] = {"measured_speedup": measured, "ideal_speedup": ideal, "ratio": measured / ideal}
+    control = [r for r in stages if not r["reducing"]][-1]
+    ratios = paired_ratios(full["step_times_s"], control["step_times_s"])
+    model["aa_control"] = {"config": control["config"], "ratios": ratios, "median": statistics.median(ratios),
+                           "max_deviation": max(abs(1.0 - r) for r in ratios)}
+    stage1 = next(r for r in rows if r["config"] == "stage1")
+    model["operator"]["share_of_stage1_step"] = model["operator"]["median_s"] / stage1["step_median_s"]
+    return model
 
 
 def format_markdown(results: Dict[str, object]) -> str:
     """The speed/memory tables of a ``bench.speed`` JSON result, one table per model."""
     machine = results["machine"]
     sched = results["schedule"]
-    lines = [f"Machine: {machine['cpu_model']}, {machine['cpu_count']} cores, torch {machine['torch']} "
+    lines = [f"Command: `{results['command']}` (commit {results.get('commit') or 'not recorded'}). "
+             f"Machine: {machine['cpu_model']}, {machine['cpu_count']} cores, torch {machine['torch']} "
              f"({machine['torch_threads']} threads), timm {machine.get('timm', '?')}, device {results['device']}. "
              f"Schedule: keep rates {sched['keep_rate']}, seeds {sched['initialization_keep_rate']}, "
              f"{sched['expansion_multiple_stage']} repetition steps, {sched['initialization']} seeds.", ""]
+    mib = 2 ** 20
     for model in results["models"]:
-        mib = 2 ** 20
-        other = model["other_processes"]
         kwargs = " ".join(f"{k}={v}" for k, v in model["model_kwargs"].items())
-        lines.append(f"**{model['model']}** ({model['timm_model']}{' ' + kwargs if kwargs else ''}, "
-                     f"{model['input_size']} px, {model['num_patches']} patches, batch {model['batch_size']}; "
-                     f"median of {model['steps']} steps after {model['warmup']} warm-up; other processes used "
-                     f"{other['other_cpu_cores']:.2f} cores meanwhile; load average {other['load_average'][0]}, "
-                     f"the bench's own 2 threads included)")
-        lines.append("")
+        order = ("the order rotated each round" if "rounds" in model
+                 else "the order fixed (" + ", ".join(r["config"] for r in model["rows"]) + ") in every round")
+        lines += [f"**{model['model']}** ({model['timm_model']}{' ' + kwargs if kwargs else ''}, "
+                  f"{model['input_size']} px, {model['num_patches']} patches, batch {model['batch_size']}; "
+                  f"{model['steps']} timed rounds after {model['warmup']} warm-up, a round = one step of each "
+                  f"configuration, {order}; speedups are medians of per-round paired ratios)", ""]
         cuda = any("cuda_peak_bytes" in r for r in model["rows"])
-        header = ("| config | tokens after block 0 | step time (s) | measured speedup | FLOP-ideal speedup | "
-                  "ratio | saved for backward (MiB) | memory vs full |")
-        rule = "|---|---|---|---|---|---|---|---|"
-        if cuda:
-            header += " CUDA peak (MiB) |"
-            rule += "---|"
-        lines += [header, rule]
+        lines += ["| config | tokens after block 0 | median step (s) | measured speedup | FLOP-ideal speedup | "
+                  "ratio | saved for backward (MiB) | memory vs full |" + (" CUDA peak (MiB) |" if cuda else ""),
+                  "|---|---|---|---|---|---|---|---|" + ("---|" if cuda else "")]
         for row in model["rows"]:
             label = "full tokens" if row["config"] == "full" else (
                 f"stage {row['stage']}" + ("" if row["reducing"] else " (ToE off)"))
             line = (f"| {label} | {row['tokens_after_block0']} | {row['step_median_s']:.3f} | "
                     f"{row['measured_speedup']:.3f}x | {row['ideal_speedup']:.3f}x | {row['ratio']:.3f} | "
                     f"{row['saved_bytes'] / mib:.0f} | {row['memory_vs_full']:.3f} |")
-            if cuda:
-                line += f" {row.get('cuda_peak_bytes', 0) / mib:.0f} |"
-            lines.append(line)
-        op = model["operator"]
-        run = model.get("run") or run_speedup(model["rows"])
-        lines += ["", f"Whole run with stages of equal length (thirds): measured {run['measured_speedup']:.3f}x, "
-                      f"FLOP-ideal {run['ideal_speedup']:.3f}x, ratio {run['ratio']:.3f}."]
-        lines += ["", f"Operator alone (forward + backward, stage 1, input {tuple(op['shape'])}): "
-                      f"{op['median_s'] * 1e3:.1f} ms = {op['share_of_stage1_step'] * 100:.2f} % "
-                      "of a stage-1 step.", ""]
+            lines.append(line + (f" {row.get('cuda_peak_bytes', 0) / mib:.0f} |" if cuda else ""))
+        aa, run, op = model["aa_control"], model["run"], model["operator"]
+        control = next(r for r in model["rows"] if r["config"] == aa["config"])
+        verdicts = "; ".join(f"stage {r['stage']} {r['ratio']:.3f}, "
+                             + ("within noise" if abs(1.0 - r["ratio"]) <= aa["max_deviation"] else "beyond noise")
+                             for r in model["rows"] if r["reducing"])
+        lines += ["", f"A/A control: stage {control['stage']} (ToE off: the same work as full tokens) against full "
+                      f"tokens, paired by round: median {aa['median']:.3f}x, rounds {min(aa['ratios']):.3f}x to "
+                      f"{max(aa['ratios']):.3f}x, largest |1 - ratio| {aa['max_deviation']:.3f}. Measured/ideal "
+                      f"ratios within 1 ± {aa['max_deviation']:.3f} are noise: {verdicts}.",
+                  "", f"Whole run with stages of equal length (thirds): measured {run['measured_speedup']:.3f}x, "
+                      f"FLOP-ideal {run['ideal_speedup']:.3f}x, ratio {run['ratio']:.3f}.",
+                  "", f"Operator alone (forward + backward, stage 1, input {tuple(op['shape'])}, median of "
+                      f"{len(op['times_s'])}): {op['median_s'] * 1e3:.1f} ms = "
+                      f"{op['share_of_stage1_step'] * 100:.2f} % of a stage-1 step.", ""]
     return "\n".join(lines)
 
 
@@ -303,62 +323,65 @@ def build_parser() -> argparse.ArgumentParser:
                         help="models to measure")
     parser.add_argument("--batch-size", type=int, default=None,
                         help="batch size for every model (default: 32 at 224 px, 64 for the demo)")
-    parser.add_argument("--steps", type=int, default=5, help="timed training steps per configuration")
-    parser.add_argument("--warmup", type=int, default=2, help="untimed steps per configuration first")
+    parser.add_argument("--steps", type=int, default=7, help="timed rounds (one step of each configuration each)")
+    parser.add_argument("--warmup", type=int, default=2, help="untimed rounds first")
     parser.add_argument("--threads", type=int, default=2, help="torch.set_num_threads")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="cpu or cuda")
     # The trainers' ToE flags (one definition in ToE/common). Every stage is measured, so
     # --expansion-step plays no part here; --sparse-eval neither (training steps only).
     add_toe_args(parser)
-    parser.add_argument("--no-wait", action="store_true",
-                        help="measure at once instead of waiting for other processes to go quiet")
     parser.add_argument("--render", action="store_true",
-                        help="measure nothing: rewrite speed.md from the speed.json already in --out")
+                        help="measure nothing: recompute the figures and speed.md from the step times in "
+                             "--out/speed.json")
     parser.add_argument("--quick", action="store_true",
-                        help="smoke run: the demo model, batch 16, 1 warm-up + 2 steps, "
-                             "results in --out with a _quick suffix")
+                        help="smoke run: the demo model, batch 16, 1 warm-up + 2 timed rounds, "
+                             "written as speed_quick.{md,json}")
     parser.add_argument("--out", default=None,
                         help="folder for speed.md and speed.json "
                              "(default: bench/results; with --quick: a temporary folder)")
     return parser
 
 
+def _write(results: Dict[str, object], stem: str) -> str:
+    with open(stem + ".json", "w") as handle:
+        json.dump(results, handle, indent=2)
+    table = format_markdown(results)
+    with open(stem + ".md", "w") as handle:
+        handle.write(table + "\n")
+    return table
+
+
 def main(argv: Optional[Sequence[str]] = None) -> Dict[str, object]:
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.render:
+        with open(os.path.join(args.out or RESULTS, "speed.json")) as handle:
+            results = json.load(handle)
+        results["models"] = [summarise(model) for model in results["models"]]
+        print(_write(results, os.path.join(args.out or RESULTS, "speed")))
+        return results
     if args.quick:
         args.models, args.batch_size, args.steps, args.warmup = ["demo"], args.batch_size or 16, 2, 1
-    if args.render:
-        out = args.out or os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
-        with open(os.path.join(out, "speed.json")) as handle:
-            results = json.load(handle)
-        with open(os.path.join(out, "speed.md"), "w") as handle:
-            handle.write(format_markdown(results) + "\n")
-        return results
+    if args.keep_rate[-1] != 1.0:
+        parser.error(f"--keep-rate {args.keep_rate}: the last stage must be 1.0 (ToE off); it is the A/A control")
     torch.set_num_threads(args.threads)
     device = torch.device(args.device)
     schedule = {"expansion_step": list(range(len(args.keep_rate))), "keep_rate": args.keep_rate,
                 "initialization_keep_rate": args.initialization_keep_rate,
                 "expansion_multiple_stage": args.expansion_multiple_stage, "initialization": args.initialization,
                 "distance": args.distance}
-    token_select.validate_schedule(schedule["expansion_step"], args.keep_rate, args.initialization_keep_rate,
-                                   args.expansion_multiple_stage)
-    results = {"machine": describe_machine(), "device": str(device), "schedule": schedule,
-               "command": "python -m bench.speed " + " ".join(argv if argv is not None else os.sys.argv[1:]),
-               "models": []}
-    for name in args.models:
-        if not args.no_wait and device.type == "cpu":
-            results.setdefault("quiet_probes", {})[name] = wait_until_quiet()
-        results["models"].append(measure_model(name, args.batch_size, args.steps, args.warmup, device, schedule))
-    args.out = args.out or (os.path.join(tempfile.gettempdir(), "toe_bench") if args.quick
-                            else os.path.join(os.path.dirname(os.path.abspath(__file__)), "results"))
-    os.makedirs(args.out, exist_ok=True)
-    stem = os.path.join(args.out, "speed_quick" if args.quick else "speed")
-    with open(stem + ".json", "w") as handle:
-        json.dump(results, handle, indent=2)
-    table = format_markdown(results)
-    with open(stem + ".md", "w") as handle:
-        handle.write(table + "\n")
-    print(table)
+    try:
+        token_select.validate_schedule(schedule["expansion_step"], args.keep_rate, args.initialization_keep_rate,
+                                       args.expansion_multiple_stage)
+    except ValueError as error:
+        parser.error(str(error))
+    results = {"machine": describe_machine(), "commit": git_commit(), "device": str(device), "schedule": schedule,
+               "command": " ".join(["python -m bench.speed", *(sys.argv[1:] if argv is None else argv)]),
+               "models": [measure_model(name, args.batch_size, args.steps, args.warmup, device, schedule)
+                          for name in args.models]}
+    out = args.out or (os.path.join(tempfile.gettempdir(), "toe_bench") if args.quick else RESULTS)
+    os.makedirs(out, exist_ok=True)
+    print(_write(results, os.path.join(out, "speed_quick" if args.quick else "speed")))
     return results
 
 
