@@ -1,27 +1,109 @@
-"""ImageNet-layout folders (``<root>/{train,val}/<class>/<image>``), checked with clear errors."""
+"""ImageNet-layout folders (``<root>/{train,val}/<class>/<image>``), checked with clear errors.
+
+Three ways a data folder can train or evaluate wrongly without failing are closed here:
+
+* train/ and val/ with different class folders: two independent ``ImageFolder`` would number
+  the classes of each split on its own, so one class missing in val shifts the labels of all
+  the classes after it. :func:`train_val_folders` refuses the mismatch and numbers both splits
+  from the one class list of train/.
+* images whose pixels are not 8-bit: ``Image.convert("RGB")`` clips a 16-bit value to 255
+  instead of scaling it, so a 16-bit PNG turns almost white. :func:`load_rgb` scales 16-bit
+  images to 8 bits and refuses, by name, the modes whose range it cannot know.
+* a corrupt validation image: found only by the first evaluation, after a whole training epoch.
+  :func:`check_images` decodes every image of a split up front, in parallel.
+"""
 
 from __future__ import annotations
 
 import os
+from typing import List, Optional, Sequence, Tuple
 
+import numpy as np
 from PIL import Image
+from torch.utils.data import DataLoader
 from torchvision import datasets
+from torchvision.datasets.folder import find_classes
 
 from .errors import UserError
 
+# Modes with 16-bit unsigned pixels: 16-bit grayscale PNGs open as "I;16" in current Pillow,
+# 16-bit TIFFs as "I;16" or "I;16B".
+_UINT16_MODES = ("I;16", "I;16L", "I;16B", "I;16N")
+# Pillow decodes these (16-bit RGB/RGBA PNGs included, which it scales itself) to 8-bit bands
+# that ``convert("RGB")`` maps correctly.
+_CONVERTIBLE_MODES = ("1", "L", "P", "LA", "PA", "La", "RGB", "RGBA", "RGBa", "RGBX", "CMYK", "YCbCr", "LAB", "HSV")
+# What Pillow raises for a file it cannot decode: OSError (truncated, broken stream, unknown
+# format), ValueError, SyntaxError (some plugins, for broken chunks), and the bomb check.
+_READ_ERRORS = (OSError, ValueError, SyntaxError, Image.DecompressionBombError)
+# How many failing files a one-line error names before it counts the rest.
+_NAMED = 3
 
-def _load_rgb(path: str) -> Image.Image:
+
+class _Unreadable(Exception):
+    """An image that cannot be read as RGB: what is wrong and the fix (kept apart for the val check's message)."""
+
+    def __init__(self, problem: str, fix: str) -> None:
+        super().__init__(problem, fix)
+        self.problem, self.fix = problem, fix
+
+
+def _uint16_to_rgb(image: Image.Image) -> Image.Image:
+    """16-bit gray to 8-bit RGB with the full range kept: value v becomes round(v / 257)."""
+    pixels = np.asarray(image).astype(np.uint32)  # "I;16B" arrives big-endian; astype makes it native
+    gray = ((pixels + 128) // 257).astype(np.uint8)  # 65535 -> 255, 257 k -> k exactly
+    return Image.fromarray(gray, mode="L").convert("RGB")
+
+
+def _read_rgb(path: str) -> Image.Image:
     try:
         with open(path, "rb") as handle:
             image = Image.open(handle)
+            mode = image.mode
+            if mode in _UINT16_MODES or (mode == "I" and image.format == "PNG"):
+                return _uint16_to_rgb(image)
+            if mode not in _CONVERTIBLE_MODES:
+                raise _Unreadable(f"image {path} has mode {mode} ({_describe_mode(mode)}), whose range of values "
+                                  "is unknown, so it cannot be read as 8-bit RGB",
+                                  "Convert it to 8-bit RGB (e.g. PNG or JPEG) or remove it")
             return image.convert("RGB")
-    except (OSError, ValueError) as error:
-        raise UserError(f"cannot read image {path} ({error.__class__.__name__}). "
-                        "Remove or replace that file") from None
+    except _READ_ERRORS as error:
+        raise _Unreadable(f"cannot read image {path} ({error.__class__.__name__}: {error})",
+                          "Remove or replace that file") from None
 
 
-def image_folder(root: str, split: str, transform=None) -> datasets.ImageFolder:
-    """``torchvision.datasets.ImageFolder`` on ``root/split`` with user errors for bad layouts."""
+def load_rgb(path: str) -> Image.Image:
+    """Decode ``path`` to an 8-bit RGB image; one that cannot be read right is a UserError naming it.
+
+    8-bit modes (and what Pillow already decodes to 8 bits) go through ``convert("RGB")``.
+    16-bit gray is scaled (v -> v / 257), as is mode "I" from a PNG (older Pillow opens 16-bit
+    gray PNGs as "I"; a PNG holds at most 16 bits). "I" from other formats (32-bit integers) and
+    "F" (32-bit floats) have no known range, so they are refused by name, not clipped.
+    """
+    try:
+        return _read_rgb(path)
+    except _Unreadable as error:
+        raise UserError(f"{error.problem}. {error.fix}") from None
+
+
+def _describe_mode(mode: str) -> str:
+    return {"I": "32-bit integer pixels", "F": "32-bit float pixels"}.get(mode, "not an 8-bit or 16-bit image")
+
+
+class _ClassFolder(datasets.ImageFolder):
+    """``ImageFolder`` whose classes (and so labels) come from ``classes`` when given, not from its own folder."""
+
+    def __init__(self, root: str, transform, classes: Optional[Sequence[str]] = None) -> None:
+        self._given_classes = None if classes is None else list(classes)
+        super().__init__(root, transform=transform, loader=load_rgb)
+
+    def find_classes(self, directory: str) -> Tuple[List[str], dict]:
+        if self._given_classes is None:
+            return super().find_classes(directory)
+        return list(self._given_classes), {name: index for index, name in enumerate(self._given_classes)}
+
+
+def _split_folder(root: str, split: str) -> str:
+    """``root/split``, checked to exist and to hold class folders."""
     if not os.path.isdir(root):
         raise UserError(f"data path {root} does not exist. Pass --data-path with the folder that holds "
                         "train/ and val/ (build the embedded digits with: python -m ToE.common.digits)")
@@ -30,7 +112,80 @@ def image_folder(root: str, split: str, transform=None) -> datasets.ImageFolder:
         raise UserError(f"{folder} is missing. The data path must hold train/<class>/ and val/<class>/ folders")
     if not any(entry.is_dir() for entry in os.scandir(folder)):
         raise UserError(f"{folder} has no class folders. Put the images of each class in {folder}/<class>/")
+    return folder
+
+
+def image_folder(root: str, split: str, transform=None,
+                 classes: Optional[Sequence[str]] = None) -> datasets.ImageFolder:
+    """``ImageFolder`` on ``root/split`` with user errors for bad layouts.
+
+    With ``classes`` the labels are the positions in that list (pass train's classes for val);
+    without, the sorted class folders of ``root/split`` itself.
+    """
+    folder = _split_folder(root, split)
     try:
-        return datasets.ImageFolder(folder, transform=transform, loader=_load_rgb)
+        return _ClassFolder(folder, transform, classes)
     except FileNotFoundError as error:
         raise UserError(f"{folder} holds no images ({error}). Every split needs images in its class folders") from None
+
+
+def _names(items: Sequence[str]) -> str:
+    shown = ", ".join(items[:_NAMED])
+    return shown if len(items) <= _NAMED else f"{shown} and {len(items) - _NAMED} more"
+
+
+def train_val_folders(root: str, train_transform=None, eval_transform=None
+                      ) -> Tuple[datasets.ImageFolder, datasets.ImageFolder]:
+    """The train and val ``ImageFolder`` of ``root``, labelled from one class list (train's).
+
+    The class folders of val/ must be those of train/: a mismatch is a UserError naming the
+    classes missing in val and the extra ones, before anything is trained.
+    """
+    train_folder, val_folder = _split_folder(root, "train"), _split_folder(root, "val")
+    train_classes, _ = find_classes(train_folder)
+    val_classes, _ = find_classes(val_folder)
+    if train_classes != val_classes:
+        missing = sorted(set(train_classes) - set(val_classes))
+        extra = sorted(set(val_classes) - set(train_classes))
+        differences = ([f"missing in val: {_names(missing)}"] if missing else []) + \
+                      ([f"extra in val: {_names(extra)}"] if extra else [])
+        raise UserError(f"the class folders of {train_folder} and {val_folder} differ ({'; '.join(differences)}). "
+                        "Give val/ exactly the class folders of train/, or labels would not match")
+    train_set = image_folder(root, "train", train_transform)
+    val_set = image_folder(root, "val", eval_transform, classes=train_set.classes)
+    return train_set, val_set
+
+
+def _read_batch(paths: List[str]) -> List[Tuple[str, str, str]]:
+    """DataLoader ``collate_fn``: decode each path (in the worker); return (path, problem, fix) of the bad ones."""
+    problems = []
+    for path in paths:
+        try:
+            _read_rgb(path)
+        except _Unreadable as error:
+            problems.append((path, error.problem, error.fix))
+    return problems
+
+
+def check_images(dataset: datasets.ImageFolder, split: str, indices: Optional[Sequence[int]] = None,
+                 num_workers: int = 0, batch_size: int = 64) -> None:
+    """Decode the images of ``dataset`` (those at ``indices``, default all) with the training loader.
+
+    Runs in ``num_workers`` DataLoader workers, ``batch_size`` file paths per task, and reads
+    every image once (no transform). Any image the loader could not read is a UserError that
+    names it (and counts the others), so a bad file fails the set-up, not an evaluation.
+    """
+    paths = [path for path, _ in dataset.samples]
+    if indices is not None:
+        paths = [paths[index] for index in indices]
+    loader = DataLoader(paths, batch_size=batch_size, shuffle=False, num_workers=num_workers,
+                        collate_fn=_read_batch, persistent_workers=False)
+    problems = [problem for batch in loader for problem in batch]
+    if not problems:
+        return
+    _, problem, fix = problems[0]
+    if len(problems) == 1:
+        raise UserError(f"{split} image check: {problem}. {fix}")
+    others = _names([path for path, _, _ in problems[1:]])
+    raise UserError(f"{split} image check: {len(problems)} of {len(paths)} images cannot be read, first: {problem}; "
+                    f"also {others}. {fix}; the same for the others")
