@@ -3,13 +3,29 @@
 # handwritten digits (32 px, 4 px patches: 64 tokens) through ToE/deit/main.py, over three ToE
 # stages (50 %, 75 %, then all patch tokens), and prints the accuracy, the time, and the measured
 # versus FLOP-predicted speed of each stage. About 4.5 minutes on 2 CPU cores.
-#   bash run/demo.sh [extra ToE/deit/main.py flags, e.g. --initialization stride]
+#   bash run/demo.sh [deit] [extra ToE/deit/main.py flags, e.g. --initialization stride]
 #   DEMO_EPOCHS=N (default 48; stages start at 0, N/3, 2N/3) and DEMO_OUT=folder (default runs/demo)
+# DEMO_OUT is replaced on every run only if an earlier demo made it (it holds .toe-demo); a
+# folder of anything else is never deleted.
+case "${1:-deit}" in
+  deit) [ "$#" -gt 0 ] && [ "$1" = deit ] && shift ;;
+  lvvit|et|yolos) echo "error: the $1 trainer is not built yet, so it has no demo. Run: bash run/demo.sh deit" >&2; exit 2 ;;
+  -*) ;;
+  *) echo "error: unknown trainer '$1'. Usage: bash run/demo.sh [deit] [main.py flags]" >&2; exit 2 ;;
+esac
 source "$(dirname "${BASH_SOURCE[0]}")/_env.sh"
 OUT="${DEMO_OUT:-runs/demo}"
 EPOCHS="${DEMO_EPOCHS:-48}"  # 15 epochs are too few for the digits (55-80 %), 36+ reach ~98 %
+if [ -e "$OUT" ]; then
+  if [ -f "$OUT/.toe-demo" ]; then
+    rm -rf "$OUT"
+  elif [ -n "$(ls -A "$OUT" 2>/dev/null)" ] || [ ! -d "$OUT" ]; then
+    echo "error: DEMO_OUT=$OUT exists and was not made by run/demo.sh. Pick another DEMO_OUT (the demo never deletes a folder it did not create)" >&2
+    exit 2
+  fi
+fi
+mkdir -p "$OUT" && touch "$OUT/.toe-demo"
 "$PY" -m ToE.common.digits --out data/digits --size 32
-rm -rf "$OUT"
 third=$((EPOCHS / 3))
 "$PY" ToE/deit/main.py \
   --data-path data/digits --output_dir "$OUT" --device cpu --num_workers 0 --seed 0 \

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+from typing import List
 
 from token_select import TokenSelect
 
@@ -65,3 +66,113 @@ class ParseKwargs(argparse.Action):
             except (ValueError, SyntaxError):
                 kwargs[key] = value
         setattr(namespace, self.dest, kwargs)
+
+
+# ---------------------------------------------------------------------------------------------
+# Flag values: every bad one is one line ``error: ...`` with exit code 2, before any work
+# ---------------------------------------------------------------------------------------------
+class OneLineParser(argparse.ArgumentParser):
+    """An ArgumentParser whose errors are one line, ``error: <problem>. <fix>``, exit code 2.
+
+    argparse's own error prints the usage block first; under torchrun every process would print
+    it. Here rank 0 prints one line (the other processes met the same flags and stay quiet).
+    """
+
+    def parse_known_args(self, args=None, namespace=None):
+        # argparse reads "--lr -5e-4" as two options (an exponent defeats its negative-number
+        # test), and would say "expected one argument". Joined as "--lr=-5e-4", the value
+        # reaches the flag's check, which names it.
+        import sys
+
+        argv = list(sys.argv[1:] if args is None else args)
+        joined = []
+        for token in argv:
+            if joined and joined[-1].startswith("--") and "=" not in joined[-1] and token.startswith("-") \
+                    and _is_number(token):
+                joined[-1] = f"{joined[-1]}={token}"
+            else:
+                joined.append(token)
+        return super().parse_known_args(joined, namespace)
+
+    def error(self, message: str):  # noqa: D102 - argparse's hook
+        import os
+        import sys
+
+        if int(os.environ.get("RANK", "0") or 0) == 0:
+            print(f"error: {message}. See --help for the flags", file=sys.stderr)
+        sys.exit(2)
+
+
+def _is_number(text: str) -> bool:
+    try:
+        float(text)
+    except ValueError:
+        return False
+    return True
+
+
+def _number(kind, test, requirement: str):
+    def parse(text: str):
+        try:
+            value = kind(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text!r} is not {'an integer' if kind is int else 'a number'}") \
+                from None
+        if not test(value):
+            raise argparse.ArgumentTypeError(f"must be {requirement}, not {text}")
+        return value
+    parse.__name__ = f"{kind.__name__} {requirement}"
+    return parse
+
+
+positive_int = _number(int, lambda v: v >= 1, "a positive integer")
+non_negative_int = _number(int, lambda v: v >= 0, "an integer >= 0")
+positive_float = _number(float, lambda v: v > 0 and v != float("inf"), "a positive number")
+non_negative_float = _number(float, lambda v: 0 <= v < float("inf"), "a number >= 0")
+probability = _number(float, lambda v: 0.0 <= v <= 1.0, "between 0 and 1")
+unit_interval_open = _number(float, lambda v: 0.0 <= v < 1.0, "in [0, 1)")
+decay_rate = _number(float, lambda v: 0.0 < v < 1.0, "between 0 and 1 (exclusive)")
+
+# LR schedules that step once per epoch without a metric; 'plateau' needs an evaluation metric
+SCHEDULERS = ("cosine", "tanh", "step", "multistep", "poly", "wsd", "rsqrt", "constant", "none")
+
+
+def check_training_flags(args: argparse.Namespace) -> List[str]:
+    """Cross-flag checks of a classification run (DeiT, and the trainers built on its loop).
+
+    Raises ``UserError`` for a value that cannot work, before any data or model is touched;
+    returns warnings for values that work but are probably not what was meant.
+    """
+    import timm.optim
+    from timm.data import create_transform
+
+    warnings: List[str] = []
+    if args.eval:
+        if not args.resume:
+            raise UserError("--eval needs the weights to evaluate: pass --resume CHECKPOINT "
+                            "(evaluating a random initialisation says nothing)")
+        return warnings
+    if args.opt.lower() not in timm.optim.list_optimizers() and args.opt.lower().split("_")[-1] \
+            not in timm.optim.list_optimizers():
+        raise UserError(f"unknown optimizer --opt {args.opt}. Pick one of timm's, e.g. adamw, sgd, lamb "
+                        "(all: python -c \"import timm.optim; print(timm.optim.list_optimizers())\")")
+    if args.sched not in SCHEDULERS:
+        raise UserError(f"unknown or unsupported scheduler --sched {args.sched}. Pick one of {', '.join(SCHEDULERS)}")
+    if args.aa not in ("", "none"):
+        try:  # timm parses the policy string when the transform is built; tiny and cheap
+            create_transform(8, is_training=True, auto_augment=args.aa)
+        except (AssertionError, ValueError, KeyError, IndexError) as error:
+            raise UserError(f"unknown augmentation policy --aa {args.aa} ({error}). Use a timm policy such as "
+                            "rand-m9-mstd0.5-inc1, augmix-m5, original, or 'none'") from None
+    if args.warmup_epochs >= args.epochs:
+        raise UserError(f"--warmup-epochs {args.warmup_epochs} is as long as the run (--epochs {args.epochs}): "
+                        "the learning rate would never leave the warmup. Lower --warmup-epochs")
+    if args.start_epoch >= args.epochs:
+        raise UserError(f"--start_epoch {args.start_epoch} is not below --epochs {args.epochs}: nothing to train")
+    if args.scale[0] > args.scale[1] or args.scale[0] == 0:
+        raise UserError(f"--scale {args.scale[0]} {args.scale[1]} must be a range MIN MAX with 0 < MIN <= MAX <= 1")
+    unreached = [step for step in args.expansion_step if step >= args.epochs]
+    if unreached:
+        warnings.append(f"ToE stages starting at epochs {unreached} are never reached in {args.epochs} epochs "
+                        f"(--expansion-step {' '.join(map(str, args.expansion_step))})")
+    return warnings

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import os
 import random
-from typing import Any, Dict
+from typing import Any, Dict, Sequence
 
 import numpy as np
 import torch
@@ -19,8 +19,12 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
-def rng_state() -> Dict[str, Any]:
-    """Every random number generator training draws from, as tensors and plain Python values."""
+def rng_state(device: torch.device) -> Dict[str, Any]:
+    """The random number generators this process draws from, as tensors and plain Python values.
+
+    Only this process's own GPU (``device``): another process owns each other GPU, and a state
+    list of every visible GPU would not restore on a machine with fewer.
+    """
     kind, keys, pos, has_gauss, gauss = np.random.get_state()
     state = {
         "torch": torch.get_rng_state(),
@@ -28,20 +32,22 @@ def rng_state() -> Dict[str, Any]:
                   "has_gauss": int(has_gauss), "gauss": float(gauss)},
         "python": random.getstate(),
     }
-    if torch.cuda.is_available():
-        state["cuda"] = torch.cuda.get_rng_state_all()
+    if device.type == "cuda":
+        state["cuda"] = torch.cuda.get_rng_state(device)
     return state
 
 
-def set_rng_state(state: Dict[str, Any]) -> None:
+def set_rng_state(state: Dict[str, Any], device: torch.device) -> None:
+    """Restore what ``rng_state`` saved (the GPU stream onto this process's own ``device``)."""
     torch.set_rng_state(state["torch"])
     numpy_state = state["numpy"]
     np.random.set_state((numpy_state["kind"], numpy_state["keys"].numpy().astype(np.uint32), numpy_state["pos"],
                          numpy_state["has_gauss"], numpy_state["gauss"]))
     python_state = state["python"]
     random.setstate((python_state[0], tuple(python_state[1]), python_state[2]))
-    if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
+    cuda_state = state.get("cuda")
+    if device.type == "cuda" and torch.is_tensor(cuda_state):
+        torch.cuda.set_rng_state(cuda_state, device)
 
 
 def save_checkpoint(state: Dict[str, Any], path: str) -> None:
@@ -61,3 +67,48 @@ def load_checkpoint(path: str) -> Dict[str, Any]:
     except Exception as error:  # torch raises several types for truncated or foreign files
         raise UserError(f"resume file {path} is corrupt or not a checkpoint ({error.__class__.__name__}). "
                         "Use best_checkpoint.pth or an earlier copy, or start afresh") from None
+
+
+# Flags that define what a run trains: a resume with other values would silently mix two runs.
+RESUME_MUST_MATCH = (
+    "model", "model_kwargs", "input_size", "patch_size",
+    "opt", "sched", "lr", "unscale_lr", "min_lr", "warmup_lr", "warmup_epochs", "weight_decay",
+    "expansion_step", "keep_rate", "initialization_keep_rate", "expansion_multiple_stage", "distance",
+    "initialization", "distillation_type", "teacher_model",
+)
+
+
+def flag_name(key: str) -> str:
+    """``keep_rate`` -> ``--keep-rate`` (the names that keep DeiT's underscores stay as they are)."""
+    return f"--{key}" if key in ("output_dir", "start_epoch", "num_workers") else f"--{key.replace('_', '-')}"
+
+
+def _shown(value: Any) -> str:
+    if isinstance(value, (list, tuple)):
+        return " ".join(str(v) for v in value)
+    if isinstance(value, dict):
+        return " ".join(f"{k}={v}" for k, v in value.items()) or "(none)"
+    return str(value)
+
+
+def check_resume_args(path: str, stored: Dict[str, Any], given: Dict[str, Any],
+                      keys: Sequence[str] = RESUME_MUST_MATCH) -> None:
+    """Refuse a resume whose model or schedule flags differ from the checkpoint's stored ones.
+
+    The message names the flag, the stored value and the given one. A checkpoint without stored
+    arguments (not written by this project) is not checked.
+    """
+    if not stored:
+        return
+    for key in keys:
+        if key not in stored or key not in given:
+            continue
+        before, now = stored[key], given[key]
+        if isinstance(before, (list, tuple)) and isinstance(now, (list, tuple)):
+            same = list(before) == list(now)
+        else:
+            same = before == now
+        if not same:
+            raise UserError(f"resume file {path} was trained with {flag_name(key)} {_shown(before)}, this run gives "
+                            f"{flag_name(key)} {_shown(now)}. Resume with the flags it was trained with, or start a "
+                            "new run in another --output_dir")

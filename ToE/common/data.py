@@ -24,7 +24,7 @@ from torch.utils.data import DataLoader
 from torchvision import datasets
 from torchvision.datasets.folder import find_classes
 
-from .errors import UserError
+from .errors import LocalError, UserError
 
 # Modes with 16-bit unsigned pixels: 16-bit grayscale PNGs open as "I;16" in current Pillow,
 # 16-bit TIFFs as "I;16" or "I;16B".
@@ -82,7 +82,8 @@ def load_rgb(path: str) -> Image.Image:
     try:
         return _read_rgb(path)
     except _Unreadable as error:
-        raise UserError(f"{error.problem}. {error.fix}") from None
+        # met by the process whose shard holds the file: the others cannot tell it
+        raise LocalError(f"{error.problem}. {error.fix}") from None
 
 
 def _describe_mode(mode: str) -> str:
@@ -185,7 +186,7 @@ def check_images(dataset: datasets.ImageFolder, split: str, indices: Optional[Se
         return
     _, problem, fix = problems[0]
     if len(problems) == 1:
-        raise UserError(f"{split} image check: {problem}. {fix}")
+        raise LocalError(f"{split} image check: {problem}. {fix}")
     others = _names([path for path, _, _ in problems[1:]])
-    raise UserError(f"{split} image check: {len(problems)} of {len(paths)} images cannot be read, first: {problem}; "
+    raise LocalError(f"{split} image check: {len(problems)} of {len(paths)} images cannot be read, first: {problem}; "
                     f"also {others}. {fix}; the same for the others")

@@ -45,9 +45,17 @@ def init_distributed(device: str = "cuda") -> DistEnv:
 
 
 def all_reduce_sum(values: torch.Tensor) -> torch.Tensor:
-    """Sum a tensor over processes (no-op without a process group)."""
+    """Sum a tensor over processes (no-op without a process group); returns it on its own device.
+
+    NCCL reduces GPU tensors only: a CPU tensor makes the round trip through this process's GPU.
+    """
     if dist.is_available() and dist.is_initialized():
-        dist.all_reduce(values, op=dist.ReduceOp.SUM)
+        if dist.get_backend() == "nccl" and values.device.type != "cuda":
+            on_gpu = values.to(torch.device("cuda", torch.cuda.current_device()))
+            dist.all_reduce(on_gpu, op=dist.ReduceOp.SUM)
+            values.copy_(on_gpu)
+        else:
+            dist.all_reduce(values, op=dist.ReduceOp.SUM)
     return values
 
 

@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import json
 import os
-from typing import Any, Dict, Optional
+import shutil
+from typing import Any, Dict, List, Optional
 
 import yaml
 
@@ -26,17 +27,81 @@ def check_output_dir(path: str) -> None:
                         "Pass an --output_dir you can write to") from None
 
 
-class RunLog:
-    """Appends one JSON line per epoch to ``log.txt`` and mirrors numbers to TensorBoard."""
+RUN_FILES = ("checkpoint.pth", "best_checkpoint.pth", "log.txt")  # what says a folder holds a run
+RUN_OUTPUTS = RUN_FILES + ("args.yaml", "tensorboard")
 
-    def __init__(self, output_dir: str, enabled: bool = True) -> None:
+
+def existing_run(path: str) -> List[str]:
+    """The files of an earlier run found in ``path`` (empty when there is none)."""
+    if not path or not os.path.isdir(path):
+        return []
+    return [name for name in RUN_FILES if os.path.exists(os.path.join(path, name))]
+
+
+def check_no_other_run(path: str, resume: str, overwrite: bool) -> None:
+    """Refuse to start a new run in a folder that holds another run's checkpoint or log.
+
+    Allowed: continuing that run (``--resume`` one of its checkpoints) and ``--overwrite``.
+    """
+    found = existing_run(path)
+    if not found or overwrite:
+        return
+    if resume and os.path.realpath(resume) in {os.path.realpath(os.path.join(path, name)) for name in found}:
+        return
+    raise UserError(f"output folder {path} holds another run ({', '.join(found)}). Continue it with --resume "
+                    f"{os.path.join(path, 'checkpoint.pth')}, start over with --overwrite (deletes it), or pass "
+                    "another --output_dir")
+
+
+def remove_run_outputs(path: str) -> None:
+    """Delete a run's checkpoints, log, arguments and TensorBoard events (``--overwrite``)."""
+    for name in RUN_OUTPUTS:
+        target = os.path.join(path, name)
+        if os.path.isdir(target):
+            shutil.rmtree(target)
+        elif os.path.exists(target):
+            os.remove(target)
+
+
+class RunLog:
+    """Appends one JSON line per epoch to ``log.txt`` and mirrors numbers to TensorBoard.
+
+    ``first_epoch``: the epoch this process starts at. A resumed run first drops the records of
+    that epoch and later ones from ``log.txt`` and TensorBoard: a kill between the log write and
+    the checkpoint write leaves a logged epoch that the checkpoint does not hold, and training it
+    again must not log it twice.
+    """
+
+    def __init__(self, output_dir: str, enabled: bool = True, first_epoch: int = 0) -> None:
         self.enabled = enabled and bool(output_dir)
         self.path = os.path.join(output_dir, "log.txt") if output_dir else ""
         self.writer = None
         if self.enabled:
             from torch.utils.tensorboard import SummaryWriter
 
-            self.writer = SummaryWriter(os.path.join(output_dir, "tensorboard"))
+            if first_epoch > 0:
+                self._truncate(first_epoch)
+            # purge_step: TensorBoard hides events of steps >= first_epoch written before a kill
+            self.writer = SummaryWriter(os.path.join(output_dir, "tensorboard"),
+                                        purge_step=first_epoch if first_epoch > 0 else None)
+
+    def _truncate(self, first_epoch: int) -> None:
+        if not os.path.isfile(self.path):
+            return
+        with open(self.path) as handle:
+            lines = [line for line in handle if line.strip()]
+        kept = []
+        for line in lines:
+            try:
+                if json.loads(line).get("epoch", -1) < first_epoch:
+                    kept.append(line if line.endswith("\n") else line + "\n")
+            except json.JSONDecodeError:  # a line cut by a kill: drop it
+                continue
+        if len(kept) != len(lines):
+            tmp = f"{self.path}.tmp"
+            with open(tmp, "w") as handle:
+                handle.writelines(kept)
+            os.replace(tmp, self.path)
 
     def write(self, record: Dict[str, Any], step: Optional[int] = None) -> None:
         if not self.enabled:

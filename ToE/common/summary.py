@@ -14,28 +14,70 @@ import argparse
 import json
 import os
 import statistics
-import sys
 from typing import Dict, List
 
 import yaml
 
+from ToE.common.errors import UserError, run_main
+
+
+RECORD_KEYS = ("epoch", "stage", "kept_tokens", "epoch_seconds", "test_acc1")
+
 
 def read_log(output_dir: str) -> List[Dict]:
-    with open(os.path.join(output_dir, "log.txt")) as handle:
-        return [json.loads(line) for line in handle if line.strip()]
+    """The epoch records of ``log.txt``; a damaged file is a UserError naming the line."""
+    path = os.path.join(output_dir, "log.txt")
+    records = []
+    with open(path) as handle:
+        for number, line in enumerate(handle, start=1):
+            if not line.strip():
+                continue
+            try:
+                record = json.loads(line)
+            except json.JSONDecodeError:
+                raise UserError(f"{path} line {number} is damaged (not JSON). Delete that line, or resume the run "
+                                "so it rewrites its log") from None
+            missing = [key for key in RECORD_KEYS if not isinstance(record, dict) or key not in record]
+            if missing:
+                raise UserError(f"{path} line {number} lacks {', '.join(missing)}: not a log written by a ToE "
+                                "trainer. Pass the --output_dir of a ToE run")
+            records.append(record)
+    if not records:
+        raise UserError(f"{path} holds no finished epoch yet. Run the summary once an epoch has finished")
+    return records
+
+
+def read_args(output_dir: str) -> Dict:
+    path = os.path.join(output_dir, "args.yaml")
+    if not os.path.isfile(path):
+        raise UserError(f"no args.yaml in {output_dir}: not the output folder of a ToE run. Pass a run's --output_dir")
+    try:
+        with open(path) as handle:
+            args = yaml.safe_load(handle)
+    except yaml.YAMLError:
+        raise UserError(f"{path} is damaged (not YAML). Restore it from the checkpoint's 'args'") from None
+    if not isinstance(args, dict) or "model" not in args or "input_size" not in args:
+        raise UserError(f"{path} does not hold a run's arguments (no model or input_size). Pass a run's --output_dir")
+    return args
 
 
 def summarise(output_dir: str) -> str:
+    args = read_args(output_dir)
     records = read_log(output_dir)
-    with open(os.path.join(output_dir, "args.yaml")) as handle:
-        args = yaml.safe_load(handle)
     import torch
 
     from ToE.flops import analytic_step_flops, create_model, model_shape
 
-    with torch.device("meta"):  # only the shape is needed: no memory, no initialisation
-        model = create_model(args["model"], args["input_size"], args.get("patch_size"),
-                             **dict(args.get("model_kwargs") or {}))
+    try:
+        with torch.device("meta"):  # only the shape is needed: no memory, no initialisation
+            kwargs = dict(args.get("model_kwargs") or {})
+            if args.get("num_classes"):  # written by the trainers since they store it; else timm's default
+                kwargs.setdefault("num_classes", int(args["num_classes"]))
+            model = create_model(args["model"], args["input_size"], args.get("patch_size"), **kwargs)
+    except Exception as error:  # unknown name or arguments of another timm version
+        raise UserError(f"cannot build model {args['model']} of {output_dir}/args.yaml "
+                        f"({error.__class__.__name__}). Summarise it with the timm version it was trained with") \
+            from None
     dims = model_shape(model)
     flops = lambda kept: analytic_step_flops(dims, kept)  # noqa: E731
 
@@ -50,8 +92,12 @@ def summarise(output_dir: str) -> str:
     last = records[-1]
     total = sum(r["epoch_seconds"] for r in records)
     best = max(r["test_acc1"] for r in records)
+    planned = int(args.get("epochs", len(records)))
+    done = int(last["epoch"]) + 1
+    status = f"{len(records)} epochs" if done >= planned else \
+        f"UNFINISHED: {done} of {planned} epochs (continue with --resume {output_dir}/checkpoint.pth)"
     lines = [f"Run in {output_dir}: {args['model']} {args.get('model_kwargs') or ''}, "
-             f"{dims['num_patches']} patch tokens, {len(records)} epochs",
+             f"{dims['num_patches']} patch tokens, {status}",
              f"Top-1 on the held-out images: {last['test_acc1']:.2f} % (best {best:.2f} %)"
              + (f", EMA {last['ema_acc1']:.2f} %" if "ema_acc1" in last else ""),
              f"Training time: {total:.1f} s ({total / 60:.1f} min), evaluation excluded",
@@ -62,7 +108,10 @@ def summarise(output_dir: str) -> str:
         group = by_stage[stage]
         kept = group[0]["kept_tokens"]
         seconds = median([r["epoch_seconds"] for r in group])
-        measured = f"{full_median / seconds:.2f}x" if full_median else "n/a (no full-token stage)"
+        if kept == dims["num_patches"]:
+            measured = "baseline"  # the full-token stage is what the others are measured against
+        else:
+            measured = f"{full_median / seconds:.2f}x" if full_median else "n/a (no full-token stage)"
         predicted = flops(dims["num_patches"]) / flops(kept)
         lines.append(f"| {stage} | {group[0]['epoch']}-{group[-1]['epoch']} | {kept} of {dims['num_patches']} | "
                      f"{seconds:.2f} | {measured} | {predicted:.2f}x |")
@@ -78,10 +127,16 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("output_dir", help="the run's --output_dir")
     args = parser.parse_args()
-    if not os.path.isfile(os.path.join(args.output_dir, "log.txt")):
-        print(f"error: no log.txt in {args.output_dir}. Pass the --output_dir of a finished run", file=sys.stderr)
-        sys.exit(2)
-    print(summarise(args.output_dir))
+
+    def run() -> None:
+        if not os.path.isdir(args.output_dir):
+            raise UserError(f"{args.output_dir} does not exist. Pass the --output_dir of a run")
+        if not os.path.isfile(os.path.join(args.output_dir, "log.txt")):
+            raise UserError(f"no log.txt in {args.output_dir}: no epoch of a run has finished there. Pass the "
+                            "--output_dir of a run that trained at least one epoch")
+        print(summarise(args.output_dir))
+
+    run_main(run)
 
 
 if __name__ == "__main__":

@@ -13,7 +13,8 @@
 #   PYTHON       interpreter (default: the repository's .venv, else python3)
 #   DRY_RUN=1    print the command instead of running it
 #
-# Several processes or machines run under torchrun; a single process runs main.py directly.
+# Several processes or machines run under torchrun, after one --check-only pass of main.py (so a
+# flag or data mistake is one line); a single process runs main.py directly.
 
 TOE_DEIT_DIR="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 TOE_ROOT="$(cd "$TOE_DEIT_DIR/../.." && pwd)"
@@ -96,6 +97,12 @@ toe_launch() {
     printf '%q ' "${cmd[@]}"
     printf '\n'
     return 0
+  fi
+  if [ "${#launcher[@]}" -gt 0 ]; then
+    # Check the flags, data, output folder and resume file once, in one process, before torchrun
+    # starts: a mistake then reads as one line, not once per process plus torchrun's report.
+    "$python" "$TOE_DEIT_DIR/main.py" "${RECIPE[@]}" "${device_args[@]}" --data-path "$data" --output_dir "$out" \
+      "$@" --check-only >/dev/null || exit $?
   fi
   exec "${cmd[@]}"
 }
