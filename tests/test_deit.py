@@ -372,7 +372,7 @@ def test_non_finite_loss_stops_and_keeps_earlier_checkpoints(data, trained, tmp_
 
 def test_train_one_epoch_raises_training_stopped_on_nan():
     from ToE.common.errors import TrainingStopped
-    from ToE.deit.engine import train_one_epoch
+    from ToE.common.engine import train_one_epoch
 
     model = torch.nn.Linear(4, 2)
     loader = [(torch.randn(2, 4), torch.tensor([0, 1]))]
@@ -392,7 +392,7 @@ def test_non_finite_loss_is_caught_between_log_intervals():
     """The loss is read every log_interval steps (no host sync per step): a NaN in step 2 of 5
     with an interval of 4 still stops the epoch, at step 4, before that step's update."""
     from ToE.common.errors import TrainingStopped
-    from ToE.deit.engine import train_one_epoch
+    from ToE.common.engine import train_one_epoch
 
     model = torch.nn.Linear(4, 2)
     loader = [(torch.randn(2, 4), torch.tensor([0, 1])) for _ in range(5)]
