@@ -28,6 +28,7 @@ Shapes: B batch, N input tokens, P patch tokens, K kept patch tokens, C channels
 from __future__ import annotations
 
 import bisect
+import contextlib
 import math
 from typing import Dict, List, Optional, Sequence, Tuple
 
@@ -263,6 +264,18 @@ def ideal_speedup(*args, **kwargs) -> float:
 # ---------------------------------------------------------------------------------------------
 # The operator
 # ---------------------------------------------------------------------------------------------
+def _compute_dtype(dtype: torch.dtype) -> torch.dtype:
+    """The dtype the selection and the merge sum are computed in: float32, or float64 for float64."""
+    return torch.promote_types(dtype, torch.float32)
+
+
+def _autocast_off(device: torch.device):
+    """A context that disables autocast on ``device`` (a no-op on devices without autocast)."""
+    if torch.amp.is_autocast_available(device.type):
+        return torch.autocast(device_type=device.type, enabled=False)
+    return contextlib.nullcontext()
+
+
 class TokenSelect(nn.Module):
     """Token Expansion's "initialization, expansion, merging" operator.
 
@@ -291,6 +304,10 @@ class TokenSelect(nn.Module):
     into it, then the suffix tokens; ``index`` (B, prefix + K + suffix) int64, the input position
     of every output token. When it does not reduce (eval mode, stage 0, a final stage of 1.0) it
     returns ``(x, None)`` with x unchanged.
+
+    Precision: the selection (similarities, expansion order, merge targets) and the merge sum are
+    computed in float32 (float64 for float64 input) with autocast off, so the kept tokens do not
+    depend on the input dtype or the autocast precision; x_out has x's dtype and gradient path.
     """
 
     def __init__(
@@ -381,9 +398,15 @@ class TokenSelect(nn.Module):
 
     # -- the algorithm -----------------------------------------------------------------------
     def _similarity(self, patches: torch.Tensor) -> torch.Tensor:
-        """(B, P, P) similarity between all patch tokens, without gradient (higher = closer)."""
-        with torch.no_grad():
-            tokens = patches.detach()
+        """(B, P, P) similarity between all patch tokens, without gradient (higher = closer).
+
+        Computed in ``_compute_dtype(patches.dtype)`` with autocast off: bf16 has a spacing of
+        2^-8 just below 1, so the cosines of near-parallel tokens collapse into a few values, ties
+        and rounding reorder them, and the kept set would depend on the autocast precision. It
+        also gives ``torch.cdist`` a dtype it has a kernel for on the CPU (no fp16 or bf16 there).
+        """
+        with torch.no_grad(), _autocast_off(patches.device):
+            tokens = patches.detach().to(_compute_dtype(patches.dtype))   # no copy if already fp32
             if self.distance == "cosine":
                 # clamp: an all-zero token (padding) has similarity 0 to everything, not NaN
                 tokens = tokens / tokens.norm(dim=-1, keepdim=True).clamp_min(1e-12)
@@ -449,13 +472,17 @@ class TokenSelect(nn.Module):
             dest[:, stop:] = torch.arange(start + kept, num_out, device=x.device)
             patch_dest = dest[:, start:stop]
             patch_dest.scatter_(1, selected, slots).scatter_(1, unselected, target + start)
-            counts = torch.zeros(batch, num_out, dtype=x.dtype, device=x.device)
-            counts.scatter_add_(1, dest, torch.ones_like(dest, dtype=x.dtype))
+            compute = _compute_dtype(x.dtype)
+            counts = torch.zeros(batch, num_out, dtype=compute, device=x.device)
+            counts.scatter_add_(1, dest, torch.ones_like(dest, dtype=compute))
 
         # The tokens themselves keep their gradient: a scatter-add mean (a count of 1 for the
-        # prefix and suffix tokens, which pass unchanged).
-        summed = x.new_zeros(batch, num_out, channels).scatter_add(1, dest.unsqueeze(-1).expand(-1, -1, channels), x)
-        out = summed / counts.unsqueeze(-1)                                   # (B, prefix+K+suffix, C)
+        # prefix and suffix tokens, which pass unchanged). The sum is taken in the compute dtype
+        # because a few fp16 tokens of ~3e4 already sum past fp16's 65504 to inf; the mean is cast
+        # back, so the output has x's dtype. For fp32 (and fp64) input both casts are no-ops.
+        summed = torch.zeros(batch, num_out, channels, dtype=compute, device=x.device)
+        summed = summed.scatter_add(1, dest.unsqueeze(-1).expand(-1, -1, channels), x.to(compute))
+        out = (summed / counts.unsqueeze(-1)).to(x.dtype)                     # (B, prefix+K+suffix, C)
         positions = [torch.arange(start, device=x.device).expand(batch, -1), selected + start,
                      torch.arange(stop, x.shape[1], device=x.device).expand(batch, -1)]
         index = torch.cat(positions, dim=1)                                   # (B, prefix+K+suffix)

@@ -1,8 +1,6 @@
 """Tests of the ToE operator (token_select.py): parity with the published algorithm, options,
 semantics, errors, arithmetic helpers, and attaching to unmodified timm models."""
 
-import math
-
 import pytest
 import torch
 
@@ -61,6 +59,19 @@ def reference_token_select(x, keep_rate, initialization_keep_rate, repetitions, 
         out_rows.append(torch.cat([head, torch.stack(merged)]))
         index_rows.append(list(range(prefix)) + [s + prefix for s in selected])
     return torch.stack(out_rows), torch.tensor(index_rows)
+
+
+def merge_group_sizes(x, index, prefix=1):
+    """(B, K) size of each kept token's merge group (itself + the tokens assigned to it by cosine),
+    computed in float64 from x (B, N, C) and the operator's index (B, prefix + K)."""
+    patches = torch.nn.functional.normalize(x[:, prefix:].detach().double(), dim=-1)
+    kept_pos = index[:, prefix:] - prefix
+    rows = []
+    for b in range(x.shape[0]):
+        unselected = sorted(set(range(patches.shape[1])) - set(kept_pos[b].tolist()))
+        assign = (patches[b, unselected] @ patches[b, kept_pos[b]].T).argmax(dim=1)
+        rows.append(1 + torch.bincount(assign, minlength=kept_pos.shape[1]))
+    return torch.stack(rows)
 
 
 def run_operator(x, config, stage, repetitions=2, **kwargs):
@@ -171,9 +182,14 @@ def test_identity_in_eval_mode_unless_sparse_inference():
 def test_prefix_and_suffix_tokens_pass_untouched(prefix, suffix):
     op = TokenSelect(**DEIT, num_prefix_tokens=prefix, num_suffix_tokens=suffix).train()
     op.update_current_stage(0)
-    x = torch.randn(3, prefix + 196 + suffix, 8)
+    torch.manual_seed(prefix * 10 + suffix)
+    x = torch.randn(3, prefix + 196 + suffix, 8, dtype=torch.float64)
     out, index = op(x)
     assert out.shape[1] == prefix + 98 + suffix
+    # the patch tokens are reduced as if the suffix were not there
+    ref_out, ref_index = reference_token_select(x[:, :prefix + 196], DEIT["keep_rate"], 0.25, 2, 1, prefix=prefix)
+    assert torch.equal(index[:, :prefix + 98], ref_index)
+    torch.testing.assert_close(out[:, :prefix + 98], ref_out, rtol=1e-12, atol=1e-12)
     assert torch.equal(out[:, :prefix], x[:, :prefix])
     if suffix:
         assert torch.equal(out[:, -suffix:], x[:, -suffix:])
@@ -194,24 +210,27 @@ def test_index_is_input_position_and_merge_is_group_mean():
     # Each output token is the mean of its own input token and the tokens merged into it, so the
     # sum of (output * group size) over the kept tokens is the sum of all patch tokens.
     patches = x[:, 1:]
-    cos = torch.nn.functional.normalize(patches, dim=-1)
     kept_pos = index[:, 1:] - 1
+    all_sizes = merge_group_sizes(x, index).to(x.dtype)
     for b in range(4):
-        unsel = sorted(set(range(196)) - set(kept_pos[b].tolist()))
-        assign = (cos[b, unsel] @ cos[b, kept_pos[b]].T).argmax(dim=1)
-        sizes = 1 + torch.bincount(assign, minlength=78).to(x.dtype)
+        sizes = all_sizes[b]
         torch.testing.assert_close((out[b, 1:] * sizes[:, None]).sum(0), patches[b].sum(0))
         lonely = (sizes == 1).nonzero().flatten()
         torch.testing.assert_close(out[b, 1 + lonely], patches[b, kept_pos[b, lonely]])
 
 
-def test_gradient_reaches_every_input_token():
-    op = TokenSelect(**DEIT).train()
-    op.update_current_stage(100)  # stage 2, 147 kept
-    x = torch.randn(2, 197, 8, requires_grad=True)
-    out, _ = op(x)
-    (out * torch.randn_like(out)).sum().backward()
-    assert (x.grad.abs().sum(-1) > 0).all()
+def test_gradient_equals_the_reference_gradient():
+    # The reference builds each output token with stack + mean, so autograd through it gives the
+    # gradient of the published merge independently of the operator's scatter-add.
+    torch.manual_seed(3)
+    x = torch.randn(2, 197, 8, dtype=torch.float64, requires_grad=True)
+    weights = torch.randn(2, 1 + 147, 8, dtype=torch.float64)
+    out, _ = run_operator(x, DEIT, 2)  # stage 2, 147 kept
+    (grad,) = torch.autograd.grad((out * weights).sum(), x)
+    ref_out, _ = reference_token_select(x, DEIT["keep_rate"], 0.25, 2, 2)
+    (ref_grad,) = torch.autograd.grad((ref_out * weights).sum(), x)
+    torch.testing.assert_close(grad, ref_grad, rtol=1e-12, atol=1e-12)
+    assert (grad.abs().sum(-1) > 0).all()  # every token, merged or kept, gets a gradient
 
 
 def test_any_token_count_changing_between_calls():
@@ -257,6 +276,77 @@ def test_uniform_initialization_in_forward():
     assert out.shape[1] == 79
     seeds = T.seed_positions(196, 0.2, "uniform", (14, 14))
     assert index[0, 1:1 + len(seeds)].tolist() == [s + 1 for s in seeds]
+
+
+# ---------------------------------------------------------------------------------------------
+# Precision: the selection does not depend on the input dtype or the autocast precision
+# ---------------------------------------------------------------------------------------------
+DISTANCE_IDS = list(T.DISTANCES)
+
+
+def near_parallel_tokens(batch=8, patches=196, channels=64, seed=0):
+    """(batch, 1 + patches, channels) float32: one shared large component plus small noise, so
+    every cosine lies within ~1e-3 of 1, where bf16 (spacing 2^-8 below 1) cannot order them."""
+    generator = torch.Generator().manual_seed(seed)
+    shared = 10.0 * torch.randn(1, 1, channels, generator=generator)
+    return shared + 0.1 * torch.randn(batch, 1 + patches, channels, generator=generator)
+
+
+@pytest.mark.parametrize("distance", DISTANCE_IDS)
+def test_bf16_autocast_keeps_the_float32_selection(distance):
+    """Under bf16 autocast the kept set and the output equal the fp32 ones (issue 12). Without the
+    autocast-off float32 similarity the cosine index differs in all 8 samples; the distances use
+    ``torch.cdist``, which autocast leaves alone, so for them this guards against a regression."""
+    x = near_parallel_tokens()
+    cos = torch.nn.functional.normalize(x[:, 1:], dim=-1)
+    cos = cos @ cos.transpose(1, 2)
+    # the construction is what makes the test bite: thousands of fp32 cosines, few bf16 values
+    assert cos.min() > 0.99 and cos.bfloat16().unique().numel() < 10
+    expected, expected_index = run_operator(x, DEIT, 1, distance=distance)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out, index = run_operator(x, DEIT, 1, distance=distance)
+    assert torch.equal(index, expected_index)
+    assert out.dtype == torch.float32
+    torch.testing.assert_close(out, expected, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=["float16", "bfloat16"])
+@pytest.mark.parametrize("distance", DISTANCE_IDS)
+def test_half_precision_input_selects_like_its_float32_upcast(dtype, distance):
+    """fp16/bf16 input: the same index as the fp32 copy of the same tokens, the output in the
+    input dtype and equal to the fp32 output rounded to it (the merge is computed in fp32 and cast
+    once). Before the fix cosine/euclidean chose other tokens and manhattan raised on the CPU."""
+    x = near_parallel_tokens(seed=1).to(dtype)
+    expected, expected_index = run_operator(x.float(), DEIT, 1, distance=distance)
+    out, index = run_operator(x, DEIT, 1, distance=distance)
+    assert torch.equal(index, expected_index)
+    assert out.dtype == dtype
+    torch.testing.assert_close(out, expected.to(dtype), rtol=0, atol=0)
+
+
+def test_float16_large_tokens_merge_without_overflow():
+    """fp16 tokens of ~3e4: three of them already sum past fp16's max (65504). The merge sums in
+    fp32, so output and gradient equal the fp32 computation rounded to fp16 (issue 13)."""
+    generator = torch.Generator().manual_seed(2)
+    # four directions, so merge groups are large; all entries positive and ~3e4
+    directions = 0.8 + 0.2 * torch.rand(4, 32, generator=generator)
+    cluster = torch.randint(0, 4, (4, 197), generator=generator)
+    x32 = 3e4 * directions[cluster] * (1 + 0.01 * torch.rand(4, 197, 32, generator=generator))
+    x = x32.half().requires_grad_()
+    upcast = x.detach().float().requires_grad_()
+    weights = torch.randn(4, 1 + 78, 32, generator=generator)
+    out, index = run_operator(x, LVVIT, 1)
+    expected, expected_index = run_operator(upcast, LVVIT, 1)
+    assert torch.equal(index, expected_index)
+    # the case the test is about: some merge group sums past fp16's max, i.e. to inf in fp16
+    sizes = merge_group_sizes(x32, index)
+    assert sizes.max() >= 3 and 3 * x32[:, 1:].min() > torch.finfo(torch.float16).max
+    assert out.dtype == torch.float16 and torch.isfinite(out).all()
+    torch.testing.assert_close(out, expected.half(), rtol=0, atol=0)
+    (grad,) = torch.autograd.grad((out * weights.half()).sum(), x)
+    (expected_grad,) = torch.autograd.grad((expected * weights.half().float()).sum(), upcast)
+    assert grad.dtype == torch.float16 and torch.isfinite(grad).all()
+    torch.testing.assert_close(grad, expected_grad.half(), rtol=0, atol=0)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -360,17 +450,27 @@ def test_timm_attach_parity(name, kwargs, prefix):
 
 
 def test_attach_acts_under_gradient_checkpointing_and_detaches():
+    torch.manual_seed(0)
     model = timm.create_model("test_vit", pretrained=False)
     op = T.attach(model, TokenSelect(**DEIT))
     op.update_current_stage(0)
-    model.set_grad_checkpointing(True)
     model.train()
+    images = torch.randn(2, 3, *_image_size(model))
+    expected = model(images)
+    expected.sum().backward()
+    expected_grads = {name: p.grad.clone() for name, p in model.named_parameters()}
+    model.zero_grad(set_to_none=True)
+    model.set_grad_checkpointing(True)
     seen = []
     model.blocks[1].register_forward_pre_hook(lambda module, args: seen.append(args[0].shape[1]))
-    images = torch.randn(2, 3, *_image_size(model))
-    model(images).sum().backward()
+    out = model(images)
+    out.sum().backward()
     full = 1 + model.patch_embed.num_patches
     assert seen and all(n < full for n in seen)
+    # the recomputed forward selects the same tokens, so the gradients are those without checkpoints
+    torch.testing.assert_close(out, expected)
+    for name, p in model.named_parameters():
+        torch.testing.assert_close(p.grad, expected_grads[name], msg=name)
     T.detach(model)
     seen.clear()
     model(images)
@@ -378,7 +478,10 @@ def test_attach_acts_under_gradient_checkpointing_and_detaches():
 
 
 def test_attached_model_deepcopies_like_an_ema_copy_and_compiles():
+    """A deepcopy (timm's ModelEma) carries its own operator; the attached model compiles through
+    AOTAutograd (forward and backward graphs) and gives the eager output, index and gradients."""
     import copy
+    torch.manual_seed(0)
     model = timm.create_model("test_vit", pretrained=False)
     op = T.attach(model, TokenSelect(**DEIT))
     op.update_current_stage(0)
@@ -388,24 +491,48 @@ def test_attached_model_deepcopies_like_an_ema_copy_and_compiles():
     ema.eval(), model.eval()
     with torch.no_grad():
         assert torch.equal(ema(images), model(images))
+    # the copy's hook drives the copy's operator, not the original's
+    ema.train()
+    with torch.no_grad():
+        ema(images)
+    assert op.last_index is None and ema.token_select.last_index is not None
+
     model.train()
-    model(images)
+    expected = model(images)
+    expected.sum().backward()
     expected_index = op.last_index
-    compiled = torch.compile(model, backend="eager")
-    compiled(images)
+    expected_grads = {name: p.grad.clone() for name, p in model.named_parameters()}
+    model.zero_grad(set_to_none=True)
+    op.last_index = None  # so that the check below sees what the compiled call stored
+    compiled = torch.compile(model, backend="aot_eager", fullgraph=True)  # the hook: no graph break
+    out = compiled(images)
+    assert out.grad_fn.name() == "CompiledFunctionBackward"  # AOTAutograd's compiled backward
+    out.sum().backward()
     assert torch.equal(op.last_index, expected_index)
+    assert torch.equal(op.last_index, ema.token_select.last_index)  # same weights, same selection
+    torch.testing.assert_close(out, expected)
+    grads = {name: p.grad for name, p in model.named_parameters()}
+    assert grads.keys() == expected_grads.keys()
+    for name, grad in grads.items():
+        torch.testing.assert_close(grad, expected_grads[name], msg=name)
 
 
 def test_torch_compile_does_not_break():
+    """The operator alone under AOTAutograd: forward and backward graphs, compared with eager."""
+    torch.manual_seed(0)
     op = TokenSelect(**DEIT).train()
     op.update_current_stage(0)
-    x = torch.randn(2, 1 + 64, 8)
+    x = torch.randn(2, 1 + 64, 8, requires_grad=True)
+    weights = torch.randn(2, 1 + 32, 8)
     expected, expected_index = op(x)
-    compiled = torch.compile(op, backend="eager")
+    (expected_grad,) = torch.autograd.grad((expected * weights).sum(), x)
+    compiled = torch.compile(op, backend="aot_eager", fullgraph=True)
     out, index = compiled(x)
+    assert out.grad_fn.name() == "CompiledFunctionBackward"  # AOTAutograd's compiled backward
+    (grad,) = torch.autograd.grad((out * weights).sum(), x)
     assert torch.equal(index, expected_index)
     torch.testing.assert_close(out, expected)
-    assert math.isfinite(out.sum().item())
+    torch.testing.assert_close(grad, expected_grad)
 
 
 def test_attention_mask_with_reduction_is_a_clear_error():
