@@ -1,21 +1,29 @@
 #!/usr/bin/env bash
-# The main job on embedded real data: trains a small DeiT with Token Expansion on scikit-learn's
-# handwritten digits (32 px, 4 px patches: 64 tokens) through ToE/deit/main.py, over three ToE
-# stages (50 %, 75 %, then all patch tokens), and prints the accuracy, the time, and the measured
-# versus FLOP-predicted speed of each stage. About 4.5 minutes on 2 CPU cores.
-#   bash run/demo.sh [deit] [extra ToE/deit/main.py flags, e.g. --initialization stride]
-#   DEMO_EPOCHS=N (default 48; stages start at 0, N/3, 2N/3) and DEMO_OUT=folder (default runs/demo)
-# DEMO_OUT is replaced on every run only if an earlier demo made it (it holds .toe-demo); a
-# folder of anything else is never deleted.
-case "${1:-deit}" in
-  deit) [ "$#" -gt 0 ] && [ "$1" = deit ] && shift ;;
-  lvvit|et|yolos) echo "error: the $1 trainer is not built yet, so it has no demo. Run: bash run/demo.sh deit" >&2; exit 2 ;;
-  -*) ;;
-  *) echo "error: unknown trainer '$1'. Usage: bash run/demo.sh [deit] [main.py flags]" >&2; exit 2 ;;
+# The main job on embedded real data, for one trainer:
+#   bash run/demo.sh [deit|lvvit|et|yolos] [extra flags for that trainer's main.py]
+# deit (the default): a small DeiT with Token Expansion on scikit-learn's handwritten digits,
+# about 4.5 minutes on 2 CPU cores. Each trainer's demo lives in ToE/<trainer>/run/demo.sh and
+# prints its result and per-stage speed the same way.
+#   DEMO_EPOCHS=N (the trainer's default length) and DEMO_OUT=folder (default runs/demo, or
+#   runs/demo-<trainer> for the others). DEMO_OUT is replaced on every run only if an earlier
+#   demo made it (it holds .toe-demo); a folder of anything else is never deleted.
+set -euo pipefail
+ROOT_DIR="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+TRAINER=deit
+case "${1:-}" in
+  deit|lvvit|et|yolos) TRAINER="$1"; shift ;;
+  ''|-*) ;;
+  *) echo "error: unknown trainer '$1'. Usage: bash run/demo.sh [deit|lvvit|et|yolos] [main.py flags]" >&2; exit 2 ;;
 esac
-source "$(dirname "${BASH_SOURCE[0]}")/_env.sh"
-OUT="${DEMO_OUT:-runs/demo}"
-EPOCHS="${DEMO_EPOCHS:-48}"  # 15 epochs are too few for the digits (55-80 %), 36+ reach ~98 %
+declare -A FOLDER=([deit]=deit [lvvit]=lvvit [et]=EfficientTrain [yolos]=yolos)
+SCRIPT="$ROOT_DIR/ToE/${FOLDER[$TRAINER]}/run/demo.sh"
+if [ ! -f "$SCRIPT" ]; then
+  echo "error: the $TRAINER trainer has no demo yet ($SCRIPT is missing). Run: bash run/demo.sh deit" >&2
+  exit 2
+fi
+source "$ROOT_DIR/run/_env.sh"
+if [ "$TRAINER" = deit ]; then DEFAULT_OUT=runs/demo; else DEFAULT_OUT="runs/demo-$TRAINER"; fi
+OUT="${DEMO_OUT:-$DEFAULT_OUT}"
 if [ -e "$OUT" ]; then
   if [ -f "$OUT/.toe-demo" ]; then
     rm -rf "$OUT"
@@ -25,20 +33,6 @@ if [ -e "$OUT" ]; then
   fi
 fi
 mkdir -p "$OUT" && touch "$OUT/.toe-demo"
-"$PY" -m ToE.common.digits --out data/digits --size 32
-third=$((EPOCHS / 3))
-"$PY" ToE/deit/main.py \
-  --data-path data/digits --output_dir "$OUT" --device cpu --num_workers 0 --seed 0 \
-  --model vit_tiny_patch16_224 --model-kwargs embed_dim=96 depth=6 num_heads=3 \
-  --input-size 32 --patch-size 4 --crop-pct 1.0 \
-  --epochs "$EPOCHS" --batch-size 64 --lr 1e-3 --unscale-lr --min-lr 1e-5 --warmup-epochs 3 \
-  --weight-decay 0.05 --drop-path 0.1 --smoothing 0.1 \
-  --aa none --reprob 0 --mixup 0 --cutmix 0 --hflip 0 --scale 0.6 1.0 --no-repeated-aug --no-model-ema \
-  --expansion-step 0 "$third" "$((2 * third))" --keep-rate 0.5 0.75 1.0 \
-  --initialization-keep-rate 0.25 --expansion-multiple-stage 2 \
-  --initialization uniform \
-  "$@"
-# Uniform seeds: on an 8 x 8 grid the published stride rule puts all 16 seeds in two columns,
-# and costs about a point of top-1 here (README, Results: the mini-table).
-echo
-"$PY" -m ToE.common.summary "$OUT"
+export PY DEMO_OUT="$OUT"
+[ -z "${DEMO_EPOCHS:-}" ] || export DEMO_EPOCHS
+exec bash "$SCRIPT" "$@"
