@@ -1,0 +1,113 @@
+"""The embedded detection set "digits-det": scikit-learn's real handwritten digits on canvases, COCO layout.
+
+    python -m ToE.yolos.digits_det --out data/digits-det
+
+Each 64 x 64 RGB canvas has a dark noisy background (uniform 0-40) and 1-3 non-overlapping digits
+upscaled x2 or x3 (bilinear, 16 or 24 px) in a random bright tint. Glyphs 0-1399 make the train
+canvases, 1400-1796 the val canvases (unseen writers' glyphs). The box of a digit is the tight box
+of its pixels above 10 % of the glyph's peak; category_id = digit + 1 (1..10; 0 stays unused, as
+in COCO ids start at 1). Written as ``train2017/``, ``val2017/``, ``annotations/instances_*.json``
+with ``info`` and ``licenses`` and ids from 1, so the COCO code reads it unchanged. Nothing is
+downloaded; writing is idempotent (a complete folder is left alone).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+from typing import Dict, List
+
+import numpy as np
+
+DONE_FILE = ".complete"
+VERSION = "digits-det v1"
+TRAIN_GLYPHS, CANVAS = 1400, 64
+SPLITS = {"train": 1500, "val": 300}
+
+
+def _canvas(rng: np.random.RandomState, glyphs: np.ndarray, labels: np.ndarray):
+    """One canvas (64, 64, 3) uint8 and its boxes [(x, y, w, h, category_id)]."""
+    from PIL import Image
+
+    image = rng.uniform(0, 40, size=(CANVAS, CANVAS, 3))
+    cells: List[tuple] = []
+    boxes = []
+    for _ in range(rng.randint(1, 4)):
+        scale = int(rng.choice([2, 3]))
+        side = 8 * scale
+        for _attempt in range(20):  # rejection sampling of a free place
+            x, y = rng.randint(0, CANVAS - side + 1), rng.randint(0, CANVAS - side + 1)
+            if all(x + side <= a or a + s <= x or y + side <= b or b + s <= y for a, b, s in cells):
+                break
+        else:
+            continue
+        index = rng.randint(len(glyphs))
+        glyph = Image.fromarray((glyphs[index] / 16.0 * 255).astype(np.uint8)).resize((side, side), Image.BILINEAR)
+        alpha = np.asarray(glyph, dtype=np.float64) / 255.0                      # (side, side)
+        tint = rng.uniform(150, 255, size=3)
+        region = image[y:y + side, x:x + side]
+        image[y:y + side, x:x + side] = region * (1 - alpha[..., None]) + tint * alpha[..., None]
+        rows, cols = np.nonzero(alpha > 0.1 * alpha.max())
+        if len(rows) == 0:
+            continue
+        cells.append((x, y, side))
+        x0, y0, x1, y1 = x + cols.min(), y + rows.min(), x + cols.max() + 1, y + rows.max() + 1
+        boxes.append((float(x0), float(y0), float(x1 - x0), float(y1 - y0), int(labels[index]) + 1))
+    return image.round().clip(0, 255).astype(np.uint8), boxes
+
+
+def build_digits_det(out: str, seed: int = 0) -> str:
+    """Write the set under ``out`` unless it is already complete; return ``out``."""
+    done = os.path.join(out, DONE_FILE)
+    if os.path.exists(done):
+        with open(done) as handle:
+            if handle.read().strip() == VERSION:
+                return out
+    from PIL import Image
+    from sklearn.datasets import load_digits
+
+    digits = load_digits()
+    pools = {"train": (digits.images[:TRAIN_GLYPHS], digits.target[:TRAIN_GLYPHS]),
+             "val": (digits.images[TRAIN_GLYPHS:], digits.target[TRAIN_GLYPHS:])}
+    categories = [{"id": d + 1, "name": str(d), "supercategory": "digit"} for d in range(10)]
+    os.makedirs(os.path.join(out, "annotations"), exist_ok=True)
+    for split_number, (split, count) in enumerate(SPLITS.items()):
+        rng = np.random.RandomState(seed * 10 + split_number)
+        folder = os.path.join(out, f"{split}2017")
+        os.makedirs(folder, exist_ok=True)
+        images: List[Dict] = []
+        annotations: List[Dict] = []
+        for image_id in range(1, count + 1):  # ids from 1: COCOeval treats id 0 as unmatched
+            pixels, boxes = _canvas(rng, *pools[split])
+            name = f"{image_id:06d}.png"
+            Image.fromarray(pixels).save(os.path.join(folder, name))
+            images.append({"id": image_id, "file_name": name, "width": CANVAS, "height": CANVAS})
+            for x, y, w, h, category in boxes:
+                annotations.append({"id": len(annotations) + 1, "image_id": image_id, "category_id": category,
+                                    "bbox": [x, y, w, h], "area": w * h, "iscrowd": 0})
+        data = {"info": {"description": VERSION}, "licenses": [], "images": images, "annotations": annotations,
+                "categories": categories}
+        with open(os.path.join(out, "annotations", f"instances_{split}2017.json"), "w") as handle:
+            json.dump(data, handle)
+    with open(done, "w") as handle:
+        handle.write(VERSION)
+    return out
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--out", default="data/digits-det", help="folder to write (default: data/digits-det)")
+    args = parser.parse_args()
+    path = build_digits_det(args.out)
+    counts = {}
+    for split in SPLITS:
+        with open(os.path.join(path, "annotations", f"instances_{split}2017.json")) as handle:
+            data = json.load(handle)
+        counts[split] = (len(data["images"]), len(data["annotations"]))
+    print(f"digits-det in {path}: {counts['train'][0]} train images ({counts['train'][1]} boxes), "
+          f"{counts['val'][0]} val images ({counts['val'][1]} boxes), {CANVAS} px, 10 classes (ids 1-10)")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,136 @@
+"""YOLOS detection with Token Expansion.
+
+    python ToE/yolos/main.py --coco_path /data/coco --backbone_name deit_tiny_patch16_224 \
+        --init-checkpoint deit_tiny_patch16_224-a1311bcf.pth --output_dir runs/yolos_ti
+    torchrun --nproc_per_node 8 ToE/yolos/main.py ...           # one process per GPU
+    python ToE/yolos/main.py ... --eval --resume runs/yolos_ti/checkpoint.pth   # COCO results json
+
+The backbone is a timm VisionTransformer used as it is; the detection tokens are the ToE
+operator's suffix tokens (never merged); the stage is set from the epoch before every epoch;
+evaluation runs all tokens unless ``--sparse-eval``. Flags keep the published YOLOS names
+(``--coco_path``, ``--batch_size``, ``--backbone_name``, ``--pre_trained``, ``--eval_size``,
+``--init_pe_size``, ``--mid_pe_size``, ``--det_token_num``) beside the shared ToE group.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+
+if __package__ in (None, ""):  # run as a script: make the repository root importable
+    sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
+
+from ToE.common.args import (OneLineParser, ParseKwargs, add_toe_args, non_negative_float,  # noqa: E402
+                             non_negative_int, positive_float, positive_int, probability)
+from ToE.common.errors import run_main  # noqa: E402
+
+
+def get_args_parser() -> argparse.ArgumentParser:
+    """YOLOS's flags (published names, with dashed aliases) and the shared ToE group."""
+    parser = OneLineParser("YOLOS detection with Token Expansion", add_help=False)
+    parser.add_argument("--batch_size", "--batch-size", default=2, type=positive_int,
+                        help="images per process and step (default: 2)")
+    parser.add_argument("--epochs", default=150, type=positive_int, help="training epochs (default: 150)")
+
+    model = parser.add_argument_group("model")
+    model.add_argument("--backbone_name", "--backbone-name", default="deit_tiny_patch16_224",
+                       help="timm ViT name of the backbone (default: deit_tiny_patch16_224)")
+    model.add_argument("--backbone-kwargs", nargs="*", default={}, action=ParseKwargs,
+                       help="extra timm.create_model arguments, e.g. img_size=64 patch_size=8 embed_dim=96 depth=4")
+    model.add_argument("--init-checkpoint", "--pre_trained", dest="init_checkpoint", default="",
+                       help="classification weights for the backbone: a published DeiT .pth, a timm state dict or "
+                            "this project's DeiT checkpoint.pth (default: random initialisation)")
+    model.add_argument("--det_token_num", "--det-token-num", default=100, type=positive_int,
+                       help="detection tokens (default: 100)")
+    model.add_argument("--init_pe_size", "--init-pe-size", nargs=2, type=positive_int, default=[800, 1333],
+                       metavar=("H", "W"), help="image size whose patch grid the stored position table has "
+                                                "(default: 800 1333)")
+    model.add_argument("--mid_pe_size", "--mid-pe-size", nargs=2, type=positive_int, default=None,
+                       metavar=("H", "W"), help="add learned position tables after every block but the last, on "
+                                                "this grid (default: none; YOLOS-S: 512 864)")
+    model.add_argument("--pe-resize-by-count", action="store_true",
+                       help="reproduce the published bug: skip the position-table resize when the patch COUNT "
+                            "matches though the grid shape differs (default: compare shapes)")
+    model.add_argument("--num-classes", default=None, type=positive_int,
+                       help="category logits (default: the largest category id + 1; COCO: 91)")
+
+    loss = parser.add_argument_group("matcher and loss (published weights)")
+    loss.add_argument("--set_cost_class", default=1.0, type=non_negative_float, help="class cost (default: 1)")
+    loss.add_argument("--set_cost_bbox", default=5.0, type=non_negative_float, help="L1 box cost (default: 5)")
+    loss.add_argument("--set_cost_giou", default=2.0, type=non_negative_float, help="GIoU cost (default: 2)")
+    loss.add_argument("--bbox_loss_coef", default=5.0, type=non_negative_float, help="L1 loss weight (default: 5)")
+    loss.add_argument("--giou_loss_coef", default=2.0, type=non_negative_float, help="GIoU loss weight (default: 2)")
+    loss.add_argument("--eos_coef", default=0.1, type=probability, help="weight of the no-object class (default: 0.1)")
+
+    optim = parser.add_argument_group("optimizer and schedule")
+    optim.add_argument("--lr", default=1e-4, type=positive_float, help="AdamW learning rate (default: 1e-4)")
+    optim.add_argument("--weight_decay", "--weight-decay", default=1e-4, type=non_negative_float,
+                       help="weight decay (default: 1e-4)")
+    optim.add_argument("--clip_max_norm", "--clip-max-norm", default=0.1, type=non_negative_float,
+                       help="gradient clipping max norm, 0 for off (default: 0.1)")
+    optim.add_argument("--min-lr", default=1e-7, type=non_negative_float,
+                       help="lowest learning rate of the cosine (default: 1e-7)")
+    optim.add_argument("--warmup-epochs", default=0, type=non_negative_int, help="linear warmup epochs (default: 0)")
+    optim.add_argument("--warmup-lr", default=1e-6, type=non_negative_float, help="warmup start lr (default: 1e-6)")
+
+    data = parser.add_argument_group("data")
+    data.add_argument("--coco_path", "--data-path", dest="data_path", default="data/digits-det",
+                      help="COCO layout: train2017/, val2017/, annotations/instances_{train,val}2017.json "
+                           "(default: data/digits-det)")
+    data.add_argument("--scales", nargs="+", type=positive_int, default=list(range(480, 801, 16)),
+                      help="training short sides, floored to the patch (default: 480 496 ... 800)")
+    data.add_argument("--max-size", default=1333, type=positive_int, help="largest training long side (default: 1333)")
+    data.add_argument("--select-scales", nargs="+", type=positive_int, default=[400, 500, 600],
+                      help="short sides before the random crop (default: 400 500 600)")
+    data.add_argument("--crop-size", nargs=2, type=positive_int, default=[384, 600], metavar=("MIN", "MAX"),
+                      help="random crop side range (default: 384 600)")
+    data.add_argument("--hflip", default=0.5, type=probability, help="horizontal flip probability (default: 0.5)")
+    data.add_argument("--eval_size", "--eval-size", default=800, type=positive_int,
+                      help="evaluation short side (default: 800)")
+    data.add_argument("--eval-max-size", default=None, type=positive_int,
+                      help="evaluation long side limit (default: eval_size * 1333 // 800)")
+    data.add_argument("--eval-batch-size", default=None, type=positive_int,
+                      help="evaluation images per process and step (default: --batch_size)")
+
+    run = parser.add_argument_group("run")
+    run.add_argument("--output_dir", "--output-dir", default="", help="checkpoints and logs (default: nothing written)")
+    run.add_argument("--device", default="cuda", help="cuda or cpu; cuda falls back to cpu (default: cuda)")
+    run.add_argument("--seed", default=42, type=non_negative_int, help="random seed, + rank per process (default: 42)")
+    run.add_argument("--resume", default="", help="checkpoint to continue from (or to evaluate with --eval)")
+    run.add_argument("--overwrite", action="store_true",
+                     help="start a new run in an --output_dir that holds another run (deletes it first)")
+    run.add_argument("--check-only", action="store_true",
+                     help="check the flags, data, output folder and resume/init files, then exit")
+    run.add_argument("--eval", action="store_true",
+                     help="only evaluate --resume CHECKPOINT and write the detections as a COCO results json")
+    run.add_argument("--results-json", default="",
+                     help="where --eval writes the detections (default: OUTPUT_DIR/detections_val2017.json)")
+    run.add_argument("--start_epoch", default=0, type=non_negative_int, help="first epoch when not resuming")
+    run.add_argument("--stop-after-epochs", default=None, type=positive_int,
+                     help="train at most this many epochs in this run, then exit (continue with --resume)")
+    run.add_argument("--num_workers", "--num-workers", default=2, type=non_negative_int,
+                     help="data loading workers per process (default: 2)")
+    run.add_argument("--log-interval", default=50, type=positive_int,
+                     help="steps between reads of the loss (progress bar, non-finite check) (default: 50)")
+    add_toe_args(parser)
+    return parser
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    parser = OneLineParser("YOLOS detection with Token Expansion", parents=[get_args_parser()])
+    return parser.parse_args(argv)
+
+
+def main(args: argparse.Namespace) -> None:
+    from ToE.yolos.trainer import DetectionTrainer
+
+    DetectionTrainer(args).fit()
+
+
+def cli(argv=None) -> None:
+    run_main(lambda: main(parse_args(argv)))
+
+
+if __name__ == "__main__":
+    cli()
