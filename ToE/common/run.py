@@ -1,0 +1,73 @@
+"""Pieces of a training run's skeleton that do not depend on the task (classification, detection):
+opening the outputs, saving a checkpoint from every process's view, the RNG hand-over on resume,
+and what an interruption leaves behind."""
+
+from __future__ import annotations
+
+import argparse
+import os
+from typing import Any, Dict, Optional
+
+import torch
+
+from ToE.common.checkpoint import save_checkpoint, seed_everything
+from ToE.common.distributed import DistEnv, barrier
+from ToE.common.log import RunLog, remove_run_outputs, save_args
+
+
+def start_outputs(args: argparse.Namespace, env: DistEnv, first_epoch: int,
+                  extra_args: Optional[Dict[str, Any]] = None) -> RunLog:
+    """Say where the run writes (or that it writes nothing), clear an old run for ``--overwrite``,
+    write args.yaml (with ``extra_args``), and open the log at ``first_epoch``."""
+    if env.is_main:
+        if not args.output_dir:
+            print("note: no --output_dir: nothing will be saved (no checkpoints, no log). Pass --output_dir "
+                  "to keep the run", flush=True)
+        else:
+            if args.overwrite and not args.resume:
+                remove_run_outputs(args.output_dir)
+            save_args({**vars(args), **(extra_args or {})}, args.output_dir)
+    barrier()  # no process writes before the old run's files are gone
+    return RunLog(args.output_dir, enabled=env.is_main, first_epoch=first_epoch)
+
+
+def save_run_checkpoint(state: Dict[str, Any], output_dir: str, env: DistEnv, is_best: bool = False) -> str:
+    """Write ``state`` (its ``rng`` holding this process's stream under its rank) as
+    ``output_dir/checkpoint.pth`` (and ``best_checkpoint.pth``), with every process's RNG state
+    gathered into the one file; returns the path. Call it on every process."""
+    if env.distributed:
+        gathered = [None] * env.world_size
+        torch.distributed.all_gather_object(gathered, state["rng"][str(env.rank)])
+        state["rng"] = {str(rank): rng for rank, rng in enumerate(gathered)}
+    path = os.path.join(output_dir, "checkpoint.pth")
+    if env.is_main:
+        save_checkpoint(state, path)
+        if is_best:
+            save_checkpoint(state, os.path.join(output_dir, "best_checkpoint.pth"))
+    barrier()
+    return path
+
+
+def rng_to_restore(checkpoint: Dict[str, Any], env: DistEnv, seed: int, start_epoch: int, path: str,
+                   lr_note: str = "") -> Optional[Dict[str, Any]]:
+    """This process's saved RNG state, or None after re-seeding when the process count changed
+    (a fresh stream per process, distinct from every earlier epoch's; a warning says so)."""
+    rng = checkpoint.get("rng", {})
+    stored_world = int(checkpoint.get("world_size", len(rng) or 1))
+    if stored_world == env.world_size and str(env.rank) in rng:
+        return rng[str(env.rank)]
+    seed_everything(seed + env.rank + 100_003 * start_epoch)
+    if env.is_main:
+        print(f"warning: {path} was written by {stored_world} process(es), this run has {env.world_size}: every "
+              f"process starts a fresh random stream{lr_note}; the run continues, but not bit for bit as it would "
+              "have", flush=True)
+    return None
+
+
+def interrupted_message(output_dir: str, last_checkpoint: Optional[str]) -> str:
+    """What an interruption (Ctrl-C) leaves: nothing, no checkpoint yet, or the one to resume from."""
+    if not output_dir:
+        return "nothing was saved (no --output_dir)"
+    if last_checkpoint is None:
+        return "stopped before the end of the first epoch: no checkpoint was written, nothing to resume"
+    return f"{last_checkpoint} (the last finished epoch) is intact; continue with --resume {last_checkpoint}"
