@@ -8,6 +8,7 @@ on the CPU.
 from __future__ import annotations
 
 import math
+import re
 import sys
 import time
 
@@ -16,6 +17,8 @@ import torch
 from test_deit import (FAST, MAIN, PLAIN, TINY, assert_same_tensors, assert_user_error, free_port, load, ok,
                        read_log, run_main, write_images)
 
+# a traceback frame in the project's code (torchrun's own report names main.py, that is fine)
+OUR_TRACEBACK = re.compile(r'File "[^"]*ToE/(common|deit)/')
 # three stages in three epochs, so a resume after epoch 1 crosses a stage boundary
 STAGES = ["--expansion-step", "0", "1", "2", "--keep-rate", "0.5", "0.75", "1.0"]
 
@@ -113,7 +116,7 @@ def test_failure_on_one_of_two_processes_ends_both_with_one_message(data, tmp_pa
     assert result.returncode != 0
     assert time.monotonic() - start < 120
     assert result.stderr.count(f"error: cannot read image {bad}") == 1, result.stderr
-    assert 'ToE/common/' not in result.stderr and 'ToE/deit/' not in result.stderr, "a traceback of ours"
+    assert not OUR_TRACEBACK.search(result.stderr), "a process printed a traceback of ours"
 
 
 def test_non_finite_loss_on_two_processes_stops_both_once(two_process_runs, data, tmp_path):
@@ -126,7 +129,7 @@ def test_non_finite_loss_on_two_processes_stops_both_once(two_process_runs, data
     result = run_main(*args(data, out), "--resume", out / "checkpoint.pth", cmd=torchrun(), timeout=180)
     assert result.returncode != 0
     assert result.stderr.count("training stopped: the loss became nan or inf in epoch 2") == 1, result.stderr
-    assert 'ToE/common/' not in result.stderr and 'ToE/deit/' not in result.stderr
+    assert not OUR_TRACEBACK.search(result.stderr)
     assert (out / "checkpoint.pth").read_bytes() == before
 
 
@@ -144,6 +147,8 @@ def test_bf16_autocast_step_on_the_cpu(data):
         lambda m, i, o: seen.append((o.dtype, o.shape[1])))
     records = []
     trainer.log = type("Log", (), {"write": lambda self, record, step=None: records.append(record)})()
+    # the logged count must come from the forward passes, not from the schedule's arithmetic
+    trainer.toe.kept_patch_tokens = lambda num_patches: 999
     trainer.train_epoch(0)
     assert {dtype for dtype, _ in seen} == {torch.bfloat16}
     assert 1 + 8 in {tokens for _, tokens in seen}  # training steps ran on 8 of 16 patch tokens

@@ -280,3 +280,13 @@ def test_check_only_checks_and_trains_nothing(data, tmp_path):
     assert "check passed" in result.stdout
     assert not (out / "log.txt").exists() and not (out / "checkpoint.pth").exists()
     assert MAIN.exists()
+
+
+def test_run_script_with_several_processes_reports_a_flag_error_once(data, tmp_path):
+    """NPROC=2: the script checks the flags in one process before torchrun starts, so a mistake
+    is one line, not one per process plus torchrun's traceback."""
+    env = {**_env(), "NPROC": "2", "PYTHON": sys.executable, "CUDA_VISIBLE_DEVICES": ""}
+    result = subprocess.run(["bash", str(ROOT / "ToE" / "deit" / "run" / "imagenet_tiny_run1.sh"), str(data),
+                             str(tmp_path / "out"), "--epochs", "0"], cwd=ROOT, env=env, capture_output=True,
+                            text=True, timeout=120)
+    assert_user_error(result, "--epochs", "not 0")
