@@ -1,0 +1,147 @@
+"""Write token labels in the published format from any teacher on disk.
+
+    python -m ToE.lvvit.generate_label --model NAME --checkpoint FILE --data-path DATA --out LABELS \
+        [--img-size 576] [--batch-size 32] [--device cuda]
+
+For every image of ``DATA/train/<class>/`` it writes ``LABELS/<class>/<stem>.pt``: fp16 (2, 5, Hm, Wm),
+the teacher's top-5 logits and class indices at every position of its final feature map. The dense
+logits are the teacher's classifier applied at every spatial position (CNNs: the (B, F, h, w) map of
+``forward_features``; ViTs: the patch tokens, prefix tokens dropped, on their square grid). Images go
+through the evaluation transform (shorter side to ``--img-size``, centre crop ``--img-size``, as
+published). Prints the teacher's top-1 on the labelled images (from the spatially averaged logits).
+The teacher is any timm model name (``ToE.lvvit`` registers LV-ViT and the digits teacher) and its
+weights come from ``--checkpoint`` only: nothing is downloaded.
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import os
+import sys
+
+import timm
+import torch
+from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
+from torch.utils.data import DataLoader
+from torchvision import transforms as T
+from tqdm import tqdm
+
+import ToE.lvvit  # noqa: F401  (registers the LV-ViT models and the digits teacher)
+from ToE.common.args import OneLineParser, non_negative_int, positive_int
+from ToE.common.data import image_folder
+from ToE.common.errors import UserError, run_main
+from ToE.lvvit.labels import label_path, save_label_map
+
+
+def load_teacher(name: str, checkpoint: str, num_classes: int) -> torch.nn.Module:
+    """timm model ``name`` with the weights of ``checkpoint`` (a state_dict, or a dict with 'model');
+    a missing file or one that does not fit is a one-line UserError."""
+    if not timm.is_model(name):
+        raise UserError(f"unknown teacher model {name!r}. Pass a timm model name with --model")
+    if not os.path.isfile(checkpoint):
+        raise UserError(f"teacher checkpoint {checkpoint} not found. Pass --checkpoint with the teacher's weights "
+                        "on disk")
+    try:
+        state = torch.load(checkpoint, map_location="cpu", weights_only=True)
+    except Exception as error:  # noqa: BLE001 - any unreadable file is the same user error
+        raise UserError(f"teacher checkpoint {checkpoint} is unreadable ({error.__class__.__name__}). Pass a "
+                        "torch.save'd state_dict") from None
+    if isinstance(state, dict):
+        for key in ("model_ema", "model", "state_dict"):
+            if isinstance(state.get(key), dict):
+                state = state[key]
+                break
+    model = timm.create_model(name, pretrained=False, num_classes=num_classes)
+    try:
+        model.load_state_dict(state)
+    except (RuntimeError, TypeError, AttributeError) as error:
+        first = str(error).strip().splitlines()[0] if str(error).strip() else error.__class__.__name__
+        raise UserError(f"teacher checkpoint {checkpoint} does not fit {name} with {num_classes} classes ({first}). "
+                        "Pass the --model the checkpoint was trained as") from None
+    return model.eval()
+
+
+@torch.no_grad()
+def dense_teacher_logits(model: torch.nn.Module, images: torch.Tensor) -> torch.Tensor:
+    """(B, 3, S, S) -> (B, C, h, w): the classifier at every position of the final feature map."""
+    features = model.forward_features(images)
+    if features.dim() == 3:  # a ViT: (B, prefix + h*w, F) -> (B, F, h, w)
+        tokens = features[:, getattr(model, "num_prefix_tokens", 1):]
+        side = math.isqrt(tokens.shape[1])
+        if side * side != tokens.shape[1]:
+            raise UserError(f"teacher {type(model).__name__} gives {tokens.shape[1]} patch tokens, not a square grid. "
+                            "Use a square --img-size")
+        features = tokens.transpose(1, 2).reshape(tokens.shape[0], -1, side, side)
+    if features.dim() != 4:
+        raise UserError(f"teacher {type(model).__name__} gives features of shape {tuple(features.shape)}, not a "
+                        "spatial map. Use a CNN or a ViT teacher")
+    head = getattr(model, "aux_head", None) or model.get_classifier()
+    if isinstance(head, torch.nn.Conv2d):
+        return head(features)
+    return head(features.permute(0, 2, 3, 1)).permute(0, 3, 1, 2)
+
+
+class _Paths(torch.utils.data.Dataset):
+    def __init__(self, folder, transform) -> None:
+        self.folder, self.transform = folder, transform
+
+    def __len__(self) -> int:
+        return len(self.folder.samples)
+
+    def __getitem__(self, index: int):
+        path, target = self.folder.samples[index]
+        return self.transform(self.folder.loader(path)), target, index
+
+
+def generate(args: argparse.Namespace) -> float:
+    """Write the labels; return the teacher's top-1 (%) on the labelled images."""
+    images = image_folder(args.data_path, "train")
+    num_classes = len(images.classes)
+    if os.path.exists(args.out) and not os.path.isdir(args.out):
+        raise UserError(f"--out {args.out} is a file. Pass a folder for the label files")
+    model = load_teacher(args.model, args.checkpoint, num_classes)
+    device = torch.device(args.device if args.device != "cuda" or torch.cuda.is_available() else "cpu")
+    model.to(device)
+    transform = T.Compose([T.Resize(args.img_size, interpolation=T.InterpolationMode.BICUBIC),
+                           T.CenterCrop(args.img_size), T.ToTensor(),
+                           T.Normalize(IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD)])
+    loader = DataLoader(_Paths(images, transform), batch_size=args.batch_size, shuffle=False,
+                        num_workers=args.num_workers)
+    correct = seen = 0
+    map_shape = None
+    for batch, targets, indices in tqdm(loader, desc="token labels", disable=None, dynamic_ncols=True):
+        logits = dense_teacher_logits(model, batch.to(device)).float().cpu()   # (B, C, h, w)
+        if logits.shape[-1] < 6:
+            raise UserError(f"the teacher's feature map is {logits.shape[-2]} x {logits.shape[-1]} at --img-size "
+                            f"{args.img_size}; the label format needs at least 6 columns. Raise --img-size")
+        map_shape = tuple(logits.shape[-2:])
+        correct += int((logits.mean((2, 3)).argmax(1) == targets).sum())
+        seen += len(targets)
+        for one, index in zip(logits, indices.tolist()):
+            save_label_map(label_path(args.out, images.samples[index][0]), one)
+    accuracy = 100.0 * correct / max(seen, 1)
+    print(f"wrote {seen} token-label files ({map_shape[0]} x {map_shape[1]} maps) to {args.out}; teacher "
+          f"{args.model} top-1 on these images (averaged map): {accuracy:.2f} %", flush=True)
+    return accuracy
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    parser = OneLineParser("Write LV-ViT token labels (published format) from a teacher on disk")
+    parser.add_argument("--model", required=True, help="timm name of the teacher")
+    parser.add_argument("--checkpoint", required=True, help="the teacher's weights on disk (state_dict)")
+    parser.add_argument("--data-path", required=True, help="folder with train/<class>/ images")
+    parser.add_argument("--out", required=True, help="label folder to write (<out>/<class>/<stem>.pt)")
+    parser.add_argument("--img-size", type=positive_int, default=576, help="teacher input side (default: 576)")
+    parser.add_argument("-b", "--batch-size", type=positive_int, default=32, help="batch size (default: 32)")
+    parser.add_argument("--device", default="cuda", help="cuda or cpu (default: cuda, cpu without a GPU)")
+    parser.add_argument("--num-workers", type=non_negative_int, default=4, help="loader workers (default: 4)")
+    return parser.parse_args(argv)
+
+
+def cli(argv=None) -> None:
+    run_main(lambda: generate(parse_args(argv)))
+
+
+if __name__ == "__main__":
+    cli(sys.argv[1:])

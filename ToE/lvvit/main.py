@@ -1,0 +1,109 @@
+"""LV-ViT with token labelling and Token Expansion.
+
+    python ToE/lvvit/main.py --model lvvit_s --data-path /data/imagenet --token-label \
+        --token-label-data /data/imagenet_labels --token-label-size 14 --output_dir runs/lvvit_s
+    torchrun --nproc_per_node 4 ToE/lvvit/main.py ...             # one process per GPU
+
+The shared classification loop (ToE/common/classification.py) with LV-ViT's recipe as defaults:
+AdamW at --lr 1.6e-3 used as given (not batch-scaled, as published), cosine over --epochs minus
+--cooldown-epochs then the minimum lr, 5 warmup epochs, drop path 0.1, EMA (decay 0.99992 per step),
+RandAugment, random erasing, no mixup/cutmix, MixToken, token labels. The published LV-ViT flag names
+are accepted beside the project's: -b (--batch-size), --img-size (--input-size), --token-label,
+--token-label-data, --token-label-size, --dense-weight, --cls-weight, --model-ema, --apex-amp.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+
+if __package__ in (None, ""):  # run as a script: make the repository root importable
+    sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
+
+from ToE.common.args import (OneLineParser, add_classification_args, add_toe_args,  # noqa: E402
+                             non_negative_float, non_negative_int, positive_int)
+from ToE.common.errors import UserError, run_main  # noqa: E402
+
+# the published LV-ViT recipe (run/imagenet_small_run1.sh and its main.py defaults)
+RECIPE_DEFAULTS = dict(model="lvvit_s", lr=1.6e-3, unscale_lr=True, mixup=0.0, cutmix=0.0, repeated_aug=False,
+                       model_ema_decay=0.99992, drop_path=0.1, warmup_epochs=5, min_lr=1e-5, epochs=310,
+                       batch_size=64, train_interpolation="random", expansion_step=[0, 100, 200],
+                       keep_rate=[0.4, 0.7, 1.0], initialization_keep_rate=0.2, expansion_multiple_stage=2)
+# published name -> the project's flag it is another name for
+ALIASES = {"-b": "--batch-size", "--img-size": "--input-size"}
+
+
+def _alias(parser: argparse.ArgumentParser, option: str, existing: str) -> None:
+    """Make ``option`` another spelling of the flag ``existing`` (same destination, help, checks)."""
+    action = parser._option_string_actions[existing]
+    action.option_strings.append(option)
+    parser._option_string_actions[option] = action
+
+
+def get_args_parser() -> argparse.ArgumentParser:
+    """The shared classification and ToE flags, LV-ViT's own, and the published aliases."""
+    parser = OneLineParser("LV-ViT training with token labelling and Token Expansion", add_help=False)
+    add_classification_args(parser)
+    for option, existing in ALIASES.items():
+        _alias(parser, option, existing)
+    lv = parser.add_argument_group("LV-ViT and token labelling")
+    lv.add_argument("--token-label", action="store_true",
+                    help="train every patch token against the dense teacher labels of --token-label-data")
+    lv.add_argument("--token-label-data", default="", help="label folder <dir>/<class>/<stem>.pt (published format)")
+    lv.add_argument("--token-label-size", type=positive_int, default=14,
+                    help="side of the dense target grid; must equal the model's patch grid (default: 14)")
+    lv.add_argument("--dense-weight", type=non_negative_float, default=1.0,
+                    help="weight of the patch-token (dense) loss (default: 1.0)")
+    lv.add_argument("--cls-weight", type=non_negative_float, default=1.0,
+                    help="weight of the class-token loss (default: 1.0)")
+    lv.add_argument("--ground-truth", action="store_true",
+                    help="mix the ground truth into the class target (published weighting: 0.5 where teacher and "
+                         "label agree, 0.9 teacher where they disagree)")
+    lv.add_argument("--dense-loss", choices=["all", "kept"], default="all",
+                    help="under ToE, average the dense loss over all positions (published: the dropped ones only "
+                         "train the aux bias) or over the kept positions only (default: all)")
+    lv.add_argument("--legacy-label-coords", action="store_true",
+                    help="the published label crop, which swaps x and y in the roi_align boxes (for exact "
+                         "reproduction; off: the crop box is right)")
+    lv.add_argument("--mix-token", action=argparse.BooleanOptionalAction, default=True,
+                    help="MixToken (published: on for every step)")
+    lv.add_argument("--cooldown-epochs", type=non_negative_int, default=10,
+                    help="epochs at the minimum lr after the cosine, included in --epochs (default: 10, so the "
+                         "published 300 + 10 is --epochs 310)")
+    lv.add_argument("--apex-amp", action="store_true",
+                    help="published flag: fp16 mixed precision, here through torch.amp (autocast + GradScaler; "
+                         "apex is not needed). Same as --amp-dtype float16")
+    parser.set_defaults(**RECIPE_DEFAULTS)
+    add_toe_args(parser)
+    parser.set_defaults(**{key: RECIPE_DEFAULTS[key] for key in ("expansion_step", "keep_rate",
+                                                                 "initialization_keep_rate",
+                                                                 "expansion_multiple_stage")})
+    return parser
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    parser = OneLineParser("LV-ViT training with token labelling and Token Expansion", parents=[get_args_parser()])
+    args = parser.parse_args(argv)
+    if args.apex_amp:
+        args.amp_dtype = "float16"
+    if args.cooldown_epochs and not args.eval and args.cooldown_epochs + args.warmup_epochs >= args.epochs:
+        raise UserError(f"--cooldown-epochs {args.cooldown_epochs} plus --warmup-epochs {args.warmup_epochs} leave "
+                        f"no cosine epochs in --epochs {args.epochs}. Raise --epochs or lower them")
+    args.model_kwargs = {**args.model_kwargs, "mix_token": args.mix_token}
+    return args
+
+
+def main(args: argparse.Namespace) -> None:
+    import ToE.lvvit  # noqa: F401  (registers the LV-ViT models in timm)
+    from ToE.lvvit.trainer import Trainer
+
+    Trainer(args).fit()
+
+
+def cli(argv=None) -> None:
+    run_main(lambda: main(parse_args(argv)))
+
+
+if __name__ == "__main__":
+    cli()
