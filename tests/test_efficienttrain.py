@@ -318,3 +318,39 @@ def test_user_errors_are_one_line_and_write_nothing(data, tmp_path, capsys):
     err = capsys.readouterr().err
     assert exit_info.value.code == 2 and "--curriculum et, this run gives --curriculum none" in err
     assert (run / "checkpoint.pth").read_bytes() == before
+
+
+# ---------------------------------------------------------------------------------------------
+# python -m ToE.flops --curriculum
+# ---------------------------------------------------------------------------------------------
+def test_flops_learns_curricula():
+    from ToE.flops import curriculum_report
+
+    crops = [segment_at(plan_curriculum("et", 300, 224, 16, 1, 2), e).crop for e in range(300)]
+    run = curriculum_report("deit_small_patch16_224", {}, 224, None, 300, crops, [0, 100, 200], [0.6, 0.8, 1.0],
+                            0.3, count=False)["run"]
+    assert [round(run[f"{k}_speedup_analytic"], 2) for k in ("et", "toe", "et_toe")] == [1.56, 1.24, 1.83]
+    # counted on the digits model: a 24 px step costs about (37/65) of a 32 px one, as the formula says
+    digits = [24] * 3 + [28, 32]
+    report = curriculum_report("vit_tiny_patch16_224", {"embed_dim": 32, "depth": 2, "num_heads": 2}, 32, 4, 5,
+                               digits, [0, 2, 4], [0.6, 0.8, 1.0], 0.3)
+    for row in report["phases"]:
+        assert abs(row["step_flops_counted"] / row["step_flops_analytic"] - 1) < 0.03
+    first = report["phases"][0]
+    assert (first["crop"], first["patches"], first["kept_patches"]) == (24, 36, 20)
+    assert report["run"]["et_speedup_counted"] == pytest.approx(report["run"]["et_speedup_analytic"], rel=0.02)
+
+
+def test_random_patch_dropout_baseline_keeps_as_many_tokens(data):
+    trainer = _trainer(data, "--token-drop", "random")
+    model = trainer.model_without_ddp.train()
+    assert getattr(model, "_toe_hook", None) is None  # the operator only counts, it does not select
+    seen = []
+    handle = model.blocks[0].register_forward_hook(lambda module, inputs, output: seen.append(output.shape[1]))
+    for epoch in (0, 2, 3, 4):
+        trainer.prepare_epoch(epoch)
+        crop = trainer.segment.crop
+        model(torch.randn(2, 3, crop, crop))
+    handle.remove()
+    assert seen == [1 + 20, 1 + 27, 1 + 37, 1 + 64]
+    assert trainer.epoch_log_fields(4)["kept_tokens"] == 64

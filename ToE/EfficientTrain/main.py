@@ -40,6 +40,9 @@ def add_curriculum_args(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--low-pass", default="fft", choices=["fft", "resize"],
                        help="low-resolution view: fft, the published low-frequency crop; resize, "
                             "EfficientTrain++'s downscaling (bicubic, antialiased, on the device) (default: fft)")
+    group.add_argument("--token-drop", default="toe", choices=["toe", "random"],
+                       help="toe: Token Expansion after block 0; random: the baseline, timm's PatchDropout keeping a "
+                            "random subset of as many patch tokens before block 0, on the same schedule (default: toe)")
 
 
 def get_args_parser() -> argparse.ArgumentParser:

@@ -15,6 +15,9 @@ import os
 import re
 from typing import Any, Dict, Optional
 
+from timm.layers import PatchDropout
+
+import token_select
 from ToE.common.checkpoint import check_resume_args, load_checkpoint
 from ToE.common.classification import ClassificationTrainer
 from ToE.common.errors import UserError
@@ -62,6 +65,12 @@ class Trainer(ClassificationTrainer):
             super()._build_model()
         finally:
             self.args.model_kwargs = kwargs
+        self.random_kept: Optional[int] = None
+        if self.args.token_drop == "random":
+            # the baseline: timm's PatchDropout keeps a random subset of the patch tokens before
+            # block 0, as many as ToE keeps after block 0 (the operator only counts them)
+            token_select.detach(self.model_without_ddp)
+            self.model_without_ddp.patch_drop = PatchDropout(0.0, num_prefix_tokens=self.toe.num_prefix_tokens)
 
     # -- hooks of the shared loop ---------------------------------------------------------------
     def total_batch(self) -> int:
@@ -72,7 +81,16 @@ class Trainer(ClassificationTrainer):
         return len(self.train_sampler) // (self.global_batch // self.env.world_size)
 
     def prepare_epoch(self, epoch: int) -> None:
-        segment = segment_at(self.segments, epoch)
+        self._enter_segment(segment_at(self.segments, epoch))
+        if self.args.token_drop == "random":
+            self.toe.update_current_stage(epoch)
+            kept = self.toe.kept_patch_tokens(self.num_patches)
+            # PatchDropout keeps int(P * (1 - prob)) tokens: aim between two integers
+            self.model_without_ddp.patch_drop.prob = 0.0 if kept >= self.num_patches else \
+                1.0 - (kept + 0.5) / self.num_patches
+            self.random_kept = kept
+
+    def _enter_segment(self, segment: Segment) -> None:
         if segment == self.segment:
             return
         self.segment = segment
@@ -104,7 +122,8 @@ class Trainer(ClassificationTrainer):
         return {"segment": self.segments.index(segment), "resolution": segment.crop,
                 "magnitude": segment.magnitude if segment.magnitude >= 0 else None,
                 "aa": aa_policy(self.args.aa, segment.magnitude), "patch_tokens": self.num_patches,
-                "batch": segment.batch, "accum": segment.accum, "global_batch": self.global_batch}
+                "batch": segment.batch, "accum": segment.accum, "global_batch": self.global_batch,
+                **({"kept_tokens": self.random_kept, "token_drop": "random"} if self.random_kept is not None else {})}
 
     def _resume(self, path: str) -> None:
         stored = load_checkpoint(path).get("args") or {}

@@ -1,0 +1,312 @@
+"""EfficientTrain + ToE on the embedded digits: the comparison a user asks for.
+
+    python -m bench.efficienttrain speed --steps 10        # interleaved step times of every phase
+    python -m bench.efficienttrain accuracy --seeds 0 1 2  # the real trainer, 5 configs x seeds
+    python -m bench.efficienttrain posembed --steps 10     # position table: per-forward vs resized
+    python -m bench.efficienttrain render                  # tables + figure from the stored results
+
+Configurations (the demo model of ``run/demo.sh et``, 32 px digits, 4 px patches, ``--epochs``
+45 by default, ToE 0.6/0.8/1.0 from 0.3 with stages at thirds of the run, uniform seeds):
+
+- ``full``: all tokens at 32 px;  ``toe``: ToE alone;  ``et``: the ET curriculum (24, 24, 24, 28,
+  32 px) alone;  ``et_toe``: both;  ``random``: timm's PatchDropout keeping as many random patch
+  tokens (before block 0) as ToE keeps, on the same schedule.
+
+``speed`` times one training step (FFT crop + forward + backward + AdamW, batch 64, random
+images) of every distinct (crop, kept tokens, method) phase in rounds, the order rotated each
+round, plus a second full-token configuration as the A/A control. A configuration's run-level
+speedup in round r is sum over epochs of the full step / sum over epochs of its phase's step (the
+per-epoch step count is the same in every phase); the table gives the median over rounds and
+the A/A's median and largest deviation. ``accuracy`` runs ``ToE/EfficientTrain/main.py`` per
+configuration and seed (``--curriculum none`` for full/toe/random) and appends one JSON line per
+run to ``bench/results/efficienttrain_runs.jsonl``; runs already there are skipped.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import time
+from typing import Dict, List, Optional, Sequence, Tuple
+
+import torch
+from torch import nn
+
+import token_select
+from bench.common import describe_machine, git_commit, rotated
+from ToE.EfficientTrain.curriculum import freq_crop, plan_curriculum, segment_at
+from ToE.flops import create_model
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+RESULTS = os.path.join(ROOT, "bench", "results")
+FIGS = os.path.join(ROOT, "Figs")
+COMMAND = "python -m bench.efficienttrain " + " ".join(sys.argv[1:])
+CONFIGS = ("full", "toe", "et", "et_toe", "random")
+LABELS = {"full": "full tokens", "toe": "ToE", "et": "ET", "et_toe": "ET + ToE", "random": "random PatchDropout"}
+MODEL = ("vit_tiny_patch16_224", {"embed_dim": 96, "depth": 6, "num_heads": 3}, 32, 4)
+KEEP, INIT = [0.6, 0.8, 1.0], 0.3
+# the demo's recipe (ToE/EfficientTrain/run/demo.sh) without the curriculum and ToE flags
+RECIPE = ["--device", "cpu", "--num_workers", "0", "--model", MODEL[0], "--model-kwargs", "embed_dim=96", "depth=6",
+          "num_heads=3", "--input-size", "32", "--patch-size", "4", "--crop-pct", "1.0", "--batch-size", "64",
+          "--global-batch", "64", "--lr", "1e-3", "--unscale-lr", "--min-lr", "1e-5", "--warmup-epochs", "3",
+          "--weight-decay", "0.05", "--drop-path", "0.1", "--smoothing", "0.1", "--aa", "none", "--reprob", "0",
+          "--mixup", "0", "--cutmix", "0", "--hflip", "0", "--scale", "0.6", "1.0", "--no-repeated-aug",
+          "--no-model-ema", "--initialization", "uniform", "--expansion-multiple-stage", "2"]
+
+
+def expansion_steps(epochs: int) -> List[int]:
+    third = epochs // 3
+    return [0, third, 2 * third]
+
+
+def config_flags(config: str, epochs: int) -> List[str]:
+    """main.py flags of one configuration (besides RECIPE, data and output)."""
+    curriculum = ["--curriculum", "et" if config.startswith("et") else "none", "--epochs", str(epochs)]
+    if config in ("full", "et"):
+        toe = ["--expansion-step", "0", "--keep-rate", "1.0", "--initialization-keep-rate", str(INIT)]
+    else:
+        toe = ["--expansion-step", *map(str, expansion_steps(epochs)), "--keep-rate", *map(str, KEEP),
+               "--initialization-keep-rate", str(INIT)]
+    return curriculum + toe + (["--token-drop", "random"] if config == "random" else [])
+
+
+def phases(config: str, epochs: int) -> List[Tuple[int, int, str]]:
+    """(crop, kept patch tokens, method) of every epoch of ``config``; method toe/random/off."""
+    _, _, size, patch = MODEL
+    segments = plan_curriculum("et" if config.startswith("et") else "none", epochs, size, patch, 1, 2)
+    operator = token_select.TokenSelect(expansion_steps(epochs), KEEP, INIT, 2)
+    rows = []
+    for epoch in range(epochs):
+        crop = segment_at(segments, epoch).crop
+        patches = (crop // patch) ** 2
+        operator.update_current_stage(epoch)
+        kept = patches if config in ("full", "et") else operator.kept_patch_tokens(patches)
+        method = "off" if kept == patches else ("random" if config == "random" else "toe")
+        rows.append((crop, kept, method))
+    return rows
+
+
+def step_flops(crop: int, kept: int, method: str) -> float:
+    """Analytic FLOPs of one training step per sample (``token_select.vit_step_flops``)."""
+    _, kwargs, _, patch = MODEL
+    patches, dim = (crop // patch) ** 2, 3 * patch * patch
+    common = dict(embed_dim=kwargs["embed_dim"], depth=kwargs["depth"], patch_dim=dim, num_classes=10)
+    if method == "random":  # every block, block 0 included, runs on the kept tokens; the embedding on all
+        return token_select.vit_step_flops(kept, **common) + 3 * 2.0 * (patches - kept) * dim * kwargs["embed_dim"]
+    return token_select.vit_step_flops(patches, kept_patches=kept, **common)
+
+
+# ---------------------------------------------------------------------------------------------
+# speed: interleaved step times
+# ---------------------------------------------------------------------------------------------
+def measure_speed(epochs: int, steps: int, warmup: int, batch: int, log=print) -> Dict[str, object]:
+    name, kwargs, size, patch = MODEL
+    torch.manual_seed(0)
+    model = create_model(name, size, patch, num_classes=10, dynamic_img_size=True, **kwargs).train()
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3)
+    images, labels = torch.randn(batch, 3, size, size), torch.randint(0, 10, (batch,))
+    per_config = {config: phases(config, epochs) for config in CONFIGS}
+    keys = sorted({row for rows in per_config.values() for row in rows})
+    names = [f"{c}/{k}/{m}" for c, k, m in keys] + ["A/A full"]
+
+    def configure(key: str) -> None:
+        crop, kept, method = (size, (size // patch) ** 2, "off") if key == "A/A full" else \
+            (int(key.split("/")[0]), int(key.split("/")[1]), key.split("/")[2])
+        patches = (crop // patch) ** 2
+        token_select.detach(model)
+        model.patch_drop = nn.Identity()
+        if method == "toe":  # the run's own schedule, in the stage that keeps `kept` on this grid
+            operator = token_select.TokenSelect(expansion_steps(epochs), KEEP, INIT, 2, initialization="uniform",
+                                                grid_size=(crop // patch, crop // patch))
+            token_select.attach(model, operator)
+            operator.current_stage = next(s for s in (1, 2) if (operator.update_current_stage(
+                expansion_steps(epochs)[s - 1]), operator.kept_patch_tokens(patches))[1] == kept)
+        elif method == "random":
+            from timm.layers import PatchDropout
+            model.patch_drop = PatchDropout(1.0 - (kept + 0.5) / patches, num_prefix_tokens=1)
+        return crop
+
+    def train_step(crop: int) -> None:
+        optimizer.zero_grad(set_to_none=True)
+        x = freq_crop(images, crop) if crop != size else images
+        nn.functional.cross_entropy(model(x), labels).backward()
+        optimizer.step()
+
+    rounds = []
+    for index in range(warmup + steps):
+        seconds = {}
+        for key in rotated(names, index):
+            crop = configure(key)
+            start = time.perf_counter()
+            train_step(crop)
+            seconds[key] = time.perf_counter() - start
+        rounds.append({"warmup": index < warmup, "seconds": seconds})
+        log(f"[bench] round {index + 1}/{warmup + steps}" + (" (warm-up)" if index < warmup else ""))
+    timed = [r["seconds"] for r in rounds if not r["warmup"]]
+    full_key = f"{size}/{(size // patch) ** 2}/off"
+    results = {}
+    for config, rows in per_config.items():
+        run_times = [sum(r[f"{c}/{k}/{m}"] for c, k, m in rows) for r in timed]
+        full_times = [r[full_key] * epochs for r in timed]
+        ideal = step_flops(size, (size // patch) ** 2, "off") * epochs / sum(step_flops(*row) for row in rows)
+        results[config] = {"measured_speedup": statistics.median(f / t for f, t in zip(full_times, run_times)),
+                           "ideal_speedup": ideal}
+    aa = [r["A/A full"] / r[full_key] for r in timed]
+    return {"machine": describe_machine(), "commit": git_commit(), "load_before": os.getloadavg(),
+            "epochs": epochs, "batch": batch, "steps": steps, "warmup": warmup, "configs": results,
+            "aa_control": {"median": statistics.median(aa), "max_deviation": max(abs(1 - a) for a in aa)},
+            "rounds": rounds, "command": COMMAND}
+
+
+# ---------------------------------------------------------------------------------------------
+# posembed: the position table per forward (dynamic) vs a table resized once (fixed at the crop)
+# ---------------------------------------------------------------------------------------------
+def measure_posembed(steps: int, warmup: int, batch: int, crop: int = 24, log=print) -> Dict[str, object]:
+    name, kwargs, size, patch = MODEL
+    torch.manual_seed(0)
+    models = {"per-forward (table at 32 px, interpolated)": create_model(name, size, patch, num_classes=10,
+                                                                         dynamic_img_size=True, **kwargs),
+              "resized once (table at the crop)": create_model(name, crop, patch, num_classes=10, **kwargs)}
+    optimizers = {k: torch.optim.AdamW(m.parameters(), lr=1e-3) for k, m in models.items()}
+    images, labels = torch.randn(batch, 3, crop, crop), torch.randint(0, 10, (batch,))
+    rounds = []
+    for index in range(warmup + steps):
+        seconds = {}
+        for key in rotated(list(models), index):
+            model, optimizer = models[key].train(), optimizers[key]
+            start = time.perf_counter()
+            optimizer.zero_grad(set_to_none=True)
+            nn.functional.cross_entropy(model(images), labels).backward()
+            optimizer.step()
+            seconds[key] = time.perf_counter() - start
+        if index >= warmup:
+            rounds.append(seconds)
+    keys = list(models)
+    ratio = [r[keys[0]] / r[keys[1]] for r in rounds]
+    return {"machine": describe_machine(), "load_before": os.getloadavg(), "crop": crop, "batch": batch,
+            "median_s": {k: statistics.median(r[k] for r in rounds) for k in keys},
+            "per_forward_over_resized": {"median": statistics.median(ratio), "min": min(ratio), "max": max(ratio)},
+            "rounds": rounds, "command": COMMAND}
+
+
+# ---------------------------------------------------------------------------------------------
+# accuracy: the real trainer
+# ---------------------------------------------------------------------------------------------
+def run_one(config: str, seed: int, epochs: int, data: str, work: str) -> Dict[str, object]:
+    out = os.path.join(work, f"{config}-e{epochs}-s{seed}")
+    cmd = [sys.executable, os.path.join(ROOT, "ToE", "EfficientTrain", "main.py"), *RECIPE,
+           *config_flags(config, epochs), "--seed", str(seed), "--data-path", data, "--output_dir", out,
+           "--overwrite"]
+    start = time.perf_counter()
+    env = dict(os.environ, TQDM_DISABLE="1")
+    result = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, check=False)
+    if result.returncode:
+        raise SystemExit(f"error: {config} seed {seed} failed:\n{result.stderr[-2000:]}")
+    with open(os.path.join(out, "log.txt")) as handle:
+        log = [json.loads(line) for line in handle if line.strip()]
+    return {"config": config, "seed": seed, "epochs": epochs, "top1": log[-1]["test_acc1"],
+            "train_seconds": sum(r["epoch_seconds"] for r in log), "wall_seconds": time.perf_counter() - start,
+            "load_after": os.getloadavg(), "command": " ".join(cmd)}
+
+
+def _mean_std(values: Sequence[float]) -> Tuple[float, float]:
+    return statistics.fmean(values), (statistics.stdev(values) if len(values) > 1 else 0.0)
+
+
+def render(runs_path: str, speed_path: str, out_md: str, fig_path: Optional[str]) -> str:
+    runs = [json.loads(line) for line in open(runs_path) if line.strip()] if os.path.isfile(runs_path) else []
+    speed = json.load(open(speed_path)) if os.path.isfile(speed_path) else None
+    lines = []
+    if speed:
+        aa = speed["aa_control"]
+        lines += [f"Step-level speed: `{speed['command']}` ({speed['steps']} rounds, batch {speed['batch']}, "
+                  f"{speed['epochs']} epochs; {speed['machine']['cpu_count']} cores, load before "
+                  f"{speed['load_before'][0]:.2f}); A/A control (full vs full): median {aa['median']:.3f}, largest "
+                  f"deviation {aa['max_deviation']:.3f}", ""]
+    lines += ["| configuration | top-1 % (mean ± std) | seeds | epochs | FLOP-ideal speedup | measured step-level "
+              "speedup | train time (s, mean) |", "|---|---|---|---|---|---|---|"]
+    points = []
+    for config in CONFIGS:
+        mine = [r for r in runs if r["config"] == config]
+        ideal = speed["configs"][config]["ideal_speedup"] if speed else None
+        measured = speed["configs"][config]["measured_speedup"] if speed else None
+        if mine:
+            mean, std = _mean_std([r["top1"] for r in mine])
+            seconds = statistics.fmean(r["train_seconds"] for r in mine)
+            acc = f"{mean:.2f} ± {std:.2f}"
+            points.append((config, mean, std, measured))
+        else:
+            acc, seconds = "not run", None
+        lines.append(f"| {LABELS[config]} | {acc} | {len(mine)} | {mine[0]['epochs'] if mine else '-'} | "
+                     f"{f'{ideal:.2f}x' if ideal else '-'} | {f'{measured:.2f}x' if measured else '-'} | "
+                     f"{f'{seconds:.0f}' if seconds else '-'} |")
+    text = "\n".join(lines) + "\n"
+    with open(out_md, "w") as handle:
+        handle.write(text)
+    if fig_path and points and speed:
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+
+        fig, ax = plt.subplots(figsize=(5.5, 3.6))
+        for config, mean, std, measured in points:
+            ax.errorbar(measured, mean, yerr=std, fmt="o", capsize=3, label=LABELS[config])
+        ax.set_xlabel("measured step-level speedup vs full tokens (x)")
+        ax.set_ylabel("top-1 on digits (%)")
+        ax.legend(fontsize=8)
+        ax.grid(alpha=0.3)
+        fig.tight_layout()
+        fig.savefig(fig_path, dpi=110)
+    return text
+
+
+def main(argv: Optional[Sequence[str]] = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("what", choices=["speed", "accuracy", "posembed", "render"])
+    parser.add_argument("--epochs", type=int, default=45)
+    parser.add_argument("--steps", type=int, default=10)
+    parser.add_argument("--warmup", type=int, default=2)
+    parser.add_argument("--batch", type=int, default=64)
+    parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    parser.add_argument("--configs", nargs="+", default=list(CONFIGS), choices=CONFIGS)
+    parser.add_argument("--data", default=os.path.join(ROOT, "data", "digits"))
+    parser.add_argument("--work", default=os.path.join(ROOT, "runs", "bench-efficienttrain"))
+    parser.add_argument("--runs", default=os.path.join(RESULTS, "efficienttrain_runs.jsonl"))
+    args = parser.parse_args(argv)
+    os.makedirs(RESULTS, exist_ok=True)
+    speed_path = os.path.join(RESULTS, "efficienttrain_speed.json")
+    if args.what == "speed":
+        with open(speed_path, "w") as handle:
+            json.dump(measure_speed(args.epochs, args.steps, args.warmup, args.batch), handle, indent=1)
+    elif args.what == "posembed":
+        result = measure_posembed(args.steps, args.warmup, args.batch)
+        with open(os.path.join(RESULTS, "efficienttrain_posembed.json"), "w") as handle:
+            json.dump(result, handle, indent=1)
+        print(json.dumps({k: result[k] for k in ("median_s", "per_forward_over_resized", "load_before")}, indent=1))
+        return
+    elif args.what == "accuracy":
+        if not os.path.isdir(args.data):
+            subprocess.run([sys.executable, "-m", "ToE.common.digits", "--out", args.data, "--size", "32"],
+                           cwd=ROOT, check=True)
+        done = set()
+        if os.path.isfile(args.runs):
+            done = {(r["config"], r["seed"], r["epochs"]) for r in map(json.loads, open(args.runs)) if r}
+        for seed in args.seeds:
+            for config in rotated(args.configs, seed):  # the order rotates per seed, as bench.accuracy does
+                if (config, seed, args.epochs) in done:
+                    continue
+                row = run_one(config, seed, args.epochs, args.data, args.work)
+                print(f"[bench] {config} seed {seed}: top-1 {row['top1']:.2f} %, {row['train_seconds']:.0f} s",
+                      flush=True)
+                with open(args.runs, "a") as handle:
+                    handle.write(json.dumps(row) + "\n")
+    print(render(args.runs, speed_path, os.path.join(RESULTS, "efficienttrain.md"),
+                 os.path.join(FIGS, "efficienttrain.png")))
+
+
+if __name__ == "__main__":
+    main()
