@@ -55,16 +55,20 @@ def test_detection_tokens_leave_the_operator_unchanged():
     assert torch.equal(out[:, :-7], ref) and torch.equal(index[:, :-7], ref_index)
 
 
-def test_batch_of_two_with_toe_and_mid_tables_equals_two_batches_of_one():
-    """The published mid-table gather fails for B > 1; here B = 2 equals B = 1 twice, with reduction."""
+@pytest.mark.parametrize("batch", [2, 4])
+def test_batch_of_two_with_toe_and_mid_tables_equals_two_batches_of_one(batch):
+    """The published mid-table gather fails for B > 1; here B = 2 (and 4) equals B = 1 per image,
+    with the sequence reduced, and the backward reaches the mid tables."""
     model = _detector()
     toe = model.attach_toe(token_select.TokenSelect(**TOE))
     toe.update_current_stage(1)
     model.train()
-    images = torch.randn(2, 3, 32, 40)  # a 4 x 5 grid: the tables are resized as well
+    images = torch.randn(batch, 3, 32, 40, generator=torch.Generator().manual_seed(batch))  # 4 x 5 grid: resized
     both = model(images)
-    assert toe.last_index is not None and toe.last_index.shape == (2, 1 + 10 + 5)
-    single = [model(images[i:i + 1]) for i in range(2)]
+    assert toe.last_index is not None and toe.last_index.shape == (batch, 1 + 10 + 5)
+    both["pred_boxes"].sum().backward()
+    assert model.mid_pos_embed.grad is not None and model.mid_pos_embed.grad[1].abs().sum() > 0
+    single = [model(images[i:i + 1]) for i in range(batch)]
     for key in ("pred_logits", "pred_boxes"):
         torch.testing.assert_close(both[key], torch.cat([s[key] for s in single]), rtol=1e-5, atol=1e-6)
     # and the gather does something: without the operator the outputs differ

@@ -26,14 +26,14 @@ TRAIN_GLYPHS, CANVAS = 1400, 64
 SPLITS = {"train": 1500, "val": 300}
 
 
-def _canvas(rng: np.random.RandomState, glyphs: np.ndarray, labels: np.ndarray):
+def _canvas(rng: np.random.RandomState, glyphs: np.ndarray, labels: np.ndarray, max_digits: int = 3):
     """One canvas (64, 64, 3) uint8 and its boxes [(x, y, w, h, category_id)]."""
     from PIL import Image
 
     image = rng.uniform(0, 40, size=(CANVAS, CANVAS, 3))
     cells: List[tuple] = []
     boxes = []
-    for _ in range(rng.randint(1, 4)):
+    for _ in range(rng.randint(1, max_digits + 1)):
         scale = int(rng.choice([2, 3]))
         side = 8 * scale
         for _attempt in range(20):  # rejection sampling of a free place
@@ -57,7 +57,7 @@ def _canvas(rng: np.random.RandomState, glyphs: np.ndarray, labels: np.ndarray):
     return image.round().clip(0, 255).astype(np.uint8), boxes
 
 
-def build_digits_det(out: str, seed: int = 0) -> str:
+def build_digits_det(out: str, seed: int = 0, max_digits: int = 3) -> str:
     """Write the set under ``out`` unless it is already complete; return ``out``."""
     done = os.path.join(out, DONE_FILE)
     if os.path.exists(done):
@@ -79,7 +79,7 @@ def build_digits_det(out: str, seed: int = 0) -> str:
         images: List[Dict] = []
         annotations: List[Dict] = []
         for image_id in range(1, count + 1):  # ids from 1: COCOeval treats id 0 as unmatched
-            pixels, boxes = _canvas(rng, *pools[split])
+            pixels, boxes = _canvas(rng, *pools[split], max_digits=max_digits)
             name = f"{image_id:06d}.png"
             Image.fromarray(pixels).save(os.path.join(folder, name))
             images.append({"id": image_id, "file_name": name, "width": CANVAS, "height": CANVAS})
