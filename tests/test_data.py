@@ -51,9 +51,9 @@ def deit_train_transform(data: Path, *argv: str):
     from ToE.deit.trainer import Trainer
 
     args = parse_args(["--data-path", str(data), *TINY, *FAST, *argv])
-    trainer = types.SimpleNamespace(args=args, env=types.SimpleNamespace(rank=0, world_size=1),
-                                    device=torch.device("cpu"))
-    Trainer._build_data(trainer)
+    trainer = Trainer.__new__(Trainer)  # only the data set-up, without a model or outputs
+    trainer.args, trainer.env, trainer.device = args, types.SimpleNamespace(rank=0, world_size=1), torch.device("cpu")
+    trainer._build_data()
     return trainer.train_set.transform
 
 

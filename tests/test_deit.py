@@ -513,7 +513,7 @@ def test_run_script_builds_the_published_command(size, tmp_path):
     assert args.model == model and args.batch_size == batch and args.seed == 3407
     assert args.expansion_step == [0, 100, 200] and args.keep_rate == [0.5, 0.75, 1.0]
     assert args.initialization_keep_rate == 0.25 and args.expansion_multiple_stage == 2
-    assert args.device == "cpu"
+    assert args.device == "cpu" and args.auto_resume  # re-running the script continues the run
     assert args.data_path == "/data/imagenet" and args.output_dir == "runs/x"
     assert args.epochs == 1 and args.lr == 1e-3  # extra arguments pass through and win
     # DeiT defaults for the rest

@@ -133,6 +133,19 @@ probability = _number(float, lambda v: 0.0 <= v <= 1.0, "between 0 and 1")
 unit_interval_open = _number(float, lambda v: 0.0 <= v < 1.0, "in [0, 1)")
 decay_rate = _number(float, lambda v: 0.0 < v < 1.0, "between 0 and 1 (exclusive)")
 
+def duration(text: str) -> float:
+    """``--time-limit`` values: seconds, 90m, 4h, HH:MM:SS or D-HH:MM:SS; positive."""
+    from ToE.common.preemption import parse_duration
+
+    try:
+        seconds = parse_duration(text)
+    except ValueError as error:
+        raise argparse.ArgumentTypeError(str(error)) from None
+    if seconds <= 0:
+        raise argparse.ArgumentTypeError(f"must be a positive duration, not {text}")
+    return seconds
+
+
 # LR schedules that step once per epoch without a metric; 'plateau' needs an evaluation metric
 SCHEDULERS = ("cosine", "tanh", "step", "multistep", "poly", "wsd", "rsqrt", "constant", "none")
 
@@ -269,6 +282,12 @@ def add_classification_args(parser: argparse.ArgumentParser) -> None:
     run.add_argument("--stop-after-epochs", default=None, type=positive_int,
                      help="train at most this many epochs in this run, then exit; continue later with --resume "
                           "(for time-limited jobs)")
+    run.add_argument("--auto-resume", action="store_true",
+                     help="continue from OUTPUT/checkpoint.pth when it exists, start afresh when it does not "
+                          "(re-submitting the same command continues the run)")
+    run.add_argument("--time-limit", default=None, type=duration,
+                     help="stop cleanly with a checkpoint before this wall time (seconds, 90m, 4h, 3:50:00 or "
+                          "1-00:00:00), for schedulers without a pre-kill signal; SIGTERM/SIGUSR1 stop the same way")
     run.add_argument("--eval", action="store_true", help="only evaluate (with --resume: the checkpoint)")
     run.add_argument("--dist-eval", action=argparse.BooleanOptionalAction, default=True,
                      help="split evaluation over the processes, each image exactly once (default: on)")

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import time
 from typing import Any, Dict, Optional
 
 import timm
@@ -29,8 +30,9 @@ from ToE.common.checkpoint import (RESUME_MUST_MATCH, check_resume_args, load_ch
                                    save_checkpoint, seed_everything, set_rng_state)
 from ToE.common.data import check_images, train_val_folders
 from ToE.common.distributed import barrier, cleanup, init_distributed
-from ToE.common.errors import TrainingInterrupted, UserError
+from ToE.common.errors import Preempted, TrainingInterrupted, UserError
 from ToE.common.log import RunLog, check_no_other_run, check_output_dir, remove_run_outputs, save_args
+from ToE.common.preemption import StopWatch
 from ToE.common.transforms import build_eval_transform, build_train_transform
 from ToE.common.engine import evaluate, train_one_epoch
 
@@ -50,6 +52,19 @@ def resolve_amp_dtype(name: str, device: torch.device) -> Optional[torch.dtype]:
         raise UserError("--amp-dtype float16 needs a GPU (its loss scaling is CUDA's). Use bfloat16 on the CPU")
     return AMP_DTYPES[name]
 
+
+
+class SkipFirst(torch.utils.data.Sampler):
+    """``sampler``'s order for the current epoch without its first ``count`` indices (mid-epoch resume)."""
+
+    def __init__(self, sampler, count: int) -> None:
+        self.sampler, self.count = sampler, count
+
+    def __iter__(self):
+        return iter(list(self.sampler)[self.count:])
+
+    def __len__(self) -> int:
+        return max(0, len(self.sampler) - self.count)
 
 
 class ClassificationLoss(torch.nn.Module):
@@ -75,6 +90,8 @@ class ClassificationTrainer:
             raise UserError(f"unknown model {args.model!r}. Pick a timm ViT name, e.g. deit_small_patch16_224 "
                             "(list them with: python -c \"import timm; print(timm.list_models('deit*'))\")")
         warnings = check_training_flags(args)
+        if args.auto_resume:
+            self._find_auto_resume()
         self.writes = bool(args.output_dir) and not args.eval
         if self.writes:
             check_output_dir(args.output_dir)
@@ -94,19 +111,60 @@ class ClassificationTrainer:
         self.best_acc1 = 0.0
         self.rng_to_restore: Optional[Dict[str, Any]] = None
         self.last_checkpoint: Optional[str] = None  # what an interruption leaves to resume from
+        self.resume_position: Optional[Dict[str, Any]] = None  # where inside an epoch a preempted run stopped
+        self.finished = False  # --auto-resume found a run that has trained all its epochs
+        self.watch = StopWatch(args.time_limit)
         if args.resume:
             self._resume(args.resume)
         self.log = RunLog("", enabled=False)  # the run's log opens in fit(), once the outputs are set up
 
     # -- set-up ------------------------------------------------------------------------------
-    def _build_data(self) -> None:
-        args, env = self.args, self.env
-        train_transform = build_train_transform(
-            args.input_size, auto_augment=args.aa, color_jitter=args.color_jitter,
+    # -- hooks a trainer may override (the defaults are the plain DeiT loop) ----------------------
+    accum_steps = 1  # micro-batches per optimizer update
+    supported_model_classes = SUPPORTED_MODEL_CLASSES  # model classes whose blocks take a reduced sequence
+    input_transform = None  # device-side image map (N, C, H, W) -> (N, C, H', W'), before mixup and at evaluation
+
+    def prepare_epoch(self, epoch: int) -> None:
+        """Called before each training epoch: a curriculum may change data, transforms or resolution."""
+
+    def counts_for_best(self, epoch: int) -> bool:
+        """Whether ``epoch``'s accuracy may make ``best_checkpoint.pth`` (e.g. full-resolution epochs only)."""
+        return True
+
+    def epoch_log_fields(self, epoch: int) -> Dict[str, Any]:
+        """Extra fields of the epoch's log record."""
+        return {}
+
+    def total_batch(self) -> int:
+        """Images per optimizer update over all processes (the lr scales with it)."""
+        return self.args.batch_size * self.env.world_size
+
+    def updates_per_epoch(self) -> Optional[int]:
+        """None: the lr schedule steps per epoch; an int: it steps per update (timm's ``step_update``)."""
+        return None
+
+    def train_transform(self, input_size: int, auto_augment: str):
+        """The training transform at ``input_size`` with the ``--aa`` policy ``auto_augment``."""
+        args = self.args
+        return build_train_transform(
+            input_size, auto_augment=auto_augment, color_jitter=args.color_jitter,
             interpolation=args.train_interpolation, re_prob=args.reprob, re_mode=args.remode, re_count=args.recount,
             scale=tuple(args.scale), hflip=args.hflip)
-        eval_kwargs = {} if args.crop_pct is None else {"crop_pct": args.crop_pct}
-        eval_transform = build_eval_transform(args.input_size, interpolation="bicubic", **eval_kwargs)
+
+    def eval_transform(self, input_size: int):
+        eval_kwargs = {} if self.args.crop_pct is None else {"crop_pct": self.args.crop_pct}
+        return build_eval_transform(input_size, interpolation="bicubic", **eval_kwargs)
+
+    def build_train_loader(self, batch_size: int) -> DataLoader:
+        return DataLoader(self.train_set, batch_size=batch_size, sampler=self.train_sampler, drop_last=True,
+                          num_workers=self.args.num_workers,
+                          pin_memory=self.args.pin_mem and self.device.type == "cuda", persistent_workers=False)
+
+    # -- set-up ------------------------------------------------------------------------------
+    def _build_data(self) -> None:
+        args, env = self.args, self.env
+        train_transform = self.train_transform(args.input_size, args.aa)
+        eval_transform = self.eval_transform(args.input_size)
         # One class list (train's) labels both splits; differing class folders are refused.
         self.train_set, self.val_set = train_val_folders(args.data_path, train_transform, eval_transform)
         self.num_classes = len(self.train_set.classes)
@@ -130,8 +188,7 @@ class ClassificationTrainer:
         if len(self.train_set) // env.world_size < per_process_batch:
             raise UserError(f"the training split has {len(self.train_set)} images, fewer than one batch of "
                             f"{per_process_batch} per process. Lower --batch-size")
-        self.train_loader = DataLoader(self.train_set, batch_size=per_process_batch, sampler=self.train_sampler,
-                                       drop_last=True, **loader_kwargs)
+        self.train_loader = self.build_train_loader(per_process_batch)
         self.val_loader = DataLoader(Subset(self.val_set, list(val_indices)), batch_size=int(1.5 * per_process_batch),
                                      shuffle=False, **loader_kwargs)
         self.mixup_fn = None
@@ -179,7 +236,7 @@ class ClassificationTrainer:
         if patch_embed is None or not hasattr(patch_embed, "num_patches") or not hasattr(model, "blocks"):
             raise UserError(f"model {args.model} ({name}) has no patch embedding and transformer blocks for Token "
                             "Expansion to reduce. Pick a timm ViT, e.g. deit_small_patch16_224")
-        if name not in SUPPORTED_MODEL_CLASSES:
+        if name not in self.supported_model_classes:
             raise UserError(f"model {args.model} ({name}) uses relative or rotary position tables over the full "
                             "token grid in every block, so it cannot run on the reduced sequence. Pick a model of "
                             "timm's VisionTransformer family: deit_*, deit3_*, vit_* (not vit_relpos_*)")
@@ -191,17 +248,19 @@ class ClassificationTrainer:
                             f"{args.input_size - args.input_size % patch} or another --patch-size")
 
     def _build_optimization(self) -> None:
-        args, env = self.args, self.env
-        lr = args.lr if args.unscale_lr else args.lr * args.batch_size * env.world_size / 512.0
+        args = self.args
+        lr = args.lr if args.unscale_lr else args.lr * self.total_batch() / 512.0
         self.lr = lr
         self.optimizer = create_optimizer_v2(self.model_without_ddp, opt=args.opt, lr=lr,
                                              weight_decay=args.weight_decay, eps=args.opt_eps, momentum=args.momentum)
         # The schedule is a pure function of the epoch and these flags (timm's epoch schedulers keep
         # no other state), so a resume rebuilds it rather than loading it: a resume with a larger
         # --epochs then follows the schedule over the new length from the checkpoint's epoch.
+        per_update = self.updates_per_epoch()
         self.lr_scheduler, _ = create_scheduler_v2(self.optimizer, sched=args.sched, num_epochs=args.epochs,
                                                    warmup_epochs=args.warmup_epochs, warmup_lr=args.warmup_lr,
-                                                   min_lr=args.min_lr)
+                                                   min_lr=args.min_lr, step_on_epochs=per_update is None,
+                                                   updates_per_epoch=per_update or 0)
         self.scaler = torch.amp.GradScaler("cuda", enabled=self.amp_dtype == torch.float16)
         if self.mixup_fn is not None:
             base = SoftTargetCrossEntropy()  # mixup already smooths the targets
@@ -214,6 +273,17 @@ class ClassificationTrainer:
     def build_criterion(self, base: torch.nn.Module) -> torch.nn.Module:
         """The loss ``(images, outputs, targets) -> loss`` around ``base`` (a trainer may wrap it)."""
         return ClassificationLoss(base)
+
+    def _find_auto_resume(self) -> None:
+        """--auto-resume: resume OUTPUT/checkpoint.pth when it exists, else start afresh."""
+        args = self.args
+        if args.resume:
+            raise UserError("--auto-resume picks OUTPUT/checkpoint.pth itself: pass either it or --resume FILE")
+        if not args.output_dir:
+            raise UserError("--auto-resume needs --output_dir (it continues OUTPUT/checkpoint.pth when it exists)")
+        candidate = os.path.join(args.output_dir, "checkpoint.pth")
+        if os.path.isfile(candidate):
+            args.resume = candidate
 
     def _resume(self, path: str) -> None:
         """Load ``path``; a checkpoint of another model, schedule or class count is refused by name."""
@@ -237,7 +307,14 @@ class ClassificationTrainer:
             self._follow_checkpoint_schedule(stored, epoch)
             return
         self.start_epoch = epoch + 1
+        position = checkpoint.get("position")
+        if position is not None:  # written mid-epoch by a preempted run: continue inside that epoch
+            self.resume_position = dict(position)
+            self.start_epoch = int(position["epoch"])
         planned = int(stored.get("epochs", args.epochs))
+        if self.start_epoch >= args.epochs and args.auto_resume:
+            self.finished = True  # re-submitting a finished job is not an error
+            return
         if self.start_epoch >= args.epochs:
             raise UserError(f"resume file {path} is a finished run: it trained {self.start_epoch} epochs and --epochs "
                             f"is {args.epochs}. Raise --epochs to train longer, or evaluate it with --eval")
@@ -248,7 +325,8 @@ class ClassificationTrainer:
         self.optimizer.load_state_dict(checkpoint["optimizer"])
         self.scaler.load_state_dict(checkpoint["scaler"])
         if args.epochs > planned and env.is_main:
-            lr_then = self.lr_scheduler._get_lr(self.start_epoch)[0] if hasattr(self.lr_scheduler, "_get_lr") else None
+            lr_then = self.lr_scheduler._get_lr(self.start_epoch * (self.updates_per_epoch() or 1))[0] \
+                if hasattr(self.lr_scheduler, "_get_lr") else None
             then = f" (lr {lr_then:.2e} at epoch {self.start_epoch})" if lr_then is not None else ""
             print(f"extending the run from {planned} to {args.epochs} epochs: the {args.sched} schedule now spans "
                   f"{args.epochs} epochs and continues from epoch {self.start_epoch}{then}", flush=True)
@@ -312,6 +390,11 @@ class ClassificationTrainer:
             if args.eval:
                 self._evaluate_only()
                 return
+            if self.finished:
+                if env.is_main:
+                    print(f"the run in {args.output_dir} has trained all {args.epochs} epochs: nothing to do "
+                          "(raise --epochs to train longer)")
+                return
             self._start_outputs()
             if env.is_main:
                 kept = token_select.kept_tokens_per_stage(self.num_patches, args.keep_rate,
@@ -320,22 +403,33 @@ class ClassificationTrainer:
                       f"{args.expansion_step}, keeping {kept} patch tokens; {len(self.train_set)} train / "
                       f"{len(self.val_set)} val images; lr {self.lr:.2e}; {env.world_size} process(es) on "
                       f"{self.device.type}", flush=True)
-            if self.rng_to_restore is not None:
-                set_rng_state(self.rng_to_restore, self.device)
+            if self.rng_to_restore is not None and self.resume_position is None:
+                set_rng_state(self.rng_to_restore, self.device)  # mid-epoch: restored by train_epoch instead
             last_epoch = args.epochs
             if args.stop_after_epochs is not None:
                 last_epoch = min(args.epochs, self.start_epoch + args.stop_after_epochs)
+            self.watch.install()
             for epoch in range(self.start_epoch, last_epoch):
                 self.train_epoch(epoch)
+                if epoch + 1 < last_epoch and self.watch.should_stop():
+                    raise Preempted(f"{self.watch.reason()} after epoch {epoch}; "
+                                    + self._continue_message(self.last_checkpoint))
         except KeyboardInterrupt:
             raise TrainingInterrupted(self._interrupted_message()) from None
         finally:
+            self.watch.uninstall()
             self.log.close()
             cleanup()
 
+    def _continue_message(self, path: Optional[str]) -> str:
+        if path is None:
+            return "nothing was saved (no --output_dir)"
+        return f"{path} holds the run; continue with the same command and --auto-resume (or --resume {path})"
+
     def _evaluate_only(self) -> None:
         args = self.args
-        stats = evaluate(self.model_without_ddp, self.val_loader, self.device, self.amp_dtype, args.dist_eval)
+        stats = evaluate(self.model_without_ddp, self.val_loader, self.device, self.amp_dtype, args.dist_eval,
+                         input_transform=self.input_transform)
         if self.env.is_main:
             if args.sparse_eval and self.toe.reducing:
                 print(f"sparse evaluation: {self.toe.kept_patch_tokens(self.num_patches)} of "
@@ -368,6 +462,7 @@ class ClassificationTrainer:
 
     def train_epoch(self, epoch: int) -> None:
         args, env = self.args, self.env
+        self.prepare_epoch(epoch)
         stage = self.toe.update_current_stage(epoch)
         if self.model_ema is not None:
             # the EMA is a deep copy with its own operator: keep its stage in step for --sparse-eval
@@ -375,22 +470,40 @@ class ClassificationTrainer:
         self.train_sampler.set_epoch(epoch)
         if self.lr_scheduler is not None:
             self.lr_scheduler.step(epoch)
-        train_stats = train_one_epoch(self.model, self.criterion, self.train_loader, self.optimizer, self.device,
+        loader, resumed = self.train_loader, {}
+        position = self.resume_position if self.resume_position and self.resume_position["epoch"] == epoch else None
+        if position is not None:
+            # the same batches as the interrupted epoch, from the one after the stop, and the random
+            # state of the moment of the stop (restored once the loader's iterator exists)
+            self.resume_position = None
+            loader = self._loader_from_step(int(position["step"]))
+            rng = self.rng_to_restore
+            resumed = dict(start_step=int(position["step"]), carry=position,
+                           after_iter=(lambda: set_rng_state(rng, self.device)) if rng is not None else None)
+        train_stats = train_one_epoch(self.model, self.criterion, loader, self.optimizer, self.device,
                                       epoch, self.scaler, self.amp_dtype, args.clip_grad, self.mixup_fn,
                                       self.model_ema, show_progress=env.is_main, log_interval=args.log_interval,
-                                      toe=self.toe, distributed=env.distributed)
+                                      toe=self.toe, distributed=env.distributed, input_transform=self.input_transform,
+                                      accum_steps=self.accum_steps, stop_check=self.watch.should_stop,
+                                      **resumed, **self._update_schedule(epoch))
+        if train_stats.get("stopped_at_step") is not None:
+            self._save_position(epoch, train_stats)
+            raise Preempted(f"{self.watch.reason()} in epoch {epoch} after step {train_stats['stopped_at_step']}; "
+                            + self._continue_message(self.last_checkpoint))
         # logged from what the forward passes really ran on (None: the operator passed all tokens)
         if train_stats["kept_tokens"] is None:
             train_stats["kept_tokens"] = self.num_patches
         # the unwrapped model: shards may differ by a batch, and DDP's forward may sync the processes
-        test_stats = evaluate(self.model_without_ddp, self.val_loader, self.device, self.amp_dtype, args.dist_eval)
-        ema_stats = evaluate(self.model_ema.module, self.val_loader, self.device, self.amp_dtype, args.dist_eval) \
-            if self.model_ema is not None else None
-        is_best = test_stats["acc1"] > self.best_acc1
-        self.best_acc1 = max(self.best_acc1, test_stats["acc1"])
+        test_stats = evaluate(self.model_without_ddp, self.val_loader, self.device, self.amp_dtype, args.dist_eval,
+                              input_transform=self.input_transform)
+        ema_stats = evaluate(self.model_ema.module, self.val_loader, self.device, self.amp_dtype, args.dist_eval,
+                             input_transform=self.input_transform) if self.model_ema is not None else None
+        is_best = self.counts_for_best(epoch) and test_stats["acc1"] > self.best_acc1
+        if is_best:
+            self.best_acc1 = test_stats["acc1"]
         record = {"epoch": epoch, "stage": stage, **train_stats, "test_loss": test_stats["loss"],
                   "test_acc1": test_stats["acc1"], "test_acc5": test_stats["acc5"],
-                  "test_images": test_stats["images"], "best_acc1": self.best_acc1}
+                  "test_images": test_stats["images"], "best_acc1": self.best_acc1, **self.epoch_log_fields(epoch)}
         if ema_stats is not None:
             record["ema_acc1"] = ema_stats["acc1"]
         if env.is_main:
@@ -401,10 +514,34 @@ class ClassificationTrainer:
         self.log.write(record, step=epoch)
         self._save(epoch, is_best)
 
-    def _save(self, epoch: int, is_best: bool) -> None:
+    def _update_schedule(self, epoch: int) -> Dict[str, Any]:
+        """The engine's per-update lr arguments (none for a per-epoch schedule)."""
+        per_update = self.updates_per_epoch()
+        if per_update is None or self.lr_scheduler is None:
+            return {}
+        return {"lr_scheduler": self.lr_scheduler, "first_update": epoch * per_update, "max_updates": per_update}
+
+    def _loader_from_step(self, step: int) -> DataLoader:
+        """The training loader of this epoch without its first ``step`` batches (they are not read)."""
+        batch_size = self.train_loader.batch_size
+        pin_memory = self.args.pin_mem and self.device.type == "cuda"
+        return DataLoader(self.train_set, batch_size=batch_size,
+                          sampler=SkipFirst(self.train_sampler, step * batch_size), drop_last=True,
+                          num_workers=self.args.num_workers, pin_memory=pin_memory)
+
+    def _save_position(self, epoch: int, stats: Dict[str, Any]) -> None:
+        """A checkpoint inside ``epoch``: the state after its step ``stats['stopped_at_step']``."""
+        position = {"epoch": epoch, "step": int(stats["stopped_at_step"]), "loss_sum": float(stats["loss_sum"]),
+                    "samples": float(stats["samples"]), "seconds": float(stats["epoch_seconds"])}
+        self._save(epoch - 1, is_best=False, position=position)
+
+    def _save(self, epoch: int, is_best: bool, position: Optional[Dict[str, Any]] = None) -> None:
         if not self.args.output_dir:
             return
+        started = time.monotonic()
         state = self.checkpoint_state(epoch)
+        if position is not None:
+            state["position"] = position
         if self.env.distributed:
             # every process's RNG state goes into the one file, so each resumes its own stream
             gathered = [None] * self.env.world_size
@@ -417,3 +554,4 @@ class ClassificationTrainer:
                 save_checkpoint(state, os.path.join(self.args.output_dir, "best_checkpoint.pth"))
             self.last_checkpoint = path
         barrier()
+        self.watch.saved(time.monotonic() - started)

@@ -26,6 +26,10 @@ class TrainingInterrupted(Exception):
     """Ctrl-C (or SIGINT) during a run; the message says what was saved and how to continue."""
 
 
+class Preempted(Exception):
+    """Stopped early on a scheduler's signal or a time limit, after writing a checkpoint."""
+
+
 class LocalError(UserError):
     """A user error met by this process only (e.g. an unreadable image in its shard): every
     process that meets it prints it, as the others cannot know it."""
@@ -77,6 +81,12 @@ def run_main(main: Callable[[], object]) -> None:
         if _rank() == 0:
             print(f"training stopped: {error}", file=sys.stderr)
         sys.exit(1)
+    except Preempted as error:
+        from ToE.common.preemption import EXIT_PREEMPTED
+
+        if _rank() == 0:
+            print(f"stopped: {error}", file=sys.stderr)
+        sys.exit(EXIT_PREEMPTED)
     except TrainingInterrupted as error:
         if _rank() == 0:
             print(f"interrupted: {error}", file=sys.stderr)

@@ -1,5 +1,6 @@
 # Shared launcher of the DeiT run scripts; sourced, not run. A run script sets
 #   SCRIPT   its own name (for the usage message)
+#   TOE_MAIN optional: the main.py to launch (default: ToE/deit/main.py; other trainers' scripts set theirs)
 #   RECIPE   an array of main.py flags (the published hyper-parameters)
 # and then calls: toe_launch "$@"
 #
@@ -17,6 +18,7 @@
 # flag or data mistake is one line); a single process runs main.py directly.
 
 TOE_DEIT_DIR="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+TOE_MAIN="${TOE_MAIN:-$TOE_DEIT_DIR/main.py}"
 TOE_ROOT="$(cd "$TOE_DEIT_DIR/../.." && pwd)"
 
 toe_usage() {
@@ -91,8 +93,15 @@ toe_launch() {
   fi
   # One process on one machine runs main.py directly: the same run, and a user error stays one
   # line (torchrun would add its own traceback to it).
-  local cmd=("$python" "${launcher[@]}" "$TOE_DEIT_DIR/main.py" "${RECIPE[@]}" "${device_args[@]}"
-             --data-path "$data" --output_dir "$out" "$@")
+  # --auto-resume: running the same command again continues OUT/checkpoint.pth (after a crash, a
+  # preemption or a time limit); an explicit --resume or --eval takes its place
+  local resume_args=(--auto-resume)
+  local arg
+  for arg in "$@"; do
+    case "$arg" in --resume|--resume=*|--eval|--auto-resume) resume_args=() ;; esac
+  done
+  local cmd=("$python" "${launcher[@]}" "$TOE_MAIN" "${RECIPE[@]}" "${device_args[@]}"
+             --data-path "$data" --output_dir "$out" "${resume_args[@]}" "$@")
   if [ "${DRY_RUN:-0}" = "1" ]; then
     printf '%q ' "${cmd[@]}"
     printf '\n'
@@ -101,8 +110,8 @@ toe_launch() {
   if [ "${#launcher[@]}" -gt 0 ]; then
     # Check the flags, data, output folder and resume file once, in one process, before torchrun
     # starts: a mistake then reads as one line, not once per process plus torchrun's report.
-    "$python" "$TOE_DEIT_DIR/main.py" "${RECIPE[@]}" "${device_args[@]}" --data-path "$data" --output_dir "$out" \
-      "$@" --check-only >/dev/null || exit $?
+    "$python" "$TOE_MAIN" "${RECIPE[@]}" "${device_args[@]}" --data-path "$data" --output_dir "$out" \
+      "${resume_args[@]}" "$@" --check-only >/dev/null || exit $?
   fi
   exec "${cmd[@]}"
 }

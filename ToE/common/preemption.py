@@ -1,0 +1,79 @@
+"""Stopping a run cleanly before a scheduler kills it: on SIGTERM or SIGUSR1 (what Slurm and most
+schedulers send before a kill) or before a ``--time-limit``, the training loop ends at the next
+check (every ``--log-interval`` steps), writes a checkpoint that records the position inside the
+epoch, and exits; ``--auto-resume`` (or ``--resume``) continues with the next batch.
+"""
+
+from __future__ import annotations
+
+import re
+import signal
+import time
+from typing import Dict, Optional
+
+EXIT_PREEMPTED = 3  # stopped early with a checkpoint: run the same command with --auto-resume to continue
+STOP_SIGNALS = tuple(getattr(signal, name) for name in ("SIGTERM", "SIGUSR1") if hasattr(signal, name))
+
+
+def parse_duration(text: str) -> float:
+    """Seconds in ``text``: ``3600``, ``90m``, ``2h``, ``1.5h``, ``HH:MM:SS``, ``MM:SS`` or Slurm's ``D-HH:MM:SS``."""
+    text = text.strip()
+    units = {"s": 1, "m": 60, "h": 3600, "d": 86400}
+    match = re.fullmatch(r"(\d+(?:\.\d+)?)([smhd]?)", text)
+    if match:
+        return float(match.group(1)) * units[match.group(2) or "s"]
+    match = re.fullmatch(r"(?:(\d+)-)?(?:(\d+):)?(\d+):(\d+)", text)
+    if match:
+        days, hours, minutes, seconds = (int(g) if g else 0 for g in match.groups())
+        return float(((days * 24 + hours) * 60 + minutes) * 60 + seconds)
+    raise ValueError(f"{text!r} is not a duration (e.g. 3600, 90m, 4h, 3:50:00, 1-00:00:00)")
+
+
+class StopWatch:
+    """Whether training should stop now: a stop signal arrived, or the time limit is near.
+
+    Near means: the time left is less than twice the longest gap seen between two checks plus
+    twice the longest checkpoint write, so the stop lands before the limit whatever the step time.
+    """
+
+    def __init__(self, time_limit: Optional[float] = None) -> None:
+        self.started = time.monotonic()
+        self.deadline = self.started + time_limit if time_limit else None
+        self.signal: Optional[int] = None
+        self.longest_gap = 0.0
+        self.longest_save = 0.0
+        self._last_check: Optional[float] = None
+        self._previous: Dict[int, object] = {}
+
+    def install(self) -> None:
+        """Catch the stop signals (main thread only, as Python requires)."""
+        for signum in STOP_SIGNALS:
+            self._previous[signum] = signal.signal(signum, self._handle)
+
+    def uninstall(self) -> None:
+        for signum, handler in self._previous.items():
+            signal.signal(signum, handler)
+        self._previous.clear()
+
+    def _handle(self, signum, frame) -> None:
+        self.signal = signum
+
+    def saved(self, seconds: float) -> None:
+        """Record how long a checkpoint write took."""
+        self.longest_save = max(self.longest_save, seconds)
+
+    def should_stop(self) -> bool:
+        now = time.monotonic()
+        if self._last_check is not None:
+            self.longest_gap = max(self.longest_gap, now - self._last_check)
+        self._last_check = now
+        if self.signal is not None:
+            return True
+        if self.deadline is None:
+            return False
+        return now + 2.0 * (self.longest_gap + self.longest_save) >= self.deadline
+
+    def reason(self) -> str:
+        if self.signal is not None:
+            return f"{signal.Signals(self.signal).name} received"
+        return "the --time-limit is near"
