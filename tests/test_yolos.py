@@ -22,7 +22,8 @@ from ToE.yolos.data import CocoDetection, Normalize, RandomSizeCrop, collate, lo
 from ToE.yolos.evaluation import evaluate, score_detections, to_coco_results
 from ToE.yolos.loss import HungarianMatcher, SetCriterion
 from ToE.yolos.main import cli
-from ToE.yolos.model import YOLOS, create_backbone, load_init_checkpoint, postprocess, resize_patch_pos_embed
+from ToE.yolos.model import (YOLOS, create_backbone, load_init_checkpoint, postprocess, resize_patch_pos_embed,
+                             sincos_position_table)
 from ToE.yolos.trainer import parameter_groups, schedule_epoch
 
 BACKBONE = "vit_tiny_patch16_224"
@@ -141,6 +142,15 @@ def test_init_checkpoint_cls_row_kept_and_patch_table_bicubic_resized(tmp_path, 
     torch.testing.assert_close(model.pos_embed[:, 1:-5], resize_patch_pos_embed(state["pos_embed"][:, 1:], (6, 6),
                                                                                 (4, 5)))
     torch.testing.assert_close(model.backbone.blocks[1].mlp.fc1.weight, state["blocks.1.mlp.fc1.weight"])
+
+
+def test_sincos_position_table_keeps_the_class_row():
+    backbone = create_backbone(BACKBONE, KWARGS)
+    cls_row = backbone.pos_embed[:, :1].clone()
+    sincos_position_table(backbone, 2.0)
+    from timm.layers.pos_embed_sincos import build_sincos2d_pos_embed
+    torch.testing.assert_close(backbone.pos_embed[0, 1:], 2.0 * build_sincos2d_pos_embed([4, 4], 32))
+    assert torch.equal(backbone.pos_embed[:, :1], cls_row)
 
 
 # ---------------------------------------------------------------------------------------------

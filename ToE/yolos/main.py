@@ -41,6 +41,10 @@ def get_args_parser() -> argparse.ArgumentParser:
     model.add_argument("--init-checkpoint", "--pre_trained", dest="init_checkpoint", default="",
                        help="classification weights for the backbone: a published DeiT .pth, a timm state dict or "
                             "this project's DeiT checkpoint.pth (default: random initialisation)")
+    model.add_argument("--pos-init-sincos", default=0.0, type=non_negative_float, metavar="SCALE",
+                       help="without --init-checkpoint: start the position table as a 2-D sin-cos table times "
+                            "SCALE instead of timm's std-0.02 noise, which carries too little position for box "
+                            "regression from scratch (default: 0, off)")
     model.add_argument("--det_token_num", "--det-token-num", default=100, type=positive_int,
                        help="detection tokens (default: 100)")
     model.add_argument("--init_pe_size", "--init-pe-size", nargs=2, type=positive_int, default=[800, 1333],

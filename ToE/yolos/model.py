@@ -259,14 +259,21 @@ def load_init_checkpoint(backbone: nn.Module, path: str) -> None:
     backbone.load_state_dict(state, strict=True)
 
 
-def build_model(args) -> YOLOS:
-    """The detector described by the flags (``backbone_name``, ``backbone_kwargs``, ``init_checkpoint``,
-    ``num_classes``, ``det_token_num``, ``init_pe_size``, ``mid_pe_size``, ``pe_resize_by_count``)."""
-    backbone = create_backbone(args.backbone_name, args.backbone_kwargs)
-    if args.init_checkpoint:
-        load_init_checkpoint(backbone, args.init_checkpoint)
-    return YOLOS(backbone, args.num_classes, args.det_token_num, args.init_pe_size, args.mid_pe_size,
-                 args.pe_resize_by_count)
+def sincos_position_table(backbone: nn.Module, scale: float = 1.0) -> None:
+    """Set the patch rows of ``backbone.pos_embed`` (1, 1 + g*g, D) to a 2-D sin-cos table
+    (timm's ``build_sincos2d_pos_embed``, as MAE) times ``scale``; the class row stays.
+
+    For training from scratch: the timm init (normal, std 0.02) carries so little position
+    information next to the patch embeddings that the detector first predicts one mean box for
+    a long time; box regression needs to know where a patch is.
+    """
+    from timm.layers.pos_embed_sincos import build_sincos2d_pos_embed
+
+    rows = backbone.pos_embed.shape[1] - 1
+    side = math.isqrt(rows)
+    table = build_sincos2d_pos_embed([side, side], backbone.pos_embed.shape[-1]) * scale     # (g*g, D)
+    with torch.no_grad():
+        backbone.pos_embed[0, 1:] = table.to(backbone.pos_embed)
 
 
 @torch.no_grad()

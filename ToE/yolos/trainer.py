@@ -27,11 +27,12 @@ from ToE.yolos.data import CocoDetection, collate, eval_transform, train_transfo
 from ToE.yolos.engine import train_one_epoch
 from ToE.yolos.evaluation import evaluate, write_results
 from ToE.yolos.loss import HungarianMatcher, SetCriterion
-from ToE.yolos.model import YOLOS, create_backbone, load_init_checkpoint
+from ToE.yolos.model import YOLOS, create_backbone, load_init_checkpoint, sincos_position_table
 
 # Flags that define what a run trains: a resume with other values would mix two runs.
 RESUME_MUST_MATCH = (
     "backbone_name", "backbone_kwargs", "det_token_num", "init_pe_size", "mid_pe_size", "pe_resize_by_count",
+    "init_checkpoint", "pos_init_sincos",
     "lr", "min_lr", "warmup_epochs", "warmup_lr", "weight_decay", "eos_coef", "bbox_loss_coef", "giou_loss_coef",
     "expansion_step", "keep_rate", "initialization_keep_rate", "expansion_multiple_stage", "distance",
     "initialization",
@@ -82,6 +83,8 @@ class DetectionTrainer:
         backbone = create_backbone(args.backbone_name, args.backbone_kwargs)
         if args.init_checkpoint:
             load_init_checkpoint(backbone, args.init_checkpoint)
+        elif args.pos_init_sincos:
+            sincos_position_table(backbone, args.pos_init_sincos)
         patch = backbone.patch_embed.patch_size
         self.patch_size = int(patch[0] if isinstance(patch, (tuple, list)) else patch)
         self._build_data()
