@@ -15,5 +15,6 @@ SCRIPT=imagenet_small_run1.sh
 RECIPE=(--model deit_small_patch16_224 --batch-size 256 --epochs 300 --seed 3407
         --expansion-step 0 100 200 --keep-rate 0.5 0.75 1.0
         --initialization-keep-rate 0.25 --expansion-multiple-stage 2)
-source "$(dirname "${BASH_SOURCE[0]}")/_launch.sh"
+TOE_MAIN="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)/main.py"
+source "$(dirname "${BASH_SOURCE[0]}")/../../common/launch.sh"
 toe_launch "$@"
