@@ -14,11 +14,12 @@ EPOCHS="${DEMO_EPOCHS:-30}"
 "$PY" -m ToE.lvvit.generate_label --model digits_cnn --checkpoint "$DEMO_OUT/teacher.pth" \
   --data-path data/digits --out "$DEMO_OUT/labels" --img-size 48 -b 100 --device cpu --num-workers 0
 third=$((EPOCHS / 3))
+warmup=$(( EPOCHS >= 12 ? 3 : 0 ))  # a short smoke run (DEMO_EPOCHS below 12) has no warmup
 "$PY" ToE/lvvit/main.py \
   --data-path data/digits --output_dir "$DEMO_OUT/run" --device cpu --num_workers 0 --seed 0 \
   --model lvvit_digits --img-size 32 --crop-pct 1.0 \
   --token-label --token-label-data "$DEMO_OUT/labels" --token-label-size 8 \
-  --epochs "$EPOCHS" --cooldown-epochs 0 -b 64 --lr 1e-3 --min-lr 1e-5 --warmup-epochs 3 \
+  --epochs "$EPOCHS" --cooldown-epochs 0 -b 64 --lr 1e-3 --min-lr 1e-5 --warmup-epochs "$warmup" \
   --weight-decay 0.05 --drop-path 0.1 --aa rand-m9-mstd0.5-inc1 --reprob 0.25 --hflip 0 --scale 0.35 1.0 \
   --model-ema-decay 0.99 \
   --expansion-step 0 "$third" "$((2 * third))" --keep-rate 0.4 0.7 1.0 \
