@@ -1,9 +1,9 @@
 # Shared part of the LV-ViT ImageNet run scripts; sourced, not run. A run script sets SCRIPT and
 # RECIPE (main.py flags), then calls: lvvit_launch DATA LABELS OUT [extra main.py args]
-# The launcher is DeiT's (ToE/deit/run/_launch.sh: NPROC, NNODES, NODE_RANK, MASTER_ADDR, MASTER_PORT,
-# DRY_RUN=1), pointed at ToE/lvvit/main.py.
+# The launcher is the shared one (ToE/common/launch.sh: NPROC, NNODES, NODE_RANK, MASTER_ADDR,
+# MASTER_PORT, DRY_RUN=1), pointed at ToE/lvvit/main.py.
 TOE_MAIN="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)/main.py"
-source "$(dirname "${BASH_SOURCE[0]}")/../../deit/run/_launch.sh"
+source "$(dirname "${BASH_SOURCE[0]}")/../../common/launch.sh"
 
 lvvit_launch() {
   if [ "$#" -lt 3 ] || [ -z "$1" ] || [ -z "$2" ] || [ -z "$3" ]; then

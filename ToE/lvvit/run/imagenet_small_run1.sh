@@ -8,7 +8,7 @@
 # With another GPU count the maintainers advise scaling the lr linearly (e.g. 4e-4 for a total of 256).
 #
 #   bash ToE/lvvit/run/imagenet_small_run1.sh /data/imagenet /data/imagenet_labels /runs/lvvit_s [extra args]
-#   NPROC=4 ...   DRY_RUN=1 ...   (see ToE/deit/run/_launch.sh)
+#   NPROC=4 ...   DRY_RUN=1 ...   (see ToE/common/launch.sh)
 set -euo pipefail
 SCRIPT=imagenet_small_run1.sh
 RECIPE=(--model lvvit_s --img-size 224 -b 256 --epochs 310 --cooldown-epochs 10 --lr 1.6e-3 --warmup-epochs 5
