@@ -26,7 +26,7 @@ from bench.common import describe_machine, git_commit
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 RESULTS = os.path.join(ROOT, "bench", "results")
-EPOCHS = 12
+EPOCHS = 20
 COMMON = ["--coco_path", "data/digits-det", "--device", "cpu", "--num_workers", "0",
           "--backbone_name", "vit_tiny_patch16_224", "--backbone-kwargs", "img_size=64", "patch_size=8", "embed_dim=96",
           "depth=4", "num_heads=3", "--det_token_num", "10", "--init_pe_size", "64", "64", "--pos-init-sincos", "2",
@@ -36,7 +36,7 @@ COMMON = ["--coco_path", "data/digits-det", "--device", "cpu", "--num_workers", 
           "--weight_decay", "1e-4", "--clip_max_norm", "0.1", "--initialization-keep-rate", "0.25",
           "--expansion-multiple-stage", "2", "--log-interval", "20"]
 CONFIGS = {"full": ["--expansion-step", "0", "--keep-rate", "1.0"],
-           "toe": ["--expansion-step", "1", "4", "8", "--keep-rate", "0.5", "0.75", "1.0"]}
+           "toe": ["--expansion-step", "1", "7", "13", "--keep-rate", "0.5", "0.75", "1.0"]}
 
 
 def run_one(config: str, seed: int, epochs: int, work: str) -> Dict[str, object]:

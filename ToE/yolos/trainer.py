@@ -257,6 +257,7 @@ class DetectionTrainer:
         self.best_ap = max(self.best_ap, stats["AP"])
         record = {"epoch": epoch, "stage": stage, **train_stats, "test_loss": stats["loss"],
                   **{f"test_{k}": v for k, v in stats.items() if k.startswith(("AP", "AR"))},
+                  "test_images": stats["images"],
                   "best_AP": self.best_ap}
         if env.is_main:
             print(f"epoch {epoch}: stage {stage}, {train_stats['kept_tokens']:.1f} of "

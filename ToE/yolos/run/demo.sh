@@ -9,7 +9,7 @@
 # then pycocotools AP on the 300 val canvases (all tokens), the time, per-stage speed against
 # the FLOP prediction, and a figure of predicted boxes (DEMO_OUT/boxes.png).
 set -euo pipefail
-EPOCHS="${DEMO_EPOCHS:-12}"
+EPOCHS="${DEMO_EPOCHS:-20}"
 "$PY" -m ToE.yolos.digits_det --out data/digits-det
 # stage 0 = epoch 0 (full tokens), then 50 % / 75 % / 100 % of the patch tokens in thirds of the rest
 s2=$(( 1 + (EPOCHS - 1) / 3 )); s3=$(( 1 + 2 * (EPOCHS - 1) / 3 ))
