@@ -9,7 +9,8 @@
 #   bash ToE/EfficientTrain/run/imagenet_small_run1.sh /data/imagenet /runs/et_small [extra main.py args]
 #   NPROC=8 bash ToE/EfficientTrain/run/imagenet_small_run1.sh ...      # processes per machine (8: 512 x 8 x 1)
 #   DRY_RUN=1 bash ToE/EfficientTrain/run/imagenet_small_run1.sh ...   # print the torchrun command
-# The launcher is DeiT's (ToE/deit/run/_launch.sh: NPROC, NNODES, NODE_RANK, MASTER_ADDR, MASTER_PORT).
+# The launcher is the shared ToE/common/launch.sh (NPROC, NNODES, NODE_RANK, MASTER_ADDR, MASTER_PORT;
+# --auto-resume: the same command again continues the run).
 set -euo pipefail
 SCRIPT=imagenet_small_run1.sh
 TOE_MAIN="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)/main.py"
@@ -19,5 +20,5 @@ RECIPE=(--model deit_small_patch16_224 --epochs 300 --batch-size 256 --global-ba
         --aa rand-m9-mstd0.5-inc1 --reprob 0.25 --mixup 0.8 --cutmix 1.0 --smoothing 0.1 --seed 0
         --expansion-step 0 100 200 --keep-rate 0.6 0.8 1.0
         --initialization-keep-rate 0.3 --expansion-multiple-stage 2)
-source "$(dirname "${BASH_SOURCE[0]}")/../../deit/run/_launch.sh"
+source "$(dirname "${BASH_SOURCE[0]}")/../../common/launch.sh"
 toe_launch "$@"
