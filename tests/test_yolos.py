@@ -438,3 +438,11 @@ def test_evaluate_batch_size_does_not_matter_without_padding(coco_root):
         stats, results, _ = evaluate(model, None, loader, dataset.coco, torch.device("cpu"))
         scores.append(sorted(round(r["score"], 5) for r in results))
     assert scores[0] == scores[1]
+
+
+def test_auto_resume_of_a_finished_run_does_nothing(coco_root, straight_run, capsys):
+    """The run scripts add --auto-resume: the same command again on a finished run changes nothing."""
+    before = (straight_run / "checkpoint.pth").stat().st_mtime_ns
+    code, out, err = _run(TINY + ["--coco_path", coco_root, "--output_dir", str(straight_run), "--auto-resume"], capsys)
+    assert code == 0 and "nothing to do" in out, err
+    assert (straight_run / "checkpoint.pth").stat().st_mtime_ns == before

@@ -64,6 +64,18 @@ def rng_to_restore(checkpoint: Dict[str, Any], env: DistEnv, seed: int, start_ep
     return None
 
 
+def auto_resume_path(args: argparse.Namespace) -> str:
+    """``--auto-resume``: OUTPUT/checkpoint.pth when it exists (continue the run), else "" (start)."""
+    from ToE.common.errors import UserError
+
+    if args.resume:
+        raise UserError("--auto-resume picks OUTPUT/checkpoint.pth itself: pass either it or --resume FILE")
+    if not args.output_dir:
+        raise UserError("--auto-resume needs --output_dir (it continues OUTPUT/checkpoint.pth when it exists)")
+    candidate = os.path.join(args.output_dir, "checkpoint.pth")
+    return candidate if os.path.isfile(candidate) else ""
+
+
 def interrupted_message(output_dir: str, last_checkpoint: Optional[str]) -> str:
     """What an interruption (Ctrl-C) leaves: nothing, no checkpoint yet, or the one to resume from."""
     if not output_dir:

@@ -102,6 +102,9 @@ def get_args_parser() -> argparse.ArgumentParser:
     run.add_argument("--device", default="cuda", help="cuda or cpu; cuda falls back to cpu (default: cuda)")
     run.add_argument("--seed", default=42, type=non_negative_int, help="random seed, + rank per process (default: 42)")
     run.add_argument("--resume", default="", help="checkpoint to continue from (or to evaluate with --eval)")
+    run.add_argument("--auto-resume", action="store_true",
+                     help="continue OUTPUT_DIR/checkpoint.pth when it exists, else start (the run scripts add it, "
+                          "so running the same command again continues the run)")
     run.add_argument("--overwrite", action="store_true",
                      help="start a new run in an --output_dir that holds another run (deletes it first)")
     run.add_argument("--check-only", action="store_true",

@@ -22,7 +22,8 @@ from ToE.common.checkpoint import check_resume_args, load_checkpoint, rng_state,
 from ToE.common.distributed import cleanup, init_distributed
 from ToE.common.errors import TrainingInterrupted, UserError
 from ToE.common.log import RunLog, check_no_other_run, check_output_dir
-from ToE.common.run import interrupted_message, rng_to_restore, save_run_checkpoint, start_outputs
+from ToE.common.run import (auto_resume_path, interrupted_message, rng_to_restore, save_run_checkpoint,
+                            start_outputs)
 from ToE.yolos.data import CocoDetection, collate, eval_transform, train_transform
 from ToE.yolos.engine import train_one_epoch
 from ToE.yolos.evaluation import evaluate, write_results
@@ -71,6 +72,9 @@ class DetectionTrainer:
         self.args = args
         self.toe = build_token_select(args)  # flag mistakes first, before data, model or outputs
         self._check_flags()
+        if args.auto_resume and not args.eval:
+            args.resume = auto_resume_path(args)
+        self.finished = False  # --auto-resume met a run that has trained all its epochs
         self.writes = bool(args.output_dir) and not args.eval
         if args.output_dir:
             check_output_dir(args.output_dir)
@@ -173,6 +177,9 @@ class DetectionTrainer:
             return
         self.start_epoch = epoch + 1
         planned = int(stored.get("epochs", args.epochs))
+        if self.start_epoch >= args.epochs and args.auto_resume:
+            self.finished = True  # re-submitting a finished job is not an error
+            return
         if self.start_epoch >= args.epochs:
             raise UserError(f"resume file {path} is a finished run: it trained {self.start_epoch} epochs and --epochs "
                             f"is {args.epochs}. Raise --epochs to train longer, or evaluate it with --eval")
@@ -202,6 +209,10 @@ class DetectionTrainer:
                 return
             if args.eval:
                 self._evaluate_only()
+                return
+            if self.finished:
+                if env.is_main:
+                    print(f"{args.resume} has trained all {args.epochs} epochs: nothing to do")
                 return
             dims = {"num_classes": self.num_classes, "embed_dim": self.model_without_ddp.backbone.embed_dim,
                     "depth": len(self.model_without_ddp.backbone.blocks), "patch_size": self.patch_size}
