@@ -107,10 +107,11 @@ class DetectionTrainer:
         self.lr_scheduler = CosineLRScheduler(self.optimizer, t_initial=args.epochs, lr_min=args.min_lr,
                                               warmup_t=args.warmup_epochs, warmup_lr_init=args.warmup_lr)
         matcher = HungarianMatcher(args.set_cost_class, args.set_cost_bbox, args.set_cost_giou)
-        self.criterion = SetCriterion(self.num_classes, matcher, args.eos_coef,
-                                      {"loss_ce": 1.0, "loss_bbox": args.bbox_loss_coef,
-                                       "loss_giou": args.giou_loss_coef},
+        weights = {"loss_ce": 1.0, "loss_bbox": args.bbox_loss_coef, "loss_giou": args.giou_loss_coef}
+        self.criterion = SetCriterion(self.num_classes, matcher, args.eos_coef, weights,
                                       distributed=self.env.distributed).to(self.device)
+        # validation loss per process, without the box-count all-reduce: shards may differ by a batch
+        self.eval_criterion = SetCriterion(self.num_classes, matcher, args.eos_coef, weights).to(self.device)
         self.start_epoch = args.start_epoch
         self.best_ap = 0.0
         self.rng_to_restore: Optional[Dict[str, Any]] = None
@@ -240,7 +241,7 @@ class DetectionTrainer:
 
     def _evaluate_only(self) -> None:
         args = self.args
-        stats, results, summary = evaluate(self.model_without_ddp, self.criterion, self.val_loader,
+        stats, results, summary = evaluate(self.model_without_ddp, self.eval_criterion, self.val_loader,
                                            self.val_set.coco, self.device, show_progress=self.env.is_main)
         if self.env.is_main:
             path = args.results_json or (os.path.join(args.output_dir, "detections_val2017.json")
@@ -262,7 +263,7 @@ class DetectionTrainer:
                                       epoch, args.clip_max_norm, toe=self.toe, patch_size=self.patch_size,
                                       show_progress=env.is_main, log_interval=args.log_interval,
                                       distributed=env.distributed)
-        stats, _, _ = evaluate(self.model_without_ddp, self.criterion, self.val_loader, self.val_set.coco,
+        stats, _, _ = evaluate(self.model_without_ddp, self.eval_criterion, self.val_loader, self.val_set.coco,
                                self.device)
         is_best = stats["AP"] > self.best_ap
         self.best_ap = max(self.best_ap, stats["AP"])
