@@ -149,21 +149,32 @@ def measure_speed(epochs: int, steps: int, warmup: int, batch: int, log=print) -
             seconds[key] = CLOCK() - start
         rounds.append({"warmup": index < warmup, "seconds": seconds})
         log(f"[bench] round {index + 1}/{warmup + steps}" + (" (warm-up)" if index < warmup else ""))
+    results = speedups(rounds, epochs)
     timed = [r["seconds"] for r in rounds if not r["warmup"]]
-    full_key = f"{size}/{(size // patch) ** 2}/off"
-    results = {}
-    for config, rows in per_config.items():
-        run_times = [sum(r[f"{c}/{k}/{m}"] for c, k, m in rows) for r in timed]
-        full_times = [r[full_key] * epochs for r in timed]
-        ideal = step_flops(size, (size // patch) ** 2, "off") * epochs / sum(step_flops(*row) for row in rows)
-        results[config] = {"measured_speedup": statistics.median(f / t for f, t in zip(full_times, run_times)),
-                           "ideal_speedup": ideal}
-    aa = [r["A/A full"] / r[full_key] for r in timed]
+    aa = [r["A/A full"] / r[f"{size}/{(size // patch) ** 2}/off"] for r in timed]
     return {"machine": describe_machine(), "commit": git_commit(), "load_before": os.getloadavg(),
             "clock": CLOCK.__name__,
             "epochs": epochs, "batch": batch, "steps": steps, "warmup": warmup, "configs": results,
             "aa_control": {"median": statistics.median(aa), "max_deviation": max(abs(1 - a) for a in aa)},
             "rounds": rounds, "command": COMMAND}
+
+
+def speedups(rounds: Sequence[Dict[str, object]], epochs: int) -> Dict[str, Dict[str, float]]:
+    """Per configuration: the median over rounds of the run-level speedup (sum over the epochs of
+    the full step / sum of the configuration's phase steps) and the FLOP-ideal one, for a run of
+    ``epochs`` epochs (any length whose phases were timed)."""
+    _, _, size, patch = MODEL
+    timed = [r["seconds"] for r in rounds if not r["warmup"]]
+    full_key = f"{size}/{(size // patch) ** 2}/off"
+    results = {}
+    for config in CONFIGS:
+        rows = phases(config, epochs)
+        run_times = [sum(r[f"{c}/{k}/{m}"] for c, k, m in rows) for r in timed]
+        full_times = [r[full_key] * epochs for r in timed]
+        ideal = step_flops(size, (size // patch) ** 2, "off") * epochs / sum(step_flops(*row) for row in rows)
+        results[config] = {"measured_speedup": statistics.median(f / t for f, t in zip(full_times, run_times)),
+                           "ideal_speedup": ideal}
+    return results
 
 
 # ---------------------------------------------------------------------------------------------
@@ -222,19 +233,23 @@ def _mean_std(values: Sequence[float]) -> Tuple[float, float]:
     return statistics.fmean(values), (statistics.stdev(values) if len(values) > 1 else 0.0)
 
 
-def render(runs_path: str, speed_path: str, out_md: str, fig_path: Optional[str]) -> str:
+def render(runs_path: str, speed_path: str, out_md: str, fig_path: Optional[str], epochs: int) -> str:
+    """The table (runs of ``epochs`` epochs only) into ``out_md``, the figure into ``fig_path``."""
     runs = [json.loads(line) for line in open(runs_path) if line.strip()] if os.path.isfile(runs_path) else []
+    runs = [r for r in runs if r["epochs"] == epochs]
     speed = json.load(open(speed_path)) if os.path.isfile(speed_path) else None
     lines = []
     if speed:
+        # the phases of an `epochs`-long run from the stored step times (the same phase set)
+        speed["configs"] = speedups(speed["rounds"], epochs)
         aa = speed["aa_control"]
         lines += [f"Step-level speed: `{speed['command']}` ({speed['steps']} rounds, batch {speed['batch']}, "
-                  f"{speed['epochs']} epochs; {speed.get('clock', 'perf_counter')} clock, "
+                  f"speedups for {epochs}-epoch runs; {speed.get('clock', 'perf_counter')} clock, "
                   f"{speed['machine']['torch_threads']} thread(s), {speed['machine']['cpu_count']} cores, load before "
                   f"{speed['load_before'][0]:.2f}); A/A control (full vs full): median {aa['median']:.3f}, largest "
                   f"deviation {aa['max_deviation']:.3f}", ""]
     lines += ["| configuration | top-1 % (mean ± std) | seeds | epochs | FLOP-ideal speedup | measured step-level "
-              "speedup | train time (s, mean) |", "|---|---|---|---|---|---|---|"]
+              "speedup | train wall time (s, mean) | host load after |", "|---|---|---|---|---|---|---|---|"]
     points = []
     for config in CONFIGS:
         mine = [r for r in runs if r["config"] == config]
@@ -243,13 +258,14 @@ def render(runs_path: str, speed_path: str, out_md: str, fig_path: Optional[str]
         if mine:
             mean, std = _mean_std([r["top1"] for r in mine])
             seconds = statistics.fmean(r["train_seconds"] for r in mine)
-            acc = f"{mean:.2f} ± {std:.2f}"
+            load = max(r["load_after"][0] for r in mine)
+            acc = f"{mean:.2f} ± {std:.2f}" if len(mine) > 1 else f"{mean:.2f} (one seed: no spread)"
             points.append((config, mean, std, measured))
         else:
-            acc, seconds = "not run", None
+            acc, seconds, load = "not run", None, None
         lines.append(f"| {LABELS[config]} | {acc} | {len(mine)} | {mine[0]['epochs'] if mine else '-'} | "
                      f"{f'{ideal:.2f}x' if ideal else '-'} | {f'{measured:.2f}x' if measured else '-'} | "
-                     f"{f'{seconds:.0f}' if seconds else '-'} |")
+                     f"{f'{seconds:.0f}' if seconds else '-'} | {f'{load:.1f}' if load else '-'} |")
     text = "\n".join(lines) + "\n"
     with open(out_md, "w") as handle:
         handle.write(text)
@@ -316,8 +332,8 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
                       flush=True)
                 with open(args.runs, "a") as handle:
                     handle.write(json.dumps(row) + "\n")
-    print(render(args.runs, speed_path, os.path.join(RESULTS, "efficienttrain.md"),
-                 os.path.join(FIGS, "efficienttrain.png")))
+    print(render(args.runs, speed_path, os.path.join(RESULTS, f"efficienttrain_e{args.epochs}.md"),
+                 os.path.join(FIGS, f"efficienttrain_e{args.epochs}.png"), args.epochs))
 
 
 if __name__ == "__main__":

@@ -354,3 +354,19 @@ def test_random_patch_dropout_baseline_keeps_as_many_tokens(data):
     handle.remove()
     assert seen == [1 + 20, 1 + 27, 1 + 37, 1 + 64]
     assert trainer.epoch_log_fields(4)["kept_tokens"] == 64
+
+
+def test_bench_phases_and_run_level_speedup():
+    from bench.efficienttrain import CONFIGS, phases, speedups, step_flops
+
+    et_toe = phases("et_toe", 45)
+    assert (et_toe[0], et_toe[15], et_toe[27], et_toe[30], et_toe[44]) == (
+        (24, 20, "toe"), (24, 27, "toe"), (28, 37, "toe"), (28, 49, "off"), (32, 64, "off"))
+    assert {row for row in phases("random", 45)} == {(32, 38, "random"), (32, 50, "random"), (32, 64, "off")}
+    # step times proportional to the FLOPs: every measured speedup is the FLOP-ideal one
+    keys = {row for config in CONFIGS for row in phases(config, 45)}
+    seconds = {f"{c}/{k}/{m}": step_flops(c, k, m) * 1e-9 for c, k, m in keys}
+    result = speedups([{"warmup": False, "seconds": seconds}] * 3, 45)
+    for config in CONFIGS:
+        assert result[config]["measured_speedup"] == pytest.approx(result[config]["ideal_speedup"], rel=1e-12)
+    assert round(result["et_toe"]["ideal_speedup"], 2) == 1.76 and result["full"]["ideal_speedup"] == 1.0
