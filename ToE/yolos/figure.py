@@ -3,8 +3,8 @@
     python -m ToE.yolos.figure runs/demo-yolos --out Figs/yolos_demo_boxes.png
 
 Reads ``args.yaml`` and ``checkpoint.pth`` of the run, evaluates the first ``--images`` val images
-with all tokens at the run's eval size, and draws every detection scoring above ``--threshold``
-(label and score) in colour, the ground truth dashed in white.
+with all tokens at the run's eval size, and draws the ``--top`` highest-scoring detections of each
+image (label and score) in colour, the ground truth dashed in white.
 """
 
 from __future__ import annotations
@@ -21,7 +21,7 @@ from ToE.yolos.data import CocoDetection, collate, eval_transform
 from ToE.yolos.model import YOLOS, create_backbone, postprocess
 
 
-def draw(run_dir: str, out: str, images: int = 8, threshold: float = 0.5) -> str:
+def draw(run_dir: str, out: str, images: int = 8, threshold: float = 0.0, top: int = 3) -> str:
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
@@ -58,15 +58,17 @@ def draw(run_dir: str, out: str, images: int = 8, threshold: float = 0.5) -> str
         for ann in dataset.coco.imgToAnns.get(int(target["image_id"]), []):
             x, y, w, h = ann["bbox"]
             ax.add_patch(plt.Rectangle((x, y), w, h, fill=False, edgecolor="white", linestyle="--", linewidth=0.8))
-        for box, score, label in zip(det["boxes"].tolist(), det["scores"].tolist(), det["labels"].tolist()):
+        order = det["scores"].argsort(descending=True)[:top]
+        for box, score, label in zip(det["boxes"][order].tolist(), det["scores"][order].tolist(),
+                                     det["labels"][order].tolist()):
             if score < threshold:
                 continue
             x0, y0, x1, y1 = box
             ax.add_patch(plt.Rectangle((x0, y0), x1 - x0, y1 - y0, fill=False, edgecolor="lime", linewidth=1.2))
             ax.text(x0, y0 - 1, f"{names.get(label, label)} {score:.2f}", color="lime", fontsize=7)
         ax.set_title(f"val image {info['id']}", fontsize=8)
-    figure.suptitle(f"YOLOS+ToE predictions (green, score >= {threshold}) and ground truth (white dashed)",
-                    fontsize=8)
+    figure.suptitle(f"YOLOS+ToE: the {top} highest-scoring detections per image (green, score >= {threshold}; "
+                    "label and score) and the ground truth (white dashed)", fontsize=8)
     figure.tight_layout()
     os.makedirs(os.path.dirname(out) or ".", exist_ok=True)
     figure.savefig(out, dpi=110)
@@ -79,10 +81,11 @@ def main() -> None:
     parser.add_argument("run_dir", help="the run's --output_dir")
     parser.add_argument("--out", default="", help="PNG to write (default: RUN_DIR/boxes.png)")
     parser.add_argument("--images", type=int, default=8, help="val images to draw (default: 8)")
-    parser.add_argument("--threshold", type=float, default=0.5, help="lowest score drawn (default: 0.5)")
+    parser.add_argument("--threshold", type=float, default=0.0, help="lowest score drawn (default: 0)")
+    parser.add_argument("--top", type=int, default=3, help="detections drawn per image, best first (default: 3)")
     args = parser.parse_args()
     out = args.out or os.path.join(args.run_dir, "boxes.png")
-    run_main(lambda: print(f"figure: {draw(args.run_dir, out, args.images, args.threshold)}"))
+    run_main(lambda: print(f"figure: {draw(args.run_dir, out, args.images, args.threshold, args.top)}"))
 
 
 if __name__ == "__main__":
