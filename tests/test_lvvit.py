@@ -384,3 +384,41 @@ def test_error_wrong_label_size_and_dtype(data, tmp_path):
     args = _common(data, tmp_path / "out2")
     args[args.index("--token-label-data") + 1] = bad
     assert_user_error(run(*args), str(bad / "class0" / "0.pt"), "not a float16")
+
+
+def test_labelled_rotate_moves_the_map_with_the_image():
+    from ToE.lvvit.labels import _warp_map
+    import timm.data.auto_augment as aa
+    image = np.zeros((32, 32), np.uint8)
+    image[4:8, 4:8] = 255                                                # bright block in map cell (1, 1)
+    label_map = torch.zeros(2, 5, 8, 8)
+    label_map[0, 0, 1, 1] = 1.0
+    # 90 degrees counter-clockwise about the centre: cell (row 1, col 1) goes to (row 6, col 1)
+    moved = aa.rotate(Image.fromarray(image), 90, resample=Image.NEAREST, fillcolor=0)
+    warped = _warp_map(label_map, "Rotate", (90,))
+    assert torch.nonzero(warped[0, 0]).tolist() == [[6, 1]]
+    bright = np.argwhere(np.asarray(moved) > 0)
+    assert len(bright) == 16 and (bright // 4 == np.array([6, 1])).all()
+
+
+def test_recipe_defaults_and_published_flag_names():
+    from ToE.lvvit.main import parse_args
+    args = parse_args([])
+    assert (args.model, args.epochs, args.cooldown_epochs, args.lr, args.unscale_lr) == ("lvvit_s", 310, 10, 1.6e-3,
+                                                                                         True)
+    assert (args.expansion_step, args.keep_rate, args.initialization_keep_rate) == ([0, 100, 200], [0.4, 0.7, 1.0],
+                                                                                    0.2)
+    assert (args.mixup, args.cutmix, args.model_ema, args.model_ema_decay) == (0.0, 0.0, True, 0.99992)
+    args = parse_args(["-b", "32", "--img-size", "192", "--apex-amp", "--token-label-size", "12", "--dense-weight",
+                       "0.5", "--cls-weight", "2", "--no-model-ema"])
+    assert (args.batch_size, args.input_size, args.amp_dtype, args.token_label_size) == (32, 192, "float16", 12)
+    assert (args.dense_weight, args.cls_weight, args.model_ema) == (0.5, 2.0, False)
+
+
+def test_error_token_label_without_data_and_unknown_model(data, tmp_path):
+    root, _ = data
+    args = ["--data-path", root, "--epochs", 2, *TINY, *FAST, "--token-label"]
+    assert_user_error(run(*args), "--token-label-data")
+    args = ["--data-path", root, "--epochs", 2, *FAST, "--model", "deit_tiny_patch16_224", "--img-size", 16,
+            "--patch-size", 4]
+    assert_user_error(run(*args), "is not an LV-ViT")

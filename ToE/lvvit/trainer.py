@@ -23,7 +23,7 @@ class Trainer(ClassificationTrainer):
     def _model_grid(self) -> int:
         """The patch-grid side of ``--model`` at ``--input-size`` (built on the meta device: no memory, no work)."""
         args = self.args
-        kwargs = dict(args.model_kwargs)
+        kwargs = {key: value for key, value in args.model_kwargs.items() if key != "mix_token"}  # LV-ViT's own
         kwargs.setdefault("img_size", args.input_size)
         if args.patch_size is not None:
             kwargs.setdefault("patch_size", args.patch_size)
