@@ -1,7 +1,10 @@
 """AP of full-token training vs ToE for the YOLOS demo detector on the embedded digits-det set.
 
     python -m bench.yolos_accuracy --seeds 0 1 2              # trains 2 x 3 runs, then renders
-    python -m bench.yolos_accuracy --render                   # rewrite the table from runs.jsonl only
+    python -m bench.yolos_accuracy --render                   # rewrite the table from the .jsonl only
+
+A run stored in the .jsonl whose folder still holds its complete log is kept, not retrained (the
+runs are deterministic), so adding seeds trains only the new ones.
 
 Every run is ``ToE/yolos/run/demo.sh``'s training command (same model, data, schedule length)
 with ``--seed S``; "full" trains all tokens in every epoch (one stage, keep rate 1.0), "toe" is
@@ -100,9 +103,21 @@ def main() -> None:
                   "command": "python -m bench.yolos_accuracy " + " ".join(sys.argv[1:])}
         rows = []
         os.makedirs(RESULTS, exist_ok=True)
+        # Runs are deterministic: a finished run of the same command stored before is kept, not retrained.
+        stored = {}
+        if os.path.isfile(stem + ".jsonl"):
+            with open(stem + ".jsonl") as handle:
+                for line in list(handle)[1:]:
+                    row = json.loads(line)
+                    stored[(row["config"], row["seed"], row["epochs"])] = row
         for seed in args.seeds:
             order = list(CONFIGS) if seed % 2 == 0 else list(reversed(CONFIGS))
             for config in order:
+                log = os.path.join(args.work, f"{config}-seed{seed}", "log.txt")
+                key = (config, seed, args.epochs)
+                if key in stored and os.path.isfile(log) and sum(1 for _ in open(log)) == args.epochs:
+                    rows.append(stored[key])
+                    continue
                 rows.append(run_one(config, seed, args.epochs, args.work))
                 print(json.dumps(rows[-1]), flush=True)
                 with open(stem + ".jsonl", "w") as handle:
