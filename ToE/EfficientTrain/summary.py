@@ -58,8 +58,9 @@ def summarise(output_dir: str) -> str:
     full_res = [r["test_acc1"] for r in records if r.get("resolution", args["input_size"]) == args["input_size"]]
     lines = [f"Run in {output_dir}: {args['model']} {args.get('model_kwargs') or ''}, curriculum "
              f"{args.get('curriculum', 'none')}, {len(records)} of {args.get('epochs')} epochs",
-             f"Top-1 on the held-out images at full resolution: {last['test_acc1']:.2f} % (last epoch), best "
-             f"{max(full_res) if full_res else float('nan'):.2f} % over the full-resolution epochs",
+             f"Top-1 on the held-out images: {last['test_acc1']:.2f} % in the last epoch (evaluated at "
+             f"{last.get('resolution', args['input_size'])} px); best over the full-resolution epochs: "
+             + (f"{max(full_res):.2f} %" if full_res else "none yet"),
              f"Training time: {total:.1f} s ({total / 60:.1f} min), evaluation excluded", "",
              "| epochs | crop px | patch tokens | kept after block 0 | median epoch (s) | measured speed | "
              "FLOP-predicted speed |", "|---|---|---|---|---|---|---|"]
