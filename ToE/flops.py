@@ -230,6 +230,93 @@ def format_report(report: Dict[str, object], title: str = "") -> str:
     return "\n".join(lines)
 
 
+def curriculum_report(model_name: str, model_kwargs: Dict[str, object], input_size: int, patch_size: Optional[int],
+                      epochs: int, crops: Sequence[int], expansion_step: Sequence[int], keep_rate: Sequence[float],
+                      initialization_keep_rate: float, expansion_multiple_stage: int = 2,
+                      count: bool = True) -> Dict[str, object]:
+    """FLOP-ideal speedups of a resolution curriculum (EfficientTrain), of ToE, and of both.
+
+    ``crops[e]`` is the input side of global epoch e. Every distinct (crop, ToE stage) of the run
+    is counted once on a model with a full-resolution position table interpolated to the crop's
+    grid (what the EfficientTrain trainer trains), with ToE's counts on that grid; the low-pass
+    FFT itself is not counted. Returns ``phases`` (one row per run of epochs with the same crop
+    and stage) and ``run`` (whole-run FLOPs per sample and the speedups of ET, ToE and ET + ToE
+    over full-token training at ``input_size``, analytic and counted).
+    """
+    model = create_model(model_name, input_size, patch_size, dynamic_img_size=True, **model_kwargs)
+    shape = model_shape(model)
+    patch = model.patch_embed.proj.kernel_size[0]
+    operator = token_select.TokenSelect(expansion_step, keep_rate, initialization_keep_rate,
+                                        expansion_multiple_stage)
+    token_select.attach(model, operator)
+    cache: Dict[tuple, tuple] = {}
+
+    def step(crop: int, stage: int) -> tuple:
+        """(kept patches, analytic FLOPs, counted FLOPs) of one step at ``crop`` in ``stage``."""
+        if (crop, stage) not in cache:
+            operator.current_stage = stage
+            patches = (crop // patch) ** 2
+            kept = operator.kept_patch_tokens(patches)
+            analytic = analytic_step_flops(ModelShape(shape, num_patches=patches), kept)
+            counted = count_step_flops(model, crop, model.patch_embed.proj.in_channels) if count else None
+            cache[(crop, stage)] = (kept, analytic, counted)
+        return cache[(crop, stage)]
+
+    try:
+        totals = {name: [0.0, 0.0] for name in ("full", "et", "toe", "et_toe")}
+        phases: List[Dict[str, object]] = []
+        for epoch in range(epochs):
+            crop, stage = crops[epoch], token_select.stage_of_epoch(epoch, expansion_step)
+            final_stage = len(keep_rate)
+            for name, (c, s) in (("full", (input_size, final_stage)), ("et", (crop, final_stage)),
+                                 ("toe", (input_size, stage)), ("et_toe", (crop, stage))):
+                _, analytic, counted = step(c, s if operator_reduces(s, keep_rate) else final_stage)
+                totals[name][0] += analytic
+                totals[name][1] += counted or 0.0
+            if phases and phases[-1]["crop"] == crop and phases[-1]["stage"] == stage:
+                phases[-1]["epochs"] += 1
+                continue
+            kept, analytic, counted = step(crop, stage)
+            phases.append({"first_epoch": epoch, "epochs": 1, "crop": crop, "stage": stage,
+                           "patches": (crop // patch) ** 2, "kept_patches": kept,
+                           "step_flops_analytic": analytic, "step_flops_counted": counted})
+    finally:
+        token_select.detach(model)
+    run = {"epochs": epochs}
+    for name in ("et", "toe", "et_toe"):
+        run[f"{name}_speedup_analytic"] = totals["full"][0] / totals[name][0]
+        if count:
+            run[f"{name}_speedup_counted"] = totals["full"][1] / totals[name][1]
+    return {"phases": phases, "run": run}
+
+
+def operator_reduces(stage: int, keep_rate: Sequence[float]) -> bool:
+    return token_select.is_reducing_stage(stage, keep_rate)
+
+
+def format_curriculum(report: Dict[str, object], title: str = "") -> str:
+    """The curriculum report as markdown (printed by ``python -m ToE.flops --curriculum ...``)."""
+    run = report["run"]
+    counted = "et_speedup_counted" in run
+    lines = [title, ""] if title else []
+    lines += ["| epochs | crop px | patch tokens | ToE stage | kept patch tokens | GFLOPs analytic |"
+              + (" GFLOPs counted |" if counted else ""),
+              "|---|---|---|---|---|---|" + ("---|" if counted else "")]
+    for row in report["phases"]:
+        line = (f"| {row['first_epoch']}-{row['first_epoch'] + row['epochs'] - 1} | {row['crop']} | {row['patches']}"
+                f" | {row['stage']} | {row['kept_patches']} | {row['step_flops_analytic'] / 1e9:.3f} |")
+        if counted:
+            line += f" {row['step_flops_counted'] / 1e9:.3f} |"
+        lines.append(line)
+    lines.append("")
+    for name, label in (("et", "ET alone"), ("toe", "ToE alone"), ("et_toe", "ET + ToE")):
+        text = f"  {label:9s}: ideal speedup {run[f'{name}_speedup_analytic']:.2f}x analytic"
+        if counted:
+            text += f", {run[f'{name}_speedup_counted']:.2f}x counted"
+        lines.append(text)
+    return "\n".join(lines)
+
+
 class _OneLineErrorParser(argparse.ArgumentParser):
     """argparse that reports a bad flag in one line (no usage block) and exits with status 2."""
 
@@ -254,6 +341,11 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--analytic-only", action="store_true",
                         help="skip the counted FLOPs (no model forward; instant)")
     parser.add_argument("--json", default=None, metavar="PATH", help="also write the report as JSON here")
+    parser.add_argument("--curriculum", default=None, choices=["et", "etpp", "table"],
+                        help="also report a resolution curriculum (EfficientTrain's presets scaled to --epochs and "
+                             "--input-size, or --segments): the ideal speedup of ET, ToE and ET + ToE")
+    parser.add_argument("--segments", nargs="+", default=None, metavar="END:CROP:MAGNITUDE",
+                        help="--curriculum table: the segments, as the EfficientTrain trainer takes them")
     return parser
 
 
@@ -277,6 +369,26 @@ def main(argv: Optional[Sequence[str]] = None) -> Dict[str, object]:
     title = (f"{args.model} at {args.input_size} px, schedule {args.expansion_step} / {args.keep_rate} / "
              f"r0 {args.initialization_keep_rate} / k {args.expansion_multiple_stage}")
     print(format_report(report, title))
+    if args.curriculum:
+        from ToE.EfficientTrain.curriculum import plan_curriculum, segment_at
+        from ToE.common.errors import UserError
+
+        patch = model.patch_embed.proj.kernel_size[0]
+        try:
+            # batches do not change FLOPs per sample: any that the planner accepts
+            segments = plan_curriculum(args.curriculum, args.epochs, args.input_size, patch, 1, 1 << 20,
+                                       table=args.segments)
+        except UserError as err:
+            parser.error(str(err))
+        crops = [segment_at(segments, epoch).crop for epoch in range(segments[-1].end)]
+        report["curriculum"] = curriculum_report(
+            args.model, args.model_kwargs, args.input_size, args.patch_size, len(crops), crops, args.expansion_step,
+            args.keep_rate, args.initialization_keep_rate, args.expansion_multiple_stage,
+            count=not args.analytic_only)
+        print()
+        crop_list = [segment.crop for segment in segments]
+        print(format_curriculum(report["curriculum"], f"Curriculum {args.curriculum}, {len(crops)} epochs, crops "
+                                f"{crop_list} px, against full-token training at {args.input_size} px"))
     if args.json:
         with open(args.json, "w") as handle:
             json.dump(report, handle, indent=2)

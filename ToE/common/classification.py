@@ -10,7 +10,6 @@ later the model, data and curriculum hooks.
 from __future__ import annotations
 
 import argparse
-import os
 import time
 from typing import Any, Dict, Optional
 
@@ -27,12 +26,14 @@ from torch.utils.data import DataLoader, DistributedSampler, Subset
 import token_select
 from ToE.common.args import build_token_select, check_training_flags
 from ToE.common.checkpoint import (RESUME_MUST_MATCH, check_resume_args, load_checkpoint, rng_state,
-                                   save_checkpoint, seed_everything, set_rng_state)
+                                   seed_everything, set_rng_state)
 from ToE.common.data import check_images, train_val_folders
-from ToE.common.distributed import barrier, cleanup, init_distributed
+from ToE.common.distributed import cleanup, init_distributed
 from ToE.common.errors import Preempted, TrainingInterrupted, UserError
-from ToE.common.log import RunLog, check_no_other_run, check_output_dir, remove_run_outputs, save_args
+from ToE.common.log import RunLog, check_no_other_run, check_output_dir
 from ToE.common.preemption import StopWatch
+from ToE.common.run import (auto_resume_path, interrupted_message, rng_to_restore, save_run_checkpoint,
+                            start_outputs)
 from ToE.common.transforms import build_eval_transform, build_train_transform
 from ToE.common.engine import evaluate, train_one_epoch
 
@@ -91,7 +92,7 @@ class ClassificationTrainer:
                             "(list them with: python -c \"import timm; print(timm.list_models('deit*'))\")")
         warnings = check_training_flags(args)
         if args.auto_resume:
-            self._find_auto_resume()
+            args.resume = auto_resume_path(args)
         self.writes = bool(args.output_dir) and not args.eval
         if self.writes:
             check_output_dir(args.output_dir)
@@ -274,17 +275,6 @@ class ClassificationTrainer:
         """The loss ``(images, outputs, targets) -> loss`` around ``base`` (a trainer may wrap it)."""
         return ClassificationLoss(base)
 
-    def _find_auto_resume(self) -> None:
-        """--auto-resume: resume OUTPUT/checkpoint.pth when it exists, else start afresh."""
-        args = self.args
-        if args.resume:
-            raise UserError("--auto-resume picks OUTPUT/checkpoint.pth itself: pass either it or --resume FILE")
-        if not args.output_dir:
-            raise UserError("--auto-resume needs --output_dir (it continues OUTPUT/checkpoint.pth when it exists)")
-        candidate = os.path.join(args.output_dir, "checkpoint.pth")
-        if os.path.isfile(candidate):
-            args.resume = candidate
-
     def _resume(self, path: str) -> None:
         """Load ``path``; a checkpoint of another model, schedule or class count is refused by name."""
         args, env = self.args, self.env
@@ -339,17 +329,8 @@ class ClassificationTrainer:
                     print(f"note: {path} holds no EMA weights; the EMA starts from its model weights", flush=True)
         self.best_acc1 = float(checkpoint.get("best_acc1", 0.0))
         self.last_checkpoint = path
-        rng = checkpoint.get("rng", {})
-        stored_world = int(checkpoint.get("world_size", len(rng) or 1))
-        if stored_world == env.world_size and str(env.rank) in rng:
-            self.rng_to_restore = rng[str(env.rank)]
-        else:
-            # other process count: fresh per-process streams, distinct from every earlier epoch's
-            seed_everything(args.seed + env.rank + 100_003 * self.start_epoch)
-            if env.is_main:
-                print(f"warning: {path} was written by {stored_world} process(es), this run has {env.world_size}: "
-                      "every process starts a fresh random stream, and with the total batch the learning rate "
-                      f"becomes {self.lr:.2e}; the run continues, but not bit for bit as it would have", flush=True)
+        lr_note = f", and with the total batch the learning rate becomes {self.lr:.2e}"
+        self.rng_to_restore = rng_to_restore(checkpoint, env, args.seed, self.start_epoch, path, lr_note)
 
     def _follow_checkpoint_schedule(self, stored: Dict[str, Any], epoch: int) -> None:
         """--eval --sparse-eval: reduce tokens as the checkpoint's last epoch did, by its own ToE flags."""
@@ -439,26 +420,11 @@ class ClassificationTrainer:
 
     def _start_outputs(self) -> None:
         """Say where the run writes (or that it writes nothing); open the log at the first epoch."""
-        args, env = self.args, self.env
-        if env.is_main:
-            if not args.output_dir:
-                print("note: no --output_dir: nothing will be saved (no checkpoints, no log). Pass --output_dir "
-                      "to keep the run", flush=True)
-            else:
-                if args.overwrite and not args.resume:
-                    remove_run_outputs(args.output_dir)
-                # num_classes too (it comes from the data): the summary's FLOP count needs the head
-                save_args({**vars(args), "num_classes": self.num_classes}, args.output_dir)
-        barrier()  # no process writes before the old run's files are gone
-        self.log = RunLog(args.output_dir, enabled=env.is_main, first_epoch=self.start_epoch)
+        # num_classes too (it comes from the data): the summary's FLOP count needs the head
+        self.log = start_outputs(self.args, self.env, self.start_epoch, {"num_classes": self.num_classes})
 
     def _interrupted_message(self) -> str:
-        if not self.args.output_dir:
-            return "nothing was saved (no --output_dir)"
-        if self.last_checkpoint is None:
-            return "stopped before the end of the first epoch: no checkpoint was written, nothing to resume"
-        return (f"{self.last_checkpoint} (the last finished epoch) is intact; continue with --resume "
-                f"{self.last_checkpoint}")
+        return interrupted_message(self.args.output_dir, self.last_checkpoint)
 
     def train_epoch(self, epoch: int) -> None:
         args, env = self.args, self.env
@@ -542,16 +508,6 @@ class ClassificationTrainer:
         state = self.checkpoint_state(epoch)
         if position is not None:
             state["position"] = position
-        if self.env.distributed:
-            # every process's RNG state goes into the one file, so each resumes its own stream
-            gathered = [None] * self.env.world_size
-            torch.distributed.all_gather_object(gathered, state["rng"][str(self.env.rank)])
-            state["rng"] = {str(rank): rng for rank, rng in enumerate(gathered)}
-        if self.env.is_main:
-            path = os.path.join(self.args.output_dir, "checkpoint.pth")
-            save_checkpoint(state, path)
-            if is_best:
-                save_checkpoint(state, os.path.join(self.args.output_dir, "best_checkpoint.pth"))
-            self.last_checkpoint = path
-        barrier()
+        # every process's RNG state goes into the one file, so each resumes its own stream
+        self.last_checkpoint = save_run_checkpoint(state, self.args.output_dir, self.env, is_best)
         self.watch.saved(time.monotonic() - started)
