@@ -43,7 +43,6 @@ import torch
 from torch import nn
 
 import token_select
-import ToE.lvvit  # noqa: F401  (registers lvvit_s in timm)
 from bench.common import describe_machine, git_commit, rotated
 from ToE.common.args import add_toe_args
 from ToE.flops import analytic_step_flops, create_model, model_shape
@@ -156,6 +155,8 @@ def measure_model(name: str, batch_size: Optional[int], steps: int, warmup: int,
                   schedule: Dict[str, object], log=print) -> Dict[str, object]:
     """Step times (every round), memory and operator time of one model of ``MODELS`` (see module doc)."""
     timm_name, kwargs, input_size, default_batch = MODELS[name]
+    if timm_name.startswith("lvvit"):
+        import ToE.lvvit  # noqa: F401  (registers the LV-ViT models in timm; only when measured)
     batch = batch_size or default_batch
     torch.manual_seed(0)
     model = create_model(timm_name, input_size, **kwargs).to(device).train()

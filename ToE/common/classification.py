@@ -421,7 +421,10 @@ class ClassificationTrainer:
     def _start_outputs(self) -> None:
         """Say where the run writes (or that it writes nothing); open the log at the first epoch."""
         # num_classes too (it comes from the data): the summary's FLOP count needs the head
-        self.log = start_outputs(self.args, self.env, self.start_epoch, {"num_classes": self.num_classes})
+        # and the module that defines the model: importing it registers a trainer's own models (LV-ViT)
+        # in timm, so shared tools (the summary) can build them without knowing the trainer
+        extra = {"num_classes": self.num_classes, "model_module": type(self.model_without_ddp).__module__}
+        self.log = start_outputs(self.args, self.env, self.start_epoch, extra)
 
     def _interrupted_message(self) -> str:
         return interrupted_message(self.args.output_dir, self.last_checkpoint)

@@ -68,6 +68,14 @@ def summarise(output_dir: str) -> str:
 
     from ToE.flops import analytic_step_flops, create_model, model_shape
 
+    if args.get("model_module"):  # registers a trainer's own models in timm (e.g. ToE.lvvit.model)
+        import importlib
+
+        try:
+            importlib.import_module(args["model_module"])
+        except ImportError:
+            raise UserError(f"cannot import {args['model_module']}, which defines the run's model. Run the "
+                            "summary from the repository that trained it") from None
     try:
         with torch.device("meta"):  # only the shape is needed: no memory, no initialisation
             kwargs = dict(args.get("model_kwargs") or {})

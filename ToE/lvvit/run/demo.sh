@@ -29,5 +29,4 @@ warmup=$(( EPOCHS >= 12 ? 3 : 0 ))  # a short smoke run (DEMO_EPOCHS below 12) h
 # initialisation over the demo's ~800 steps. No hflip: digits are not mirror-symmetric. Uniform seeds:
 # on an 8 x 8 grid the published stride rule puts every seed in the top rows.
 echo
-"$PY" -c 'import sys, ToE.lvvit; from ToE.common.summary import main; sys.argv = ["summary", sys.argv[1]]; main()' \
-  "$DEMO_OUT/run"
+"$PY" -m ToE.common.summary "$DEMO_OUT/run"
