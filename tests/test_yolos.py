@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import itertools
 import json
+import math
 import os
 
 import numpy as np
@@ -409,9 +410,9 @@ def test_resume_equals_an_uninterrupted_run(coco_root, straight_run, tmp_path, c
     assert logs[1]["kept_tokens"] < logs[1]["patch_tokens"] and logs[0]["kept_tokens"] == logs[0]["patch_tokens"]
 
 
-def test_eval_json_scores_the_same_ap_with_pycocotools(coco_root, straight_run, capsys):
-    results = straight_run / "dets.json"
-    code, out, err = _run(TINY + ["--coco_path", coco_root, "--eval", "--resume", str(straight_run / "checkpoint.pth"),
+def _eval_json_and_rescore(coco_root, checkpoint, results, capsys, extra=()):
+    """--eval with --results-json: (AP printed by the run, AP of the json scored by pycocotools, json)."""
+    code, out, err = _run(TINY + ["--coco_path", coco_root, *extra, "--eval", "--resume", str(checkpoint),
                                   "--results-json", str(results)], capsys)
     assert code == 0, err
     printed = float(out.split("AP ")[-1].split(",")[0])
@@ -421,8 +422,34 @@ def test_eval_json_scores_the_same_ap_with_pycocotools(coco_root, straight_run, 
     evaluator.evaluate()
     evaluator.accumulate()
     evaluator.summarize()
-    assert len(json.loads(results.read_text())) == 4 * 5  # every image, every detection token
-    assert evaluator.stats[0] == pytest.approx(printed, abs=5e-5)
+    return printed, evaluator.stats[0], json.loads(results.read_text())
+
+
+def test_eval_json_scores_the_same_ap_with_pycocotools(coco_root, straight_run, capsys):
+    printed, rescored, detections = _eval_json_and_rescore(coco_root, straight_run / "checkpoint.pth",
+                                                           straight_run / "dets.json", capsys)
+    assert len(detections) == 4 * 5  # every image, every detection token
+    assert rescored == pytest.approx(printed, abs=5e-5)
+
+
+@pytest.mark.parametrize("batch", [1, 4])
+def test_toe_training_with_mid_tables_at_batch_size_then_eval_json(coco_root, tmp_path, capsys, batch):
+    """End to end at batch 1 and 4 (batch 2: the resume test): epoch 1 trains in ToE stage 1 with
+    mid-layer tables on multi-scale batches; --eval at that batch size writes a json whose
+    pycocotools AP is the AP the run printed."""
+    out = tmp_path / f"batch{batch}"
+    sizes = ["--batch_size", str(batch), "--eval-batch-size", str(batch)]
+    code, _, err = _run(TINY + ["--coco_path", coco_root, "--output_dir", str(out), *sizes,
+                                "--stop-after-epochs", "2"], capsys)
+    assert code == 0, err
+    logs = [json.loads(line) for line in (out / "log.txt").read_text().splitlines()]
+    assert [r["epoch"] for r in logs] == [0, 1]
+    assert logs[1]["stage"] == 1 and logs[1]["kept_tokens"] < logs[1]["patch_tokens"]
+    assert all(math.isfinite(r["train_loss"]) for r in logs)
+    printed, rescored, detections = _eval_json_and_rescore(coco_root, out / "checkpoint.pth", out / "dets.json",
+                                                           capsys, extra=sizes)
+    assert len(detections) == 4 * 5
+    assert rescored == pytest.approx(printed, abs=5e-5)
 
 
 def test_evaluate_batch_size_does_not_matter_without_padding(coco_root):

@@ -20,8 +20,8 @@ import sys
 if __package__ in (None, ""):  # run as a script: make the repository root importable
     sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
 
-from ToE.common.args import OneLineParser, add_classification_args, add_toe_args, positive_int  # noqa: E402
-from ToE.common.errors import run_main  # noqa: E402
+from ToE.common.args import (OneLineParser, add_classification_args, add_toe_args, positive_int,  # noqa: E402
+                             trainer_entry)
 from ToE.EfficientTrain.curriculum import PRESETS  # noqa: E402
 
 
@@ -53,19 +53,8 @@ def get_args_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def parse_args(argv=None) -> argparse.Namespace:
-    parser = OneLineParser("EfficientTrain training with Token Expansion", parents=[get_args_parser()])
-    return parser.parse_args(argv)
-
-
-def main(args: argparse.Namespace) -> None:
-    from ToE.EfficientTrain.trainer import Trainer
-
-    Trainer(args).fit()
-
-
-def cli(argv=None) -> None:
-    run_main(lambda: main(parse_args(argv)))
+parse_args, main, cli = trainer_entry("EfficientTrain training with Token Expansion", get_args_parser,
+                                      "ToE.EfficientTrain.trainer:Trainer")
 
 
 if __name__ == "__main__":

@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 import argparse
-from typing import List
+import importlib
+from typing import Callable, List, Optional, Sequence
 
 from token_select import TokenSelect
 
@@ -101,6 +102,30 @@ class OneLineParser(argparse.ArgumentParser):
         if int(os.environ.get("RANK", "0") or 0) == 0:
             print(f"error: {message}. See --help for the flags", file=sys.stderr)
         sys.exit(2)
+
+
+def trainer_entry(description: str, get_args_parser: Callable[[], argparse.ArgumentParser], trainer: str,
+                  finish: Optional[Callable[[argparse.Namespace], argparse.Namespace]] = None):
+    """The ``parse_args``, ``main`` and ``cli`` of a trainer's main.py.
+
+    ``trainer`` ("module:Class") is imported when ``main`` runs, so ``--help`` and flag errors stay
+    quick; ``finish`` adjusts the parsed flags (aliases, cross-flag checks) and returns them.
+    ``cli`` turns user errors into one line and exit code 2 (``errors.run_main``)."""
+
+    def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
+        args = OneLineParser(description, parents=[get_args_parser()]).parse_args(argv)
+        return finish(args) if finish else args
+
+    def main(args: argparse.Namespace) -> None:
+        module, name = trainer.split(":")
+        getattr(importlib.import_module(module), name)(args).fit()
+
+    def cli(argv: Optional[Sequence[str]] = None) -> None:
+        from .errors import run_main
+
+        run_main(lambda: main(parse_args(argv)))
+
+    return parse_args, main, cli
 
 
 def _is_number(text: str) -> bool:

@@ -25,15 +25,14 @@ from torch.utils.data import DataLoader, DistributedSampler, Subset
 
 import token_select
 from ToE.common.args import build_token_select, check_training_flags
-from ToE.common.checkpoint import (RESUME_MUST_MATCH, check_resume_args, load_checkpoint, rng_state,
-                                   seed_everything, set_rng_state)
+from ToE.common.checkpoint import RESUME_MUST_MATCH, rng_state, seed_everything, set_rng_state
 from ToE.common.data import check_images, train_val_folders
 from ToE.common.distributed import cleanup, init_distributed
 from ToE.common.errors import Preempted, TrainingInterrupted, UserError
 from ToE.common.log import RunLog, check_no_other_run, check_output_dir
 from ToE.common.preemption import StopWatch
-from ToE.common.run import (auto_resume_path, interrupted_message, rng_to_restore, save_run_checkpoint,
-                            start_outputs)
+from ToE.common.run import (auto_resume_path, check_resume_epochs, interrupted_message, open_resume, rng_to_restore,
+                            save_run_checkpoint, start_outputs)
 from ToE.common.transforms import build_eval_transform, build_train_transform
 from ToE.common.engine import evaluate, train_one_epoch
 
@@ -278,21 +277,10 @@ class ClassificationTrainer:
     def _resume(self, path: str) -> None:
         """Load ``path``; a checkpoint of another model, schedule or class count is refused by name."""
         args, env = self.args, self.env
-        checkpoint = load_checkpoint(path)
-        stored = checkpoint.get("args") or {}
-        check_resume_args(path, stored, vars(args),
-                          ("model", "model_kwargs", "patch_size") if args.eval else RESUME_MUST_MATCH)
-        head = checkpoint.get("model", {}).get("head.weight")
-        stored_classes = checkpoint.get("num_classes", head.shape[0] if torch.is_tensor(head) else None)
-        if stored_classes is not None and stored_classes != self.num_classes:
-            raise UserError(f"resume file {path} has {stored_classes} classes, the data in {args.data_path} has "
-                            f"{self.num_classes}. Resume with the data set it was trained on")
-        try:
-            self.model_without_ddp.load_state_dict(checkpoint["model"])
-        except (KeyError, RuntimeError) as error:
-            raise UserError(f"resume file {path} does not fit model {args.model} ({error.__class__.__name__}). "
-                            "Resume with the --model and --model-kwargs it was trained with") from None
-        epoch = int(checkpoint.get("epoch", 0))
+        checkpoint, stored, epoch = open_resume(
+            path, args, self.model_without_ddp, self.num_classes, RESUME_MUST_MATCH,
+            ("model", "model_kwargs", "patch_size"),
+            (f"model {args.model}", "Resume with the --model and --model-kwargs it was trained with"))
         if args.eval:
             self._follow_checkpoint_schedule(stored, epoch)
             return
@@ -301,17 +289,10 @@ class ClassificationTrainer:
         if position is not None:  # written mid-epoch by a preempted run: continue inside that epoch
             self.resume_position = dict(position)
             self.start_epoch = int(position["epoch"])
-        planned = int(stored.get("epochs", args.epochs))
-        if self.start_epoch >= args.epochs and args.auto_resume:
+        planned = int(stored.get("epochs", args.epochs))  # for the extension note below
+        if check_resume_epochs(path, args, stored, self.start_epoch, may_extend=True):
             self.finished = True  # re-submitting a finished job is not an error
             return
-        if self.start_epoch >= args.epochs:
-            raise UserError(f"resume file {path} is a finished run: it trained {self.start_epoch} epochs and --epochs "
-                            f"is {args.epochs}. Raise --epochs to train longer, or evaluate it with --eval")
-        if args.epochs < planned:
-            raise UserError(f"resume file {path} was trained with --epochs {planned}, this run gives --epochs "
-                            f"{args.epochs}: that would bend its learning-rate schedule. Resume with --epochs "
-                            f"{planned} (to stop earlier, add --stop-after-epochs N)")
         self.optimizer.load_state_dict(checkpoint["optimizer"])
         self.scaler.load_state_dict(checkpoint["scaler"])
         if args.epochs > planned and env.is_main:

@@ -6,11 +6,11 @@ from __future__ import annotations
 
 import argparse
 import os
-from typing import Any, Dict, Optional
+from typing import Any, Dict, Optional, Sequence, Tuple
 
 import torch
 
-from ToE.common.checkpoint import save_checkpoint, seed_everything
+from ToE.common.checkpoint import check_resume_args, load_checkpoint, save_checkpoint, seed_everything
 from ToE.common.distributed import DistEnv, barrier
 from ToE.common.log import RunLog, remove_run_outputs, save_args
 
@@ -62,6 +62,51 @@ def rng_to_restore(checkpoint: Dict[str, Any], env: DistEnv, seed: int, start_ep
               f"process starts a fresh random stream{lr_note}; the run continues, but not bit for bit as it would "
               "have", flush=True)
     return None
+
+
+def open_resume(path: str, args: argparse.Namespace, model: torch.nn.Module, num_classes: int,
+                must_match: Sequence[str], eval_keys: Sequence[str], misfit_fix: Tuple[str, str],
+                classes_fix: str = "") -> Tuple[Dict[str, Any], Dict[str, Any], int]:
+    """Load ``path`` for ``--resume`` (or ``--eval``) into ``model``; return (checkpoint, its args,
+    its epoch). Refused by name, with the fix: flags that must match (``must_match``, or only
+    ``eval_keys`` for --eval), another class count (``num_classes`` of the file, else the rows of its ``head.weight``),
+    and weights that do not fit the model (``misfit_fix``: what the model is, which flags to pass)."""
+    from ToE.common.errors import UserError
+
+    checkpoint = load_checkpoint(path)
+    stored = checkpoint.get("args") or {}
+    check_resume_args(path, stored, vars(args), eval_keys if args.eval else must_match)
+    head = checkpoint.get("model", {}).get("head.weight")
+    stored_classes = checkpoint.get("num_classes", head.shape[0] if torch.is_tensor(head) else None)
+    if stored_classes is not None and stored_classes != num_classes:
+        raise UserError(f"resume file {path} has {stored_classes} classes, the data in {args.data_path} has "
+                        f"{num_classes}. Resume with the data set it was trained on{classes_fix}")
+    try:
+        model.load_state_dict(checkpoint["model"])
+    except (KeyError, RuntimeError) as error:
+        raise UserError(f"resume file {path} does not fit {misfit_fix[0]} ({error.__class__.__name__}). "
+                        f"{misfit_fix[1]}") from None
+    return checkpoint, stored, int(checkpoint.get("epoch", 0))
+
+
+def check_resume_epochs(path: str, args: argparse.Namespace, stored: Dict[str, Any], start_epoch: int,
+                        may_extend: bool) -> bool:
+    """The epoch arithmetic of a resume: True when the run is already finished and ``--auto-resume``
+    asks for it (nothing to do, not an error); a finished run otherwise, or an ``--epochs`` that bends
+    the schedule (any change, or a shorter one when ``may_extend``), is refused with the fix."""
+    from ToE.common.errors import UserError
+
+    planned = int(stored.get("epochs", args.epochs))
+    if start_epoch >= args.epochs and args.auto_resume:
+        return True
+    if start_epoch >= args.epochs:
+        raise UserError(f"resume file {path} is a finished run: it trained {start_epoch} epochs and --epochs "
+                        f"is {args.epochs}. Raise --epochs to train longer, or evaluate it with --eval")
+    if args.epochs < planned or (args.epochs != planned and not may_extend):
+        raise UserError(f"resume file {path} was trained with --epochs {planned}, this run gives --epochs "
+                        f"{args.epochs}: that would bend its learning-rate schedule. Resume with --epochs "
+                        f"{planned} (to stop earlier, add --stop-after-epochs N)")
+    return False
 
 
 def auto_resume_path(args: argparse.Namespace) -> str:

@@ -18,8 +18,7 @@ if __package__ in (None, ""):  # run as a script: make the repository root impor
     sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
 
 from ToE.common.args import (OneLineParser, add_classification_args, add_toe_args, positive_float,  # noqa: E402
-                             probability)
-from ToE.common.errors import run_main  # noqa: E402
+                             probability, trainer_entry)
 
 
 def get_args_parser() -> argparse.ArgumentParser:
@@ -42,19 +41,8 @@ def get_args_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def parse_args(argv=None) -> argparse.Namespace:
-    parser = OneLineParser("DeiT training with Token Expansion", parents=[get_args_parser()])
-    return parser.parse_args(argv)
-
-
-def main(args: argparse.Namespace) -> None:
-    from ToE.deit.trainer import Trainer
-
-    Trainer(args).fit()
-
-
-def cli(argv=None) -> None:
-    run_main(lambda: main(parse_args(argv)))
+parse_args, main, cli = trainer_entry("DeiT training with Token Expansion", get_args_parser,
+                                      "ToE.deit.trainer:Trainer")
 
 
 if __name__ == "__main__":

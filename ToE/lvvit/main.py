@@ -21,9 +21,9 @@ import sys
 if __package__ in (None, ""):  # run as a script: make the repository root importable
     sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
 
-from ToE.common.args import (OneLineParser, add_classification_args, add_toe_args,  # noqa: E402
-                             non_negative_float, non_negative_int, positive_int)
-from ToE.common.errors import UserError, run_main  # noqa: E402
+from ToE.common.args import (OneLineParser, add_classification_args, add_toe_args, non_negative_float,  # noqa: E402
+                             non_negative_int, positive_int, trainer_entry)
+from ToE.common.errors import UserError  # noqa: E402
 
 # the published LV-ViT recipe (run/imagenet_small_run1.sh and its main.py defaults)
 RECIPE_DEFAULTS = dict(model="lvvit_s", lr=1.6e-3, unscale_lr=True, mixup=0.0, cutmix=0.0, repeated_aug=False,
@@ -82,9 +82,7 @@ def get_args_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def parse_args(argv=None) -> argparse.Namespace:
-    parser = OneLineParser("LV-ViT training with token labelling and Token Expansion", parents=[get_args_parser()])
-    args = parser.parse_args(argv)
+def _finish(args: argparse.Namespace) -> argparse.Namespace:
     if args.apex_amp:
         args.amp_dtype = "float16"
     if args.cooldown_epochs and not args.eval and args.cooldown_epochs + args.warmup_epochs >= args.epochs:
@@ -94,15 +92,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     return args
 
 
-def main(args: argparse.Namespace) -> None:
-    import ToE.lvvit  # noqa: F401  (registers the LV-ViT models in timm)
-    from ToE.lvvit.trainer import Trainer
-
-    Trainer(args).fit()
-
-
-def cli(argv=None) -> None:
-    run_main(lambda: main(parse_args(argv)))
+parse_args, main, cli = trainer_entry("LV-ViT training with token labelling and Token Expansion", get_args_parser,
+                                      "ToE.lvvit.trainer:Trainer", _finish)
 
 
 if __name__ == "__main__":

@@ -22,8 +22,7 @@ if __package__ in (None, ""):  # run as a script: make the repository root impor
     sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
 
 from ToE.common.args import (OneLineParser, ParseKwargs, add_toe_args, non_negative_float,  # noqa: E402
-                             non_negative_int, positive_float, positive_int, probability)
-from ToE.common.errors import run_main  # noqa: E402
+                             non_negative_int, positive_float, positive_int, probability, trainer_entry)
 
 
 def get_args_parser() -> argparse.ArgumentParser:
@@ -42,9 +41,9 @@ def get_args_parser() -> argparse.ArgumentParser:
                        help="classification weights for the backbone: a published DeiT .pth, a timm state dict or "
                             "this project's DeiT checkpoint.pth (default: random initialisation)")
     model.add_argument("--pos-init-sincos", default=0.0, type=non_negative_float, metavar="SCALE",
-                       help="without --init-checkpoint: start the position table as a 2-D sin-cos table times "
-                            "SCALE instead of timm's std-0.02 noise, which carries too little position for box "
-                            "regression from scratch (default: 0, off)")
+                       help="set the patch rows of the position table to a 2-D sin-cos table times SCALE (after "
+                            "--init-checkpoint, replacing its rows): timm's std-0.02 init, and a small classifier's "
+                            "learned table, carry too little position for box regression (default: 0, off)")
     model.add_argument("--det_token_num", "--det-token-num", default=100, type=positive_int,
                        help="detection tokens (default: 100)")
     model.add_argument("--init_pe_size", "--init-pe-size", nargs=2, type=positive_int, default=[800, 1333],
@@ -124,19 +123,8 @@ def get_args_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def parse_args(argv=None) -> argparse.Namespace:
-    parser = OneLineParser("YOLOS detection with Token Expansion", parents=[get_args_parser()])
-    return parser.parse_args(argv)
-
-
-def main(args: argparse.Namespace) -> None:
-    from ToE.yolos.trainer import DetectionTrainer
-
-    DetectionTrainer(args).fit()
-
-
-def cli(argv=None) -> None:
-    run_main(lambda: main(parse_args(argv)))
+parse_args, main, cli = trainer_entry("YOLOS detection with Token Expansion", get_args_parser,
+                                      "ToE.yolos.trainer:DetectionTrainer")
 
 
 if __name__ == "__main__":

@@ -18,12 +18,12 @@ from torch.utils.data import DataLoader, DistributedSampler, Subset
 
 import token_select
 from ToE.common.args import build_token_select
-from ToE.common.checkpoint import check_resume_args, load_checkpoint, rng_state, seed_everything, set_rng_state
+from ToE.common.checkpoint import rng_state, seed_everything, set_rng_state
 from ToE.common.distributed import cleanup, init_distributed
 from ToE.common.errors import TrainingInterrupted, UserError
 from ToE.common.log import RunLog, check_no_other_run, check_output_dir
-from ToE.common.run import (auto_resume_path, interrupted_message, rng_to_restore, save_run_checkpoint,
-                            start_outputs)
+from ToE.common.run import (auto_resume_path, check_resume_epochs, interrupted_message, open_resume, rng_to_restore,
+                            save_run_checkpoint, start_outputs)
 from ToE.yolos.data import CocoDetection, collate, eval_transform, train_transform
 from ToE.yolos.engine import train_one_epoch
 from ToE.yolos.evaluation import evaluate, write_results
@@ -87,7 +87,7 @@ class DetectionTrainer:
         backbone = create_backbone(args.backbone_name, args.backbone_kwargs)
         if args.init_checkpoint:
             load_init_checkpoint(backbone, args.init_checkpoint)
-        elif args.pos_init_sincos:
+        if args.pos_init_sincos:  # after the init checkpoint: its patch rows are replaced
             sincos_position_table(backbone, args.pos_init_sincos)
         patch = backbone.patch_embed.patch_size
         self.patch_size = int(patch[0] if isinstance(patch, (tuple, list)) else patch)
@@ -157,37 +157,18 @@ class DetectionTrainer:
 
     def _resume(self, path: str) -> None:
         args, env = self.args, self.env
-        checkpoint = load_checkpoint(path)
-        stored = checkpoint.get("args") or {}
-        keys = ("backbone_name", "backbone_kwargs", "det_token_num", "mid_pe_size") if args.eval \
-            else RESUME_MUST_MATCH
-        check_resume_args(path, stored, vars(args), keys)
-        stored_classes = checkpoint.get("num_classes")
-        if stored_classes is not None and stored_classes != self.num_classes:
-            raise UserError(f"resume file {path} has {stored_classes} classes, the data in {args.data_path} has "
-                            f"{self.num_classes}. Resume with the data set it was trained on (or --num-classes)")
-        try:
-            self.model_without_ddp.load_state_dict(checkpoint["model"])
-        except (KeyError, RuntimeError) as error:
-            raise UserError(f"resume file {path} does not fit this detector ({error.__class__.__name__}). Pass the "
-                            "--backbone_name/--backbone-kwargs/--det_token_num/--mid_pe_size it was trained with") \
-                from None
-        epoch = int(checkpoint.get("epoch", 0))
+        checkpoint, stored, epoch = open_resume(
+            path, args, self.model_without_ddp, self.num_classes, RESUME_MUST_MATCH,
+            ("backbone_name", "backbone_kwargs", "det_token_num", "mid_pe_size"),
+            ("this detector", "Pass the --backbone_name/--backbone-kwargs/--det_token_num/--mid_pe_size it was "
+                              "trained with"), classes_fix=" (or --num-classes)")
         if args.eval:
             self.toe.update_current_stage(epoch)  # --sparse-eval reduces as the checkpoint's last epoch did
             return
         self.start_epoch = epoch + 1
-        planned = int(stored.get("epochs", args.epochs))
-        if self.start_epoch >= args.epochs and args.auto_resume:
+        if check_resume_epochs(path, args, stored, self.start_epoch, may_extend=False):
             self.finished = True  # re-submitting a finished job is not an error
             return
-        if self.start_epoch >= args.epochs:
-            raise UserError(f"resume file {path} is a finished run: it trained {self.start_epoch} epochs and --epochs "
-                            f"is {args.epochs}. Raise --epochs to train longer, or evaluate it with --eval")
-        if args.epochs != planned:
-            raise UserError(f"resume file {path} was trained with --epochs {planned}, this run gives --epochs "
-                            f"{args.epochs}: that would bend its learning-rate schedule. Resume with --epochs "
-                            f"{planned} (to stop earlier, add --stop-after-epochs N)")
         self.optimizer.load_state_dict(checkpoint["optimizer"])
         self.best_ap = float(checkpoint.get("best_ap", 0.0))
         self.last_checkpoint = path
