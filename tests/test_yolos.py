@@ -145,6 +145,26 @@ def test_init_checkpoint_cls_row_kept_and_patch_table_bicubic_resized(tmp_path, 
     torch.testing.assert_close(model.backbone.blocks[1].mlp.fc1.weight, state["blocks.1.mlp.fc1.weight"])
 
 
+def test_init_checkpoint_of_an_average_pooling_classifier_and_sincos_after_it(tmp_path):
+    """timm's global_pool="avg" classifiers keep no token norm but fc_norm: it becomes the norm;
+    --pos-init-sincos after --init-checkpoint replaces the loaded patch rows, keeps the rest."""
+    from timm.layers.pos_embed_sincos import build_sincos2d_pos_embed
+
+    torch.manual_seed(2)
+    state = create_backbone(BACKBONE, dict(KWARGS, global_pool="avg")).state_dict()
+    assert "norm.weight" not in state and "fc_norm.weight" in state
+    state["fc_norm.weight"] = torch.rand_like(state["fc_norm.weight"])
+    path = tmp_path / "gap.pth"
+    torch.save(state, path)
+    backbone = create_backbone(BACKBONE, KWARGS)
+    load_init_checkpoint(backbone, str(path))
+    torch.testing.assert_close(backbone.norm.weight, state["fc_norm.weight"])
+    sincos_position_table(backbone, 2.0)
+    torch.testing.assert_close(backbone.pos_embed[0, 1:], 2.0 * build_sincos2d_pos_embed([4, 4], 32))
+    torch.testing.assert_close(backbone.pos_embed[0, :1], state["pos_embed"][0, :1])
+    torch.testing.assert_close(backbone.blocks[2].attn.qkv.weight, state["blocks.2.attn.qkv.weight"])
+
+
 def test_sincos_position_table_keeps_the_class_row():
     backbone = create_backbone(BACKBONE, KWARGS)
     cls_row = backbone.pos_embed[:, :1].clone()

@@ -235,6 +235,9 @@ def load_init_checkpoint(backbone: nn.Module, path: str) -> None:
     if not isinstance(state, dict) or "pos_embed" not in state:
         raise UserError(f"init checkpoint {path} holds no ViT weights (no pos_embed). Pass a DeiT/timm ViT "
                         "classification checkpoint")
+    if "norm.weight" not in state and "fc_norm.weight" in state:  # an average-pooling classifier (timm:
+        # fc_norm after the pooling, no norm before it): its fc_norm normalises the tokens here
+        state["norm.weight"], state["norm.bias"] = state.pop("fc_norm.weight"), state.pop("fc_norm.bias")
     state = {k: v for k, v in state.items() if not k.startswith(("head.", "head_dist.", "fc_norm.")) or
              k in backbone.state_dict()}
     if "dist_token" in state:
