@@ -19,7 +19,7 @@ import statistics
 from typing import Dict, List, Tuple
 
 from ToE.common.errors import UserError, run_main
-from ToE.common.summary import read_args, read_log
+from ToE.common.summary import model_dims, read_args, read_log, run_status, whole_run_line
 
 
 def _median(values: List[float]) -> float:
@@ -27,16 +27,11 @@ def _median(values: List[float]) -> float:
 
 
 def summarise(output_dir: str) -> str:
-    import torch
-
-    from ToE.flops import analytic_step_flops, create_model, model_shape
+    from ToE.flops import analytic_step_flops
 
     args = read_args(output_dir)
     records = read_log(output_dir)
-    with torch.device("meta"):
-        kwargs = dict(args.get("model_kwargs") or {})
-        kwargs.setdefault("num_classes", int(args.get("num_classes") or 1000))
-        shape = model_shape(create_model(args["model"], args["input_size"], args.get("patch_size"), **kwargs))
+    shape = model_dims(args, output_dir)
     full_patches = shape["num_patches"]
 
     def flops(patches: int, kept: int) -> float:
@@ -57,7 +52,7 @@ def summarise(output_dir: str) -> str:
     last = records[-1]
     full_res = [r["test_acc1"] for r in records if r.get("resolution", args["input_size"]) == args["input_size"]]
     lines = [f"Run in {output_dir}: {args['model']} {args.get('model_kwargs') or ''}, curriculum "
-             f"{args.get('curriculum', 'none')}, {len(records)} of {args.get('epochs')} epochs",
+             f"{args.get('curriculum', 'none')}, {run_status(args, records, output_dir)}",
              f"Top-1 on the held-out images: {last['test_acc1']:.2f} % in the last epoch (evaluated at "
              f"{last.get('resolution', args['input_size'])} px); best over the full-resolution epochs: "
              + (f"{max(full_res):.2f} %" if full_res else "none yet"),
@@ -75,9 +70,8 @@ def summarise(output_dir: str) -> str:
     if full_median:
         predicted = flops(full_patches, full_patches) * len(records) / sum(
             flops(r.get("patch_tokens", full_patches), r["kept_tokens"]) for r in records)
-        lines += ["", f"Whole run: {full_median * len(records) / total:.2f}x faster than {len(records)} "
-                      f"full-resolution full-token epochs would take (estimated from the last phase), "
-                      f"FLOP-predicted {predicted:.2f}x"]
+        lines += ["", whole_run_line(full_median, records, total, predicted, "full-resolution full-token epochs",
+                                     "the last phase")]
     return "\n".join(lines)
 
 

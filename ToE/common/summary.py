@@ -61,12 +61,12 @@ def read_args(output_dir: str) -> Dict:
     return args
 
 
-def summarise(output_dir: str) -> str:
-    args = read_args(output_dir)
-    records = read_log(output_dir)
+def model_dims(args: Dict, output_dir: str) -> Dict:
+    """The run's model shape (``ToE.flops.model_shape``), built on the meta device from args.yaml;
+    a trainer's own model module (args.yaml ``model_module``) is imported first."""
     import torch
 
-    from ToE.flops import analytic_step_flops, create_model, model_shape
+    from ToE.flops import create_model, model_shape
 
     if args.get("model_module"):  # registers a trainer's own models in timm (e.g. ToE.lvvit.model)
         import importlib
@@ -76,6 +76,12 @@ def summarise(output_dir: str) -> str:
         except ImportError:
             raise UserError(f"cannot import {args['model_module']}, which defines the run's model. Run the "
                             "summary from the repository that trained it") from None
+    import timm
+
+    if not timm.is_model(args["model"]):
+        raise UserError(f"model {args['model']} of {output_dir}/args.yaml is not registered in timm: it is a trainer's "
+                        "own model and args.yaml names no model_module (runs before the trainers recorded it). Add "
+                        "the line 'model_module: <its module>' (LV-ViT: ToE.lvvit.model) to args.yaml")
     try:
         with torch.device("meta"):  # only the shape is needed: no memory, no initialisation
             kwargs = dict(args.get("model_kwargs") or {})
@@ -86,7 +92,30 @@ def summarise(output_dir: str) -> str:
         raise UserError(f"cannot build model {args['model']} of {output_dir}/args.yaml "
                         f"({error.__class__.__name__}). Summarise it with the timm version it was trained with") \
             from None
-    dims = model_shape(model)
+    return model_shape(model)
+
+
+def run_status(args: Dict, records: List[Dict], output_dir: str) -> str:
+    """"N epochs", or UNFINISHED with how to continue."""
+    planned = int(args.get("epochs", len(records)))
+    done = int(records[-1]["epoch"]) + 1
+    return f"{len(records)} epochs" if done >= planned else \
+        f"UNFINISHED: {done} of {planned} epochs (continue with --resume {output_dir}/checkpoint.pth)"
+
+
+def whole_run_line(full_median: float, records: List[Dict], total: float, predicted: float,
+                   reference: str = "full-token epochs", basis: str = "the full-token stage") -> str:
+    """The run-level speed: ``len(records)`` epochs at the full-token median over the time taken."""
+    return (f"Whole run: {full_median * len(records) / total:.2f}x faster than {len(records)} {reference} would "
+            f"take (estimated from {basis}), FLOP-predicted {predicted:.2f}x")
+
+
+def summarise(output_dir: str) -> str:
+    args = read_args(output_dir)
+    records = read_log(output_dir)
+    from ToE.flops import analytic_step_flops
+
+    dims = model_dims(args, output_dir)
     flops = lambda kept: analytic_step_flops(dims, kept)  # noqa: E731
 
     by_stage: Dict[int, List[Dict]] = {}
@@ -100,10 +129,7 @@ def summarise(output_dir: str) -> str:
     last = records[-1]
     total = sum(r["epoch_seconds"] for r in records)
     best = max(r["test_acc1"] for r in records)
-    planned = int(args.get("epochs", len(records)))
-    done = int(last["epoch"]) + 1
-    status = f"{len(records)} epochs" if done >= planned else \
-        f"UNFINISHED: {done} of {planned} epochs (continue with --resume {output_dir}/checkpoint.pth)"
+    status = run_status(args, records, output_dir)
     lines = [f"Run in {output_dir}: {args['model']} {args.get('model_kwargs') or ''}, "
              f"{dims['num_patches']} patch tokens, {status}",
              f"Top-1 on the held-out images: {last['test_acc1']:.2f} % (best {best:.2f} %)"
@@ -124,10 +150,8 @@ def summarise(output_dir: str) -> str:
         lines.append(f"| {stage} | {group[0]['epoch']}-{group[-1]['epoch']} | {kept} of {dims['num_patches']} | "
                      f"{seconds:.2f} | {measured} | {predicted:.2f}x |")
     if full_median:
-        full_run = full_median * len(records)
         predicted_run = flops(dims["num_patches"]) * len(records) / sum(flops(r["kept_tokens"]) for r in records)
-        lines += ["", f"Whole run: {full_run / total:.2f}x faster than {len(records)} full-token epochs would take "
-                      f"(estimated from the full-token stage), FLOP-predicted {predicted_run:.2f}x"]
+        lines += ["", whole_run_line(full_median, records, total, predicted_run)]
     return "\n".join(lines)
 
 
