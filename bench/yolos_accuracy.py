@@ -32,11 +32,10 @@ RESULTS = os.path.join(ROOT, "bench", "results")
 EPOCHS = 20
 COMMON = ["--coco_path", "data/digits-det", "--device", "cpu", "--num_workers", "0",
           "--backbone_name", "vit_tiny_patch16_224", "--backbone-kwargs", "img_size=64", "patch_size=8", "embed_dim=96",
-          "depth=4", "num_heads=3", "--det_token_num", "10", "--init_pe_size", "64", "64", "--pos-init-sincos", "2",
-          "--scales", "48", "56", "64", "--max-size", "80", "--select-scales", "48", "56", "64",
-          "--crop-size", "40", "56",
+          "depth=4", "num_heads=3", "--det_token_num", "4", "--init_pe_size", "64", "64", "--pos-init-sincos", "2",
+          "--scales", "64", "--max-size", "64", "--select-scales", "64", "--crop-size", "64", "64",
           "--hflip", "0", "--eval_size", "64", "--batch_size", "8", "--lr", "5e-4", "--min-lr", "1e-5",
-          "--weight_decay", "1e-4", "--clip_max_norm", "0.1", "--initialization-keep-rate", "0.25",
+          "--weight_decay", "1e-4", "--clip_max_norm", "1.0", "--initialization-keep-rate", "0.25",
           "--expansion-multiple-stage", "2", "--log-interval", "20"]
 CONFIGS = {"full": ["--expansion-step", "0", "--keep-rate", "1.0"],
            "toe": ["--expansion-step", "1", "7", "13", "--keep-rate", "0.5", "0.75", "1.0"]}

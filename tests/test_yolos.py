@@ -41,6 +41,28 @@ def _detector(det=5, mid=(32, 32), init=(32, 32), seed=0, classes=4):
 # ---------------------------------------------------------------------------------------------
 # The model with ToE
 # ---------------------------------------------------------------------------------------------
+def test_digits_det_canvases_put_each_digit_on_the_patch_grid():
+    """digits-det v2: every digit's 24 px cell starts on the 8 px grid, its tight box lies inside
+    that cell, cells do not overlap, 1-3 digits per canvas, labels 1..10."""
+    from sklearn.datasets import load_digits
+
+    from ToE.yolos.digits_det import GRID, SCALE, _canvas
+
+    digits = load_digits()
+    rng = np.random.RandomState(0)
+    counts = []
+    for _ in range(60):
+        image, boxes = _canvas(rng, digits.images[:100], digits.target[:100])
+        assert image.shape == (64, 64, 3) and image.dtype == np.uint8 and 1 <= len(boxes) <= 3
+        cells = [(int(x) // GRID * GRID, int(y) // GRID * GRID) for x, y, _, _, _ in boxes]
+        for (x, y, w, h, category), (cx, cy) in zip(boxes, cells):
+            assert 1 <= category <= 10 and w > 0 and h > 0
+            assert cx <= x and x + w <= cx + 8 * SCALE and cy <= y and y + h <= cy + 8 * SCALE
+        assert len(set(cells)) == len(cells)
+        counts.append(len(boxes))
+    assert set(counts) == {1, 2, 3}
+
+
 def test_detection_tokens_leave_the_operator_unchanged():
     """Suffix tokens pass through untouched, and the patch selection is the one without them."""
     torch.manual_seed(0)

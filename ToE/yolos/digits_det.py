@@ -3,7 +3,11 @@
     python -m ToE.yolos.digits_det --out data/digits-det
 
 Each 64 x 64 RGB canvas has a dark noisy background (uniform 0-40) and 1-3 non-overlapping digits
-upscaled x2 or x3 (bilinear, 16 or 24 px) in a random bright tint. Glyphs 0-1399 make the train
+upscaled x3 (bilinear, 24 px) in a random bright tint, each placed on the 8 px grid (its corner at
+multiples of 8: on the demo's 8 px patches a digit covers 3 x 3 whole patches). Why the grid: a
+4-block ViT trained from scratch for the demo's 20 epochs learns where digits are on any canvas, but
+which digit only when the glyphs sit on its patch grid (``bench/results/yolos_demo_trials.md``:
+AP 0.013 off the grid vs 0.10 on it after 8 epochs). Glyphs 0-1399 make the train
 canvases, 1400-1796 the val canvases (unseen writers' glyphs). The box of a digit is the tight box
 of its pixels above 10 % of the glyph's peak; category_id = digit + 1 (1..10; 0 stays unused, as
 in COCO ids start at 1). Written as ``train2017/``, ``val2017/``, ``annotations/instances_*.json``
@@ -21,8 +25,9 @@ from typing import Dict, List
 import numpy as np
 
 DONE_FILE = ".complete"
-VERSION = "digits-det v1"
+VERSION = "digits-det v2"
 TRAIN_GLYPHS, CANVAS = 1400, 64
+SCALE, GRID = 3, 8  # glyph upscaling (8 px -> 24 px) and the placement grid (the demo's patch size)
 SPLITS = {"train": 1500, "val": 300}
 
 
@@ -33,11 +38,11 @@ def _canvas(rng: np.random.RandomState, glyphs: np.ndarray, labels: np.ndarray, 
     image = rng.uniform(0, 40, size=(CANVAS, CANVAS, 3))
     cells: List[tuple] = []
     boxes = []
+    side = 8 * SCALE
+    places = (CANVAS - side) // GRID + 1  # corners at 0, 8, ..., CANVAS - side
     for _ in range(rng.randint(1, max_digits + 1)):
-        scale = int(rng.choice([2, 3]))
-        side = 8 * scale
         for _attempt in range(20):  # rejection sampling of a free place
-            x, y = rng.randint(0, CANVAS - side + 1), rng.randint(0, CANVAS - side + 1)
+            x, y = GRID * rng.randint(0, places), GRID * rng.randint(0, places)
             if all(x + side <= a or a + s <= x or y + side <= b or b + s <= y for a, b, s in cells):
                 break
         else:
