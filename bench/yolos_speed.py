@@ -37,7 +37,7 @@ RESULTS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
 # name -> (timm name, kwargs, image (H, W), batch, det tokens, init_pe_size, mid_pe_size, ToE keep rates)
 MODELS: Dict[str, tuple] = {
     "demo": ("vit_tiny_patch16_224", dict(img_size=64, patch_size=8, embed_dim=96, depth=4, num_heads=3),
-             (64, 64), 16, 10, (64, 64), None),
+             (64, 64), 16, 4, (64, 64), None),
     "yolos_ti": ("deit_tiny_patch16_224", {}, (512, 672), 2, 100, (800, 1333), None),
     "yolos_s": ("deit_small_patch16_224", {}, (512, 672), 1, 100, (512, 864), (512, 864)),
 }
