@@ -279,7 +279,7 @@ def render(runs_path: str, speed_path: str, out_md: str, fig_path: Optional[str]
             ax.errorbar(measured, mean, yerr=std, fmt="o", capsize=3, label=LABELS[config])
         ax.set_xlabel("measured step-level speedup vs full tokens (x)")
         ax.set_ylabel("top-1 on digits (%)")
-        ax.legend(fontsize=8)
+        ax.legend(fontsize=8, loc="lower right")
         ax.grid(alpha=0.3)
         fig.tight_layout()
         fig.savefig(fig_path, dpi=110)

@@ -235,7 +235,9 @@ def test_accuracy_rotates_the_config_order_per_seed(tmp_path, monkeypatch):
 # README
 # ------------------------------------------------------------------------------------------------
 @pytest.mark.parametrize("stored", ["bench/results/speed.md", "bench/results/accuracy.md",
-                                    "bench/results/yolos_accuracy.md"])
+                                    "bench/results/yolos_accuracy.md", "bench/results/yolos_speed.md",
+                                    "bench/results/accuracy_lvvit.md", "bench/results/speed_lvvit/speed.md",
+                                    "bench/results/efficienttrain_e30.md"])
 def test_readme_tables_are_the_stored_outputs(stored):
     """Bug caught: a README table edited by hand, or left behind when its command was run again."""
     root = pathlib.Path(__file__).resolve().parents[1]
