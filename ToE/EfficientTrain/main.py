@@ -40,9 +40,6 @@ def add_curriculum_args(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--low-pass", default="fft", choices=["fft", "resize"],
                        help="low-resolution view: fft, the published low-frequency crop; resize, "
                             "EfficientTrain++'s downscaling (bicubic, antialiased, on the device) (default: fft)")
-    group.add_argument("--token-drop", default="toe", choices=["toe", "random"],
-                       help="toe: Token Expansion after block 0; random: the baseline, timm's PatchDropout keeping a "
-                            "random subset of as many patch tokens before block 0, on the same schedule (default: toe)")
 
 
 def get_args_parser() -> argparse.ArgumentParser:
@@ -54,7 +51,7 @@ def get_args_parser() -> argparse.ArgumentParser:
 
 
 parse_args, main, cli = trainer_entry("EfficientTrain training with Token Expansion", get_args_parser,
-                                      "ToE.EfficientTrain.trainer:Trainer")
+                                      "ToE.EfficientTrain.trainer:EfficientTrainTask")
 
 
 if __name__ == "__main__":

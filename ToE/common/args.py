@@ -11,6 +11,11 @@ from token_select import TokenSelect
 from .errors import UserError
 
 
+# the flags that define the operator's schedule (stored with every checkpoint)
+TOE_KEYS = ("expansion_step", "keep_rate", "initialization_keep_rate", "expansion_multiple_stage", "distance",
+            "initialization")
+
+
 def add_toe_args(parser: argparse.ArgumentParser) -> argparse._ArgumentGroup:
     """Add the Token Expansion flags (published names and defaults) to ``parser``."""
     group = parser.add_argument_group("Token Expansion (ToE)")
@@ -104,21 +109,21 @@ class OneLineParser(argparse.ArgumentParser):
         sys.exit(2)
 
 
-def trainer_entry(description: str, get_args_parser: Callable[[], argparse.ArgumentParser], trainer: str,
-                  finish: Optional[Callable[[argparse.Namespace], argparse.Namespace]] = None):
+def trainer_entry(description: str, get_args_parser: Callable[[], argparse.ArgumentParser], task: str):
     """The ``parse_args``, ``main`` and ``cli`` of a trainer's main.py.
 
-    ``trainer`` ("module:Class") is imported when ``main`` runs, so ``--help`` and flag errors stay
-    quick; ``finish`` adjusts the parsed flags (aliases, cross-flag checks) and returns them.
-    ``cli`` turns user errors into one line and exit code 2 (``errors.run_main``)."""
+    ``task`` ("module:Class") is imported when ``main`` runs, so ``--help`` and flag errors stay
+    quick; ``main`` runs it on the one lifecycle (``ToE.common.lifecycle.Run``). ``cli`` turns user
+    errors into one line and exit code 2 (``errors.run_main``)."""
 
     def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
-        args = OneLineParser(description, parents=[get_args_parser()]).parse_args(argv)
-        return finish(args) if finish else args
+        return OneLineParser(description, parents=[get_args_parser()]).parse_args(argv)
 
     def main(args: argparse.Namespace) -> None:
-        module, name = trainer.split(":")
-        getattr(importlib.import_module(module), name)(args).fit()
+        from ToE.common.lifecycle import Run
+
+        module, name = task.split(":")
+        Run(args, getattr(importlib.import_module(module), name)).fit()
 
     def cli(argv: Optional[Sequence[str]] = None) -> None:
         from .errors import run_main
@@ -205,6 +210,9 @@ def check_training_flags(args: argparse.Namespace) -> List[str]:
     if args.warmup_epochs >= args.epochs:
         raise UserError(f"--warmup-epochs {args.warmup_epochs} is as long as the run (--epochs {args.epochs}): "
                         "the learning rate would never leave the warmup. Lower --warmup-epochs")
+    if args.cooldown_epochs and args.cooldown_epochs + args.warmup_epochs >= args.epochs:
+        raise UserError(f"--cooldown-epochs {args.cooldown_epochs} plus --warmup-epochs {args.warmup_epochs} leave "
+                        f"no schedule epochs in --epochs {args.epochs}. Raise --epochs or lower them")
     if args.start_epoch >= args.epochs:
         raise UserError(f"--start_epoch {args.start_epoch} is not below --epochs {args.epochs}: nothing to train")
     if args.scale[0] > args.scale[1] or args.scale[0] == 0:
@@ -284,39 +292,52 @@ def add_classification_args(parser: argparse.ArgumentParser) -> None:
     run = parser.add_argument_group("data and run")
     run.add_argument("--data-path", default="data/digits",
                      help="folder with train/<class>/ and val/<class>/ (default: data/digits)")
-    run.add_argument("--output_dir", "--output-dir", default="",
-                     help="where to write checkpoints and logs (default: nothing written)")
-    run.add_argument("--device", default="cuda",
-                     help="cuda or cpu; cuda falls back to cpu without a GPU (default: cuda)")
-    run.add_argument("--amp-dtype", default="auto", choices=["auto", "bfloat16", "float16", "float32"],
-                     help="mixed precision via torch.amp: auto is bfloat16 on GPUs and float32 (off) on the CPU; "
-                          "bfloat16 also runs on the CPU, float16 on GPUs only (default: auto)")
-    run.add_argument("--seed", default=0, type=non_negative_int, help="random seed (default: 0)")
-    run.add_argument("--resume", default="", help="checkpoint to continue from (e.g. OUT/checkpoint.pth)")
-    run.add_argument("--overwrite", action="store_true",
-                     help="start a new run in an --output_dir that holds another run: its checkpoints, log and "
-                          "TensorBoard events are deleted first (without it such a folder is refused)")
-    run.add_argument("--check-only", action="store_true",
-                     help="check the flags, the data folders, the output folder and the resume file, then exit "
-                          "(the run scripts do this once before starting torchrun)")
-    run.add_argument("--log-interval", default=50, type=positive_int,
-                     help="steps between reads of the loss (progress bar, non-finite check); reading it "
-                          "waits for the GPU, so not every step (default: 50)")
-    run.add_argument("--start_epoch", default=0, type=non_negative_int,
-                     help="first epoch when not resuming (default: 0)")
-    run.add_argument("--stop-after-epochs", default=None, type=positive_int,
-                     help="train at most this many epochs in this run, then exit; continue later with --resume "
-                          "(for time-limited jobs)")
-    run.add_argument("--auto-resume", action="store_true",
-                     help="continue from OUTPUT/checkpoint.pth when it exists, start afresh when it does not "
-                          "(re-submitting the same command continues the run)")
-    run.add_argument("--time-limit", default=None, type=duration,
-                     help="stop cleanly with a checkpoint before this wall time (seconds, 90m, 4h, 3:50:00 or "
-                          "1-00:00:00), for schedulers without a pre-kill signal; SIGTERM/SIGUSR1 stop the same way")
-    run.add_argument("--eval", action="store_true", help="only evaluate (with --resume: the checkpoint)")
     run.add_argument("--dist-eval", action=argparse.BooleanOptionalAction, default=True,
                      help="split evaluation over the processes, each image exactly once (default: on)")
     run.add_argument("--num_workers", "--num-workers", default=8, type=non_negative_int,
                      help="data loading workers per process (default: 8)")
     run.add_argument("--pin-mem", action=argparse.BooleanOptionalAction, default=True,
                      help="pin host memory (default: on)")
+    token = parser.add_argument_group("token reduction")
+    token.add_argument("--token-drop", default="toe", choices=["toe", "random"],
+                       help="toe: Token Expansion after block 0; random: the baseline, timm's PatchDropout keeping a "
+                            "random subset of as many patch tokens before block 0, on the same schedule (default: toe)")
+    token.add_argument("--cooldown-epochs", type=non_negative_int, default=0,
+                       help="epochs at the minimum lr after the schedule, included in --epochs (default: 0)")
+    add_run_args(parser)
+
+
+def add_run_args(parser: argparse.ArgumentParser) -> None:
+    """The flags of the run lifecycle (``ToE.common.lifecycle.Run``), the same in every trainer."""
+    run = parser.add_argument_group("run")
+    run.add_argument("--output_dir", "--output-dir", default="",
+                     help="where to write checkpoints and logs (default: nothing written)")
+    run.add_argument("--device", default="cuda",
+                     help="cuda or cpu; cuda falls back to cpu without a GPU (default: cuda)")
+    run.add_argument("--amp-dtype", default="auto", choices=["auto", "bfloat16", "float16", "float32"],
+                     help="mixed precision via torch.amp: auto is bfloat16 on GPUs that compute it natively, "
+                          "float16 with loss scaling on older GPUs, float32 (off) on the CPU; bfloat16 also runs on "
+                          "the CPU, float16 on GPUs only (default: auto)")
+    run.add_argument("--seed", default=0, type=non_negative_int, help="random seed, + rank per process (default: 0)")
+    run.add_argument("--resume", default="", help="checkpoint to continue from (or to evaluate with --eval)")
+    run.add_argument("--auto-resume", action="store_true",
+                     help="continue from OUTPUT/checkpoint.pth when it exists, start afresh when it does not "
+                          "(re-submitting the same command continues the run)")
+    run.add_argument("--overwrite", action="store_true",
+                     help="start a new run in an --output_dir that holds another run: its checkpoints, log and "
+                          "TensorBoard events are deleted first (without it such a folder is refused)")
+    run.add_argument("--check-only", action="store_true",
+                     help="check the flags, the data folders, the output folder and the resume file, then exit "
+                          "(the run scripts do this once before starting torchrun)")
+    run.add_argument("--eval", action="store_true", help="only evaluate the --resume checkpoint")
+    run.add_argument("--log-interval", default=50, type=positive_int,
+                     help="steps between reads of the loss (progress bar, non-finite check, stop check); reading "
+                          "it waits for the GPU, so not every step (default: 50)")
+    run.add_argument("--start_epoch", default=0, type=non_negative_int,
+                     help="first epoch when not resuming (default: 0)")
+    run.add_argument("--stop-after-epochs", default=None, type=positive_int,
+                     help="train at most this many epochs in this run, then exit; continue later with --auto-resume "
+                          "(for time-limited jobs)")
+    run.add_argument("--time-limit", default=None, type=duration,
+                     help="stop cleanly with a checkpoint before this wall time (seconds, 90m, 4h, 3:50:00 or "
+                          "1-00:00:00), for schedulers without a pre-kill signal; SIGTERM/SIGUSR1 stop the same way")

@@ -47,7 +47,9 @@ def init_distributed(device: str = "cuda") -> DistEnv:
 def all_reduce_sum(values: torch.Tensor) -> torch.Tensor:
     """Sum a tensor over processes (no-op without a process group); returns it on its own device.
 
-    NCCL reduces GPU tensors only: a CPU tensor makes the round trip through this process's GPU.
+    Every reduction of the project goes through here. NCCL reduces GPU tensors only ("No backend
+    type associated with device type cpu"): a CPU tensor makes the round trip through this
+    process's GPU.
     """
     if dist.is_available() and dist.is_initialized():
         if dist.get_backend() == "nccl" and values.device.type != "cuda":
@@ -57,6 +59,13 @@ def all_reduce_sum(values: torch.Tensor) -> torch.Tensor:
         else:
             dist.all_reduce(values, op=dist.ReduceOp.SUM)
     return values
+
+
+def gather_ints(values, env: DistEnv):
+    """Every process's ``values`` (a list of ints), on every process: [rank 0's, rank 1's, ...]."""
+    table = torch.zeros(env.world_size, len(values), dtype=torch.float64)
+    table[env.rank] = torch.tensor([float(v) for v in values], dtype=torch.float64)
+    return [[int(v) for v in row] for row in all_reduce_sum(table).tolist()]
 
 
 def barrier() -> None:

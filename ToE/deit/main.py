@@ -42,7 +42,7 @@ def get_args_parser() -> argparse.ArgumentParser:
 
 
 parse_args, main, cli = trainer_entry("DeiT training with Token Expansion", get_args_parser,
-                                      "ToE.deit.trainer:Trainer")
+                                      "ToE.deit.trainer:DeiTTask")
 
 
 if __name__ == "__main__":

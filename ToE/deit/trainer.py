@@ -1,5 +1,5 @@
-"""The DeiT run: the shared classification loop plus what is DeiT's own, distillation from a
-frozen teacher loaded from disk (distilled DeiT students)."""
+"""The DeiT task: shared classification plus what is DeiT's own, distillation from a frozen
+teacher loaded from disk (distilled DeiT students)."""
 
 from __future__ import annotations
 
@@ -8,13 +8,13 @@ import os
 import timm
 import torch
 
-from ToE.common.classification import ClassificationTrainer
+from ToE.common.classification import ClassificationTask
 from ToE.common.errors import UserError
 from ToE.deit.losses import DistillationLoss
 
 
-class Trainer(ClassificationTrainer):
-    """DeiT classification with Token Expansion; ``fit()`` trains and checkpoints."""
+class DeiTTask(ClassificationTask):
+    """DeiT classification with Token Expansion (the loss may distil from a teacher)."""
 
     def build_criterion(self, base: torch.nn.Module) -> torch.nn.Module:
         args = self.args
@@ -23,12 +23,12 @@ class Trainer(ClassificationTrainer):
             teacher = self._load_teacher()
             # timm's distilled DeiT returns the (class, distillation) logit pair in training only when
             # asked; without this the loss gets averaged logits and the teacher is never consulted
-            self.model_without_ddp.set_distilled_training(True)
+            self.model.set_distilled_training(True)
         return DistillationLoss(base, teacher, args.distillation_type, args.distillation_alpha, args.distillation_tau)
 
     def _load_teacher(self) -> torch.nn.Module:
         args = self.args
-        if not hasattr(self.model_without_ddp, "head_dist"):
+        if not hasattr(self.model, "head_dist"):
             raise UserError(f"--distillation-type {args.distillation_type} needs a distilled student "
                             f"(e.g. deit_small_distilled_patch16_224), not {args.model}")
         if not timm.is_model(args.teacher_model):

@@ -23,12 +23,11 @@ if __package__ in (None, ""):  # run as a script: make the repository root impor
 
 from ToE.common.args import (OneLineParser, add_classification_args, add_toe_args, non_negative_float,  # noqa: E402
                              non_negative_int, positive_int, trainer_entry)
-from ToE.common.errors import UserError  # noqa: E402
 
 # the published LV-ViT recipe (run/imagenet_small_run1.sh and its main.py defaults)
 RECIPE_DEFAULTS = dict(model="lvvit_s", lr=1.6e-3, unscale_lr=True, mixup=0.0, cutmix=0.0, repeated_aug=False,
                        model_ema_decay=0.99992, drop_path=0.1, warmup_epochs=5, min_lr=1e-5, epochs=310,
-                       batch_size=64, train_interpolation="random", expansion_step=[0, 100, 200],
+                       batch_size=64, train_interpolation="random", cooldown_epochs=10, expansion_step=[0, 100, 200],
                        keep_rate=[0.4, 0.7, 1.0], initialization_keep_rate=0.2, expansion_multiple_stage=2)
 # published name -> the project's flag it is another name for
 ALIASES = {"-b": "--batch-size", "--img-size": "--input-size"}
@@ -68,10 +67,7 @@ def get_args_parser() -> argparse.ArgumentParser:
                          "reproduction; off: the crop box is right)")
     lv.add_argument("--mix-token", action=argparse.BooleanOptionalAction, default=True,
                     help="MixToken (published: on for every step)")
-    lv.add_argument("--cooldown-epochs", type=non_negative_int, default=10,
-                    help="epochs at the minimum lr after the cosine, included in --epochs (default: 10, so the "
-                         "published 300 + 10 is --epochs 310)")
-    lv.add_argument("--apex-amp", action="store_true",
+    lv.add_argument("--apex-amp", action="store_const", dest="amp_dtype", const="float16",
                     help="published flag: fp16 mixed precision, here through torch.amp (autocast + GradScaler; "
                          "apex is not needed). Same as --amp-dtype float16")
     parser.set_defaults(**RECIPE_DEFAULTS)
@@ -82,18 +78,8 @@ def get_args_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _finish(args: argparse.Namespace) -> argparse.Namespace:
-    if args.apex_amp:
-        args.amp_dtype = "float16"
-    if args.cooldown_epochs and not args.eval and args.cooldown_epochs + args.warmup_epochs >= args.epochs:
-        raise UserError(f"--cooldown-epochs {args.cooldown_epochs} plus --warmup-epochs {args.warmup_epochs} leave "
-                        f"no cosine epochs in --epochs {args.epochs}. Raise --epochs or lower them")
-    args.model_kwargs = {**args.model_kwargs, "mix_token": args.mix_token}
-    return args
-
-
 parse_args, main, cli = trainer_entry("LV-ViT training with token labelling and Token Expansion", get_args_parser,
-                                      "ToE.lvvit.trainer:Trainer", _finish)
+                                      "ToE.lvvit.trainer:LVViTTask")
 
 
 if __name__ == "__main__":

@@ -21,7 +21,7 @@ import sys
 if __package__ in (None, ""):  # run as a script: make the repository root importable
     sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
 
-from ToE.common.args import (OneLineParser, ParseKwargs, add_toe_args, non_negative_float,  # noqa: E402
+from ToE.common.args import (OneLineParser, ParseKwargs, add_run_args, add_toe_args, non_negative_float,  # noqa: E402
                              non_negative_int, positive_float, positive_int, probability, trainer_entry)
 
 
@@ -96,35 +96,18 @@ def get_args_parser() -> argparse.ArgumentParser:
     data.add_argument("--eval-batch-size", default=None, type=positive_int,
                       help="evaluation images per process and step (default: --batch_size)")
 
-    run = parser.add_argument_group("run")
-    run.add_argument("--output_dir", "--output-dir", default="", help="checkpoints and logs (default: nothing written)")
-    run.add_argument("--device", default="cuda", help="cuda or cpu; cuda falls back to cpu (default: cuda)")
-    run.add_argument("--seed", default=42, type=non_negative_int, help="random seed, + rank per process (default: 42)")
-    run.add_argument("--resume", default="", help="checkpoint to continue from (or to evaluate with --eval)")
-    run.add_argument("--auto-resume", action="store_true",
-                     help="continue OUTPUT_DIR/checkpoint.pth when it exists, else start (the run scripts add it, "
-                          "so running the same command again continues the run)")
-    run.add_argument("--overwrite", action="store_true",
-                     help="start a new run in an --output_dir that holds another run (deletes it first)")
-    run.add_argument("--check-only", action="store_true",
-                     help="check the flags, data, output folder and resume/init files, then exit")
-    run.add_argument("--eval", action="store_true",
-                     help="only evaluate --resume CHECKPOINT and write the detections as a COCO results json")
-    run.add_argument("--results-json", default="",
-                     help="where --eval writes the detections (default: OUTPUT_DIR/detections_val2017.json)")
-    run.add_argument("--start_epoch", default=0, type=non_negative_int, help="first epoch when not resuming")
-    run.add_argument("--stop-after-epochs", default=None, type=positive_int,
-                     help="train at most this many epochs in this run, then exit (continue with --resume)")
-    run.add_argument("--num_workers", "--num-workers", default=2, type=non_negative_int,
-                     help="data loading workers per process (default: 2)")
-    run.add_argument("--log-interval", default=50, type=positive_int,
-                     help="steps between reads of the loss (progress bar, non-finite check) (default: 50)")
+    data.add_argument("--num_workers", "--num-workers", default=2, type=non_negative_int,
+                      help="data loading workers per process (default: 2)")
+    data.add_argument("--results-json", default="",
+                      help="where --eval writes the detections (default: OUTPUT_DIR/detections_val2017.json)")
+    add_run_args(parser)
+    parser.set_defaults(seed=42)
     add_toe_args(parser)
     return parser
 
 
 parse_args, main, cli = trainer_entry("YOLOS detection with Token Expansion", get_args_parser,
-                                      "ToE.yolos.trainer:DetectionTrainer")
+                                      "ToE.yolos.trainer:DetectionTask")
 
 
 if __name__ == "__main__":
