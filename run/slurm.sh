@@ -16,10 +16,12 @@
 # - logs: Slurm's output file (slurm-<job name>-<job id>.out, in the submit folder) holds the
 #   launcher's output; the run's own log.txt, TensorBoard events and checkpoints are in OUTPUT.
 # Environment: GPUS_PER_NODE (default: SLURM_GPUS_ON_NODE, else the GPUs nvidia-smi lists),
-# MASTER_PORT (default 29500), PYTHON (default: the repository's .venv, else python3),
+# CPUS_PER_TASK (default: SLURM_CPUS_PER_TASK, the 32 asked for above or sbatch --cpus-per-task N:
+# the cores of one node's torchrun, shared by its ranks' loader workers), MASTER_PORT (default 29500), PYTHON (default: the repository's .venv, else python3),
 # DRY_RUN=1 prints the srun command instead of running it.
 #SBATCH --job-name=toe
 #SBATCH --ntasks-per-node=1
+#SBATCH --cpus-per-task=32
 #SBATCH --signal=B:USR1@300
 #SBATCH --requeue
 #SBATCH --open-mode=append
@@ -42,9 +44,12 @@ if [ -z "$GPUS" ]; then GPUS="$(nvidia-smi -L 2>/dev/null | wc -l)"; fi
 HEAD="$( (scontrol show hostnames "${SLURM_JOB_NODELIST:-localhost}" 2>/dev/null || true) | head -n 1)"
 HEAD="${HEAD:-127.0.0.1}"
 PORT="${MASTER_PORT:-29500}"
+# srun does not inherit sbatch's --cpus-per-task (Slurm 22.05 on): without it, the loader workers
+# of all the node's ranks would share one core
+CPUS="${CPUS_PER_TASK:-${SLURM_CPUS_PER_TASK:-32}}"
 # One torchrun per node. It ignores SIGUSR1 (an inherited SIG_IGN), so the signal reaches the
 # training processes, which catch it themselves; torchrun just sees them end.
-LAUNCH=(srun --kill-on-bad-exit=0 bash -c 'trap "" USR1; exec "$@"' torchrun
+LAUNCH=(srun --kill-on-bad-exit=0 --cpus-per-task="$CPUS" bash -c 'trap "" USR1; exec "$@"' torchrun
         "$PYTHON" -m torch.distributed.run --nnodes "$NNODES" --nproc_per_node "$GPUS"
         --rdzv-backend c10d --rdzv-endpoint "$HEAD:$PORT" --rdzv-id "${SLURM_JOB_ID:-toe}"
         "$MAIN" "$@" --auto-resume)

@@ -48,13 +48,13 @@ def digits(tmp_path_factory) -> Path:
 def deit_train_transform(data: Path, *argv: str):
     """The training transform exactly as the DeiT trainer builds it from its flags (defaults unless ``argv``)."""
     from ToE.deit.main import parse_args
-    from ToE.deit.trainer import Trainer
+    from ToE.deit.trainer import DeiTTask
 
     args = parse_args(["--data-path", str(data), *TINY, *FAST, *argv])
-    trainer = Trainer.__new__(Trainer)  # only the data set-up, without a model or outputs
-    trainer.args, trainer.env, trainer.device = args, types.SimpleNamespace(rank=0, world_size=1), torch.device("cpu")
-    trainer._build_data()
-    return trainer.train_set.transform
+    task = DeiTTask.__new__(DeiTTask)  # only the data set-up, without a model or outputs
+    task.args, task.env = args, types.SimpleNamespace(rank=0, world_size=1)
+    train_set, _ = task.build_datasets()
+    return train_set.transform
 
 
 def write_classes(root: Path, split: str, classes, per_class: int = 2, seed: int = 0) -> None:

@@ -370,33 +370,34 @@ def test_non_finite_loss_stops_and_keeps_earlier_checkpoints(data, trained, tmp_
     assert not (out / "best_checkpoint.pth").exists()
 
 
-def test_train_one_epoch_raises_training_stopped_on_nan():
+def deit_run(*argv):
+    """A DeiT ``Run`` built in this process (nothing trained yet)."""
+    from ToE.common.lifecycle import Run
+    from ToE.deit.main import parse_args
+    from ToE.deit.trainer import DeiTTask
+
+    return Run(parse_args([str(a) for a in argv]), DeiTTask)
+
+
+def test_a_non_finite_loss_stops_training_before_its_update(data):
     from ToE.common.errors import TrainingStopped
-    from ToE.common.engine import train_one_epoch
 
-    model = torch.nn.Linear(4, 2)
-    loader = [(torch.randn(2, 4), torch.tensor([0, 1]))]
-    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
-    before = model.weight.detach().clone()
-
-    def criterion(images, outputs, targets):
-        return outputs.sum() * float("inf")
-
+    run = deit_run("--data-path", data, "--epochs", 2, *TINY, *FAST, *PLAIN, "--no-model-ema", "--log-interval", 1)
+    before = {k: v.clone() for k, v in run.task.model.state_dict().items()}
+    run.task.criterion = lambda images, outputs, targets: outputs.sum() * float("inf")
     with pytest.raises(TrainingStopped, match="loss became nan or inf in epoch 0"):
-        train_one_epoch(model, criterion, loader, optimizer, torch.device("cpu"), 0,
-                        torch.amp.GradScaler("cuda", enabled=False), show_progress=False, log_interval=1)
-    assert torch.equal(model.weight, before), "with log_interval 1 a non-finite loss must not update the weights"
+        run.train_epoch(0)
+    after = run.task.model.state_dict()
+    assert all(torch.equal(before[k], after[k]) for k in before), \
+        "with --log-interval 1 a non-finite loss must not update the weights"
 
 
-def test_non_finite_loss_is_caught_between_log_intervals():
-    """The loss is read every log_interval steps (no host sync per step): a NaN in step 2 of 5
+def test_non_finite_loss_is_caught_between_log_intervals(data):
+    """The loss is read every --log-interval steps (no host sync per step): a NaN in step 2 of 6
     with an interval of 4 still stops the epoch, at step 4, before that step's update."""
     from ToE.common.errors import TrainingStopped
-    from ToE.common.engine import train_one_epoch
 
-    model = torch.nn.Linear(4, 2)
-    loader = [(torch.randn(2, 4), torch.tensor([0, 1])) for _ in range(5)]
-    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    run = deit_run("--data-path", data, "--epochs", 4, *TINY, *FAST, *PLAIN, "--no-model-ema", "--log-interval", 4)
     steps = []
 
     def criterion(images, outputs, targets):
@@ -404,9 +405,9 @@ def test_non_finite_loss_is_caught_between_log_intervals():
         loss = torch.nn.functional.cross_entropy(outputs, targets)
         return loss * float("nan") if len(steps) == 2 else loss
 
+    run.task.criterion = criterion
     with pytest.raises(TrainingStopped, match="epoch 3"):
-        train_one_epoch(model, criterion, loader, optimizer, torch.device("cpu"), 3,
-                        torch.amp.GradScaler("cuda", enabled=False), show_progress=False, log_interval=4)
+        run.train_epoch(3)
     assert steps == [1, 2, 3, 4], "stopped at the first read after the NaN, not before, not later"
 
 
@@ -416,15 +417,15 @@ DUMP_WRAPPER = """
 import os, runpy, sys
 import torch
 sys.path.insert(0, {root!r})
-import ToE.deit.trainer as trainer
+import ToE.common.lifecycle as lifecycle
 
-fit = trainer.Trainer.fit
+fit = lifecycle.Run.fit
 
 def fit_and_dump(self):
     fit(self)
-    torch.save(self.model_without_ddp.state_dict(), os.path.join({out!r}, f"rank{{self.env.rank}}.pt"))
+    torch.save(self.task.model.state_dict(), os.path.join({out!r}, f"rank{{self.env.rank}}.pt"))
 
-trainer.Trainer.fit = fit_and_dump
+lifecycle.Run.fit = fit_and_dump
 sys.argv = [{main!r}] + sys.argv[1:]
 runpy.run_path({main!r}, run_name="__main__")
 """
@@ -644,8 +645,9 @@ def test_distilled_deit_trains_with_a_teacher_from_disk(data, tmp_path):
 def test_distilled_student_consults_the_teacher(data, tmp_path):
     """The trainer switches timm's distilled DeiT to return (class, distillation) logits in training,
     so the distillation head learns from the teacher (timm averages the two heads otherwise)."""
+    from ToE.common.lifecycle import EpochPlan
     from ToE.deit.main import parse_args
-    from ToE.deit.trainer import Trainer
+    from ToE.deit.trainer import DeiTTask
 
     teacher = timm.create_model("test_resnet", pretrained=False, num_classes=CLASSES)
     torch.save(teacher.state_dict(), tmp_path / "teacher.pth")
@@ -653,10 +655,12 @@ def test_distilled_student_consults_the_teacher(data, tmp_path):
                        "embed_dim=32", "depth=2", "num_heads=2", "--input-size", str(INPUT), "--patch-size",
                        str(PATCH), *FAST, *PLAIN, "--distillation-type", "hard", "--teacher-model", "test_resnet",
                        "--teacher-path", str(tmp_path / "teacher.pth")])
-    trainer = Trainer(args)
+    from ToE.common.lifecycle import Run
+
+    trainer = Run(args, DeiTTask).task
     calls = []
     trainer.criterion.teacher.register_forward_hook(lambda module, inputs, output: calls.append(output.shape))
-    images, targets = next(iter(trainer.train_loader))
+    images, targets = next(iter(trainer.train_loader(0, EpochPlan(batch=4), 0)))
     trainer.model.train()
     outputs = trainer.model(images)
     assert isinstance(outputs, tuple) and len(outputs) == 2
@@ -668,13 +672,10 @@ def test_distilled_student_consults_the_teacher(data, tmp_path):
 
 def test_sparse_eval_reduces_the_model_and_its_ema_in_evaluation(data):
     """--sparse-eval: evaluation runs the current stage's token count, for the EMA copy too."""
-    from ToE.deit.main import parse_args
-    from ToE.deit.trainer import Trainer
-
-    trainer = Trainer(parse_args(["--data-path", str(data), "--epochs", "4", *TINY, *FAST, *PLAIN, *SCHEDULE,
-                                  "--sparse-eval", "--model-ema"]))
-    trainer.train_epoch(0)  # stage 1: 8 of 16 patch tokens
-    for model in (trainer.model_without_ddp, trainer.model_ema.module):
+    run = deit_run("--data-path", data, "--epochs", "4", *TINY, *FAST, *PLAIN, *SCHEDULE, "--sparse-eval",
+                   "--model-ema")
+    run.train_epoch(0)  # stage 1: 8 of 16 patch tokens
+    for model in (run.task.model, run.model_ema.module):
         model.eval()
         assert model.token_select.current_stage == 1 and model.token_select.reducing
         model(torch.zeros(2, 3, INPUT, INPUT))

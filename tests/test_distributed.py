@@ -85,16 +85,14 @@ def test_resume_on_another_process_count_warns_and_gives_each_process_its_own_st
 
 
 def test_ema_resumed_from_a_checkpoint_without_one_starts_from_its_weights(data, tmp_path):
-    from ToE.deit.main import parse_args
-    from ToE.deit.trainer import Trainer
+    from test_deit import deit_run
 
     out = tmp_path / "no_ema"
     ok(run_main(*args(data, out, 3, "--stop-after-epochs", 1, "--no-model-ema")))
     checkpoint = load(out / "checkpoint.pth")
     assert checkpoint["model_ema"] is None
-    trainer = Trainer(parse_args([str(a) for a in args(data, out, 3, "--resume", out / "checkpoint.pth",
-                                                      "--model-ema")]))
-    assert_same_tensors(trainer.model_ema.module.state_dict(), checkpoint["model"], "EMA vs loaded weights")
+    run = deit_run(*args(data, out, 3, "--resume", out / "checkpoint.pth", "--model-ema"))
+    assert_same_tensors(run.model_ema.module.state_dict(), checkpoint["model"], "EMA vs loaded weights")
 
 
 def test_error_inside_a_dataloader_worker_is_one_line(data, tmp_path):
@@ -136,14 +134,13 @@ def test_non_finite_loss_on_two_processes_stops_both_once(two_process_runs, data
 def test_bf16_autocast_step_on_the_cpu(data):
     """--amp-dtype bfloat16 runs the mixed-precision path on the CPU: blocks compute in bf16,
     the operator still keeps the scheduled tokens, the loss is finite."""
-    from ToE.deit.main import parse_args
-    from ToE.deit.trainer import Trainer
+    from test_deit import deit_run
 
-    trainer = Trainer(parse_args([str(a) for a in ["--data-path", data, "--epochs", 3, *TINY, *FAST, *PLAIN, *STAGES,
-                                                    "--amp-dtype", "bfloat16", "--no-model-ema"]]))
+    trainer = deit_run("--data-path", data, "--epochs", 3, *TINY, *FAST, *PLAIN, *STAGES, "--amp-dtype", "bfloat16",
+                       "--no-model-ema")
     seen = []
     # the qkv projection of block 1 (after the operator): autocast runs linear layers in bf16
-    trainer.model_without_ddp.blocks[1].attn.qkv.register_forward_hook(
+    trainer.task.model.blocks[1].attn.qkv.register_forward_hook(
         lambda m, i, o: seen.append((o.dtype, o.shape[1])))
     records = []
     trainer.log = type("Log", (), {"write": lambda self, record, step=None: records.append(record)})()

@@ -22,7 +22,6 @@ from timm.layers import resample_abs_pos_embed
 import token_select
 from ToE.EfficientTrain.curriculum import (Segment, aa_policy, check_crop, freq_crop, plan_curriculum, scaled_crop,
                                            segment_at)
-from ToE.common.engine import train_one_epoch
 from ToE.common.errors import UserError
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -170,48 +169,59 @@ def test_toe_stage_and_kept_tokens_follow_global_epoch_and_grid():
 # ---------------------------------------------------------------------------------------------
 # The trainer in-process: hooks at each epoch, position table, lr per update
 # ---------------------------------------------------------------------------------------------
-def _trainer(data, *extra):
+def _run(data, *extra):
+    from ToE.common.lifecycle import Run
     from ToE.EfficientTrain.main import parse_args
-    from ToE.EfficientTrain.trainer import Trainer
+    from ToE.EfficientTrain.trainer import EfficientTrainTask
 
-    return Trainer(parse_args([*TINY, *FAST, *RECIPE, *TOE, "--data-path", str(data), *extra]))
+    return Run(parse_args([*TINY, *FAST, *RECIPE, *TOE, "--data-path", str(data), *extra]), EfficientTrainTask)
+
+
+def _trainer(data, *extra):
+    return _run(data, *extra).task
+
+
+def _enter(task, epoch):
+    """What the lifecycle does before training ``epoch``: ask the plan, build the epoch's loader."""
+    plan = task.plan(epoch)
+    return plan, task.train_loader(epoch, plan, 0)
 
 
 def test_segments_set_grid_view_batch_and_best_epochs(data):
     trainer = _trainer(data)
-    pos_embed = trainer.model_without_ddp.pos_embed
+    pos_embed = trainer.model.pos_embed
     rows = []
     for epoch in range(5):
-        trainer.prepare_epoch(epoch)
-        view = trainer.input_transform
+        plan, loader = _enter(trainer, epoch)
+        view = trainer.view
         rows.append((trainer.num_patches, trainer.toe.grid_size, view.size if view else None,
-                     trainer.train_loader.batch_size, trainer.accum_steps, trainer.counts_for_best(epoch)))
-        if view is not None:  # evaluation sees the crop too: the view is the loop's device-side transform
+                     loader.batch_size, plan.accum, plan.counts_for_best))
+        if view is not None:  # evaluation sees the crop too: the view is the step's device-side transform
             assert view(torch.zeros(2, 3, 32, 32)).shape == (2, 3, view.size, view.size)
     assert rows == [(36, (6, 6), 24, 8, 1, False)] * 3 + [(49, (7, 7), 28, 8, 1, False), (64, (8, 8), None, 4, 2, True)]
     # one full-resolution table throughout, and the optimizer holds that very parameter
-    assert trainer.model_without_ddp.pos_embed is pos_embed and pos_embed.shape == (1, 65, 32)
+    assert trainer.model.pos_embed is pos_embed and pos_embed.shape == (1, 65, 32)
     assert any(p is pos_embed for group in trainer.optimizer.param_groups for p in group["params"])
-    assert trainer.train_set.transform is not None and trainer.updates_per_epoch() == 3
+    assert trainer.train_set.transform is not None and trainer.updates_per_epoch == 3
 
 
 def test_position_table_is_interpolated_per_forward_and_checkpoint_is_plain_timm(data):
     trainer = _trainer(data)
-    model = trainer.model_without_ddp.eval()
+    model = trainer.model.eval()
     tokens = model.patch_embed(torch.randn(1, 3, 24, 24))  # (1, 6, 6, C): the grid is kept
     expected = tokens.reshape(1, 36, -1) + resample_abs_pos_embed(model.pos_embed, (6, 6), num_prefix_tokens=1)[:, 1:]
     got = model._pos_embed(tokens)[:, 1:]
     assert torch.allclose(got, expected, atol=1e-6)
     plain = timm.create_model("vit_tiny_patch16_224", img_size=32, patch_size=4, embed_dim=32, depth=2, num_heads=2,
                               num_classes=3)
-    plain.load_state_dict(trainer.checkpoint_state(0)["model"], strict=True)
+    plain.load_state_dict(trainer.model.state_dict(), strict=True)
     image = torch.randn(2, 3, 32, 32)
     assert torch.allclose(plain.eval()(image), model(image), atol=1e-6)
 
 
 def test_uniform_seeds_follow_the_current_grid(data):
     trainer = _trainer(data)
-    trainer.prepare_epoch(0)
+    _enter(trainer, 0)
     trainer.toe.update_current_stage(0)
     x = torch.randn(2, 37, 32)
     trainer.toe.train()
@@ -222,8 +232,9 @@ def test_uniform_seeds_follow_the_current_grid(data):
 
 
 def test_lr_per_update_equals_one_uninterrupted_schedule(data):
-    trainer = _trainer(data, "--warmup-lr", "1e-6", "--min-lr", "1e-5")
-    per_epoch = trainer.updates_per_epoch()
+    run = _run(data, "--warmup-lr", "1e-6", "--min-lr", "1e-5")
+    trainer = run.task
+    per_epoch = trainer.updates_per_epoch
     total, warmup = 5 * per_epoch, 1 * per_epoch
     seen = {}
     step_update = trainer.lr_scheduler.step_update
@@ -233,9 +244,8 @@ def test_lr_per_update_equals_one_uninterrupted_schedule(data):
         seen[num_updates] = trainer.optimizer.param_groups[0]["lr"]
 
     trainer.lr_scheduler.step_update = spy
-    trainer._start_outputs()
     for epoch in range(5):
-        trainer.train_epoch(epoch)
+        run.train_epoch(epoch)
 
     def expected(u):  # timm's cosine with linear warmup over the updates of the whole run
         if u < warmup:
@@ -246,21 +256,30 @@ def test_lr_per_update_equals_one_uninterrupted_schedule(data):
     assert all(abs(seen[u] - expected(u)) < 1e-12 for u in seen)
 
 
-def test_accumulation_equals_one_large_batch():
-    """2 micro-batches of 4 with the loss halved give the same update as one batch of 8."""
-    torch.manual_seed(0)
-    model = torch.nn.Linear(6, 3)
+def test_accumulation_equals_one_large_batch(data):
+    """2 micro-batches of 4 with the loss halved give the same update as one batch of 8 (through
+    the lifecycle's step loop, with a device-side view of the images)."""
+    from ToE.common.lifecycle import EpochPlan
+
     images, targets = torch.randn(8, 6), torch.randint(0, 3, (8,))
 
     def run(batch, accum):
-        m = torch.nn.Linear(6, 3)
-        m.load_state_dict(model.state_dict())
-        opt = torch.optim.SGD(m.parameters(), lr=0.5)
+        torch.manual_seed(0)
+        trained = _run(data, "--no-model-ema", "--epochs", "5")
+        task = trained.task
+        task.model = torch.nn.Linear(6, 3)
+        task.optimizer = torch.optim.SGD(task.model.parameters(), lr=0.5)
+        trained.model, trained.toe.last_index = task.model, None
+        task.updates_per_epoch = None
         loader = [(images[i:i + batch], targets[i:i + batch]) for i in range(0, 8, batch)]
-        criterion = lambda x, out, y: F.cross_entropy(out, y)  # noqa: E731
-        train_one_epoch(m, criterion, loader, opt, torch.device("cpu"), 0, torch.amp.GradScaler("cuda", enabled=False),
-                        show_progress=False, accum_steps=accum, input_transform=lambda x: 2 * x)
-        return m.weight.detach()
+
+        def step(model, batch_):
+            x, y = batch_
+            return F.cross_entropy(model(2 * x), y), {"patch_tokens": 1}, x.shape[0]
+
+        task.train_step = step
+        trained._train_steps(0, EpochPlan(batch=batch, accum=accum), loader, 0, None)
+        return task.model.weight.detach()
 
     assert torch.allclose(run(4, 2), run(8, 1), atol=1e-6)
     assert not torch.allclose(run(4, 1), run(8, 1), atol=1e-4)  # two updates of 4 differ
@@ -343,17 +362,17 @@ def test_flops_learns_curricula():
 
 def test_random_patch_dropout_baseline_keeps_as_many_tokens(data):
     trainer = _trainer(data, "--token-drop", "random")
-    model = trainer.model_without_ddp.train()
+    model = trainer.model.train()
     assert getattr(model, "_toe_hook", None) is None  # the operator only counts, it does not select
-    seen = []
+    seen, logged = [], []
     handle = model.blocks[0].register_forward_hook(lambda module, inputs, output: seen.append(output.shape[1]))
     for epoch in (0, 2, 3, 4):
-        trainer.prepare_epoch(epoch)
-        crop = trainer.segment.crop
-        model(torch.randn(2, 3, crop, crop))
+        plan, _ = _enter(trainer, epoch)
+        images = torch.randn(2, 3, 32, 32)
+        logged.append(trainer.train_step(model, (images, torch.tensor([0, 1])))[1]["kept_tokens"])
     handle.remove()
     assert seen == [1 + 20, 1 + 27, 1 + 37, 1 + 64]
-    assert trainer.epoch_log_fields(4)["kept_tokens"] == 64
+    assert logged == [20, 27, 37, 64]
 
 
 def test_bench_phases_and_run_level_speedup():

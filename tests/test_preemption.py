@@ -1,10 +1,7 @@
-"""Long runs on shared clusters: a SIGTERM or a time limit in the middle of an epoch, a kill -9
-while a checkpoint is written, --auto-resume, and two torchrun "nodes" on the loopback address.
-
-The preemption signal comes from inside the run, at a chosen training step, through a wrapper
-around ``ToE/deit/main.py`` (the real signal path: the handler, the stop check, the mid-epoch
-checkpoint), so the test does not depend on timing.
-"""
+"""Long runs on shared clusters (DeiT's trainer): a time limit in the middle of an epoch,
+--auto-resume with other flags, two torchrun "nodes" on the loopback address, the Slurm script.
+SIGTERM mid-epoch and kill -9 during a checkpoint write are checked for every trainer in
+tests/test_lifecycle.py."""
 
 from __future__ import annotations
 
@@ -15,53 +12,9 @@ import sys
 import pytest
 import torch
 from test_deit import (FAST, MAIN, RECIPE, ROOT, TINY, _env, assert_same_tensors, assert_user_error, free_port, load,
-                       ok, read_log, run_main, write_images)
+                       ok, run_main, write_images)
 
 STAGES = ["--expansion-step", "0", "1", "2", "--keep-rate", "0.5", "0.75", "1.0"]
-
-# ToE/deit/main.py, with a criterion that sends the process a signal at its N-th call (a training
-# step), or with a checkpoint write that kills the process before the rename.
-WRAPPER = """
-import os, runpy, signal, sys
-sys.path.insert(0, {root!r})
-import ToE.common.checkpoint as checkpoint
-from ToE.deit.trainer import Trainer
-
-mode, when = {mode!r}, {when!r}
-if mode == "signal":
-    build = Trainer.build_criterion
-
-    def build_criterion(self, base):
-        criterion = build(self, base)
-        calls = [0]
-
-        def counted(images, outputs, targets):
-            calls[0] += 1
-            if calls[0] == when:
-                os.kill(os.getpid(), signal.SIGTERM)
-            return criterion(images, outputs, targets)
-        return counted
-
-    Trainer.build_criterion = build_criterion
-else:
-    replace, writes = os.replace, [0]
-
-    def dying_replace(src, dst):
-        writes[0] += 1
-        if writes[0] == when:  # the new checkpoint is written to .tmp; die before it replaces the old
-            os.kill(os.getpid(), signal.SIGKILL)
-        replace(src, dst)
-
-    checkpoint.os.replace = dying_replace
-sys.argv = [{main!r}] + sys.argv[1:]
-runpy.run_path({main!r}, run_name="__main__")
-"""
-
-
-def wrapped(tmp_path, mode, when):
-    script = tmp_path / f"wrapper_{mode}_{when}.py"
-    script.write_text(WRAPPER.format(root=str(ROOT), main=str(MAIN), mode=mode, when=when))
-    return [sys.executable, str(script)]
 
 
 @pytest.fixture(scope="module")
@@ -83,29 +36,6 @@ def straight(data, tmp_path_factory):
     return load(out / "checkpoint.pth")
 
 
-def test_sigterm_mid_epoch_then_auto_resume_equals_the_uninterrupted_run(data, straight, tmp_path):
-    out = tmp_path / "out"
-    # 6 steps per epoch (24 images, batch 4): the 9th training step is step 3 of epoch 1
-    stopped = run_main(*args(data, out, "--auto-resume"), cmd=wrapped(tmp_path, "signal", 9))
-    assert stopped.returncode == 3, stopped.stderr
-    assert "stopped: SIGTERM received in epoch 1 after step 3" in stopped.stderr
-    assert "--auto-resume" in stopped.stderr and "Traceback" not in stopped.stderr
-    position = load(out / "checkpoint.pth")["position"]
-    assert (position["epoch"], position["step"]) == (1, 3)
-    assert [r["epoch"] for r in read_log(out)] == [0]
-
-    ok(run_main(*args(data, out, "--auto-resume")))  # the same command, re-submitted
-    resumed = load(out / "checkpoint.pth")
-    assert resumed["epoch"] == 2 and "position" not in resumed
-    assert_same_tensors(straight["model"], resumed["model"], "straight vs preempted + resumed")
-    assert_same_tensors(straight["model_ema"], resumed["model_ema"], "EMA straight vs preempted + resumed")
-    assert_same_tensors(straight["optimizer"]["state"][0], resumed["optimizer"]["state"][0], "AdamW moments")
-    assert [r["epoch"] for r in read_log(out)] == [0, 1, 2]
-
-    again = ok(run_main(*args(data, out, "--auto-resume")))  # a requeued job after the end
-    assert "nothing to do" in again.stdout
-
-
 def test_time_limit_stops_with_a_checkpoint_and_the_run_continues_exactly(data, straight, tmp_path):
     out = tmp_path / "out"
     stopped = run_main(*args(data, out, "--auto-resume", "--time-limit", "0.05"))
@@ -113,16 +43,6 @@ def test_time_limit_stops_with_a_checkpoint_and_the_run_continues_exactly(data, 
     assert "the --time-limit is near" in stopped.stderr
     ok(run_main(*args(data, out, "--auto-resume")))
     assert_same_tensors(straight["model"], load(out / "checkpoint.pth")["model"], "straight vs time-limited")
-
-
-def test_kill_9_while_writing_a_checkpoint_leaves_the_last_one_loadable(data, straight, tmp_path):
-    out = tmp_path / "out"
-    killed = run_main(*args(data, out), cmd=wrapped(tmp_path, "kill", 2))  # dies writing epoch 1's
-    assert killed.returncode == -9
-    kept = load(out / "checkpoint.pth")
-    assert kept["epoch"] == 0
-    ok(run_main(*args(data, out, "--auto-resume")))
-    assert_same_tensors(straight["model"], load(out / "checkpoint.pth")["model"], "straight vs killed + resumed")
 
 
 def test_auto_resume_refuses_a_checkpoint_of_other_flags(data, straight, tmp_path):
@@ -175,7 +95,8 @@ FAKE_SLURM = {
     # srun: run the task here (its options dropped); scancel --signal=USR1: signal the job's
     # processes (torchrun ignores it, the training processes catch it); scontrol: hostnames and a
     # requeue that leaves a mark
-    "srun": '#!/usr/bin/env bash\nwhile [ "${1#-}" != "$1" ]; do shift; done\nexec "$@"\n',
+    "srun": '#!/usr/bin/env bash\nwhile [ "${1#-}" != "$1" ]; do echo "$1" >> "$FAKE_SLURM_DIR/srun_options"; shift; '
+            'done\nexec "$@"\n',
     "scancel": '#!/usr/bin/env bash\npkill -USR1 -f "python.*ToE/deit/main.py" || true\n',
     "scontrol": '#!/usr/bin/env bash\nif [ "$1" = requeue ]; then echo "$2" > "$FAKE_SLURM_DIR/requeued"; '
                 'else echo 127.0.0.1; fi\n',
@@ -205,6 +126,8 @@ def test_slurm_script_checkpoints_on_usr1_requeues_and_the_next_start_continues(
     output, _ = job.communicate(timeout=180)
     assert job.returncode == 0, output
     assert (tmp_path / "requeued").read_text().strip() == "7", output
+    # the node's cores reach the torchrun task (srun does not inherit sbatch's --cpus-per-task)
+    assert "--cpus-per-task=32" in (tmp_path / "srun_options").read_text().split()
     stopped_at = load(out / "checkpoint.pth")["epoch"]
     assert stopped_at < 11, "the run was not stopped before its end"
 

@@ -165,13 +165,13 @@ def test_kill_between_log_and_checkpoint_does_not_duplicate_the_epoch(data, two_
 
 @pytest.mark.parametrize("with_output", [False, True])
 def test_ctrl_c_says_what_was_saved(data, tmp_path, capsys, monkeypatch, with_output):
-    import ToE.common.classification as loop
+    from ToE.common.lifecycle import Run
     from ToE.deit.main import cli
 
     def interrupted(*args, **kwargs):
         raise KeyboardInterrupt
 
-    monkeypatch.setattr(loop, "train_one_epoch", interrupted)
+    monkeypatch.setattr(Run, "_train_steps", interrupted)
     extra = ["--output_dir", tmp_path / "out"] if with_output else []
     with pytest.raises(SystemExit) as exit_info:
         cli([str(a) for a in [*base(data), *extra]])

@@ -58,6 +58,9 @@ class Curriculum:
 class EfficientTrainTask(ClassificationTask):
     """EfficientTrain (+ ToE) classification: the classification task on the curriculum's plan."""
 
+    # a resume with another curriculum would be another run
+    resume_must_match = ClassificationTask.resume_must_match + ("curriculum", "segments", "global_batch", "low_pass")
+
     def build_plan(self) -> Curriculum:
         args, world = self.args, self.env.world_size
         global_batch = args.global_batch or args.batch_size * world

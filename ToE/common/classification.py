@@ -312,8 +312,8 @@ class ClassificationTask:
         args = self.args
         kept = token_select.kept_tokens_per_stage(self.num_patches, args.keep_rate, args.initialization_keep_rate,
                                                   args.expansion_multiple_stage)
-        return (f"{args.model}: {self.num_patches} patch tokens, ToE keeping {kept}; {len(self.train_set)} train / "
-                f"{len(self.val_set)} val images; lr {self.lr:.2e}")
+        return (f"{args.model}: {self.num_patches} patch tokens, the ToE stages keeping {kept} patch tokens; "
+                f"{len(self.train_set)} train / {len(self.val_set)} val images; lr {self.lr:.2e}")
 
     def outputs_info(self) -> Dict[str, Any]:
         # the class count comes from the data: the summary's FLOP count needs the head

@@ -193,6 +193,8 @@ class Run:
         self.log = RunLog("", enabled=False)  # opened in fit(), once the outputs are set up
         if self.resume_path:
             self._resume(stored)
+        if not args.eval:
+            self._agree_on_start()
 
     # -- set-up ------------------------------------------------------------------------------------
     def _new_ema(self) -> ModelEmaV3:
@@ -223,7 +225,6 @@ class Run:
                                 "Resume with the flags it was trained with, or start a new run")
         position = checkpoint.get("position")
         start = int(position["epoch"]) if position is not None else epoch + 1
-        start, step = self._agree_on_start(start, int(position["step"]) if position is not None else 0)
         self.start_epoch = start
         self.position = dict(position) if position is not None else None
         planned = int(stored.get("epochs", self.epochs))
@@ -264,16 +265,16 @@ class Run:
             print(f"note: the checkpoint was trained with --amp-dtype {stored.get('amp_dtype', '?')}; float16 "
                   "starts a fresh loss scale", flush=True)
 
-    def _agree_on_start(self, epoch: int, step: int) -> Tuple[int, int]:
-        """Every process resumes where rank 0 does; a node that read another checkpoint (a
-        node-local --output_dir) is refused in one line instead of training out of step."""
+    def _agree_on_start(self) -> None:
+        """Every process must resume where rank 0 does: a node that found another checkpoint, or
+        none (a node-local --output_dir), is refused in one line instead of training out of step."""
         if not self.env.distributed:
-            return epoch, step
-        places = gather_ints([epoch, step], self.env)
+            return
+        step = int(self.position["step"]) if self.position is not None else 0
+        places = gather_ints([self.start_epoch, step, int(self.finished)], self.env)
         if any(place != places[0] for place in places):
-            raise UserError(f"the processes found different checkpoints to resume (epoch, step per rank: {places}): "
-                            "--output_dir must be one folder that every node sees (a shared file system)")
-        return epoch, step
+            raise UserError(f"the processes found different checkpoints to resume (epoch, step, finished per rank: "
+                            f"{places}): --output_dir must be one folder that every node sees (a shared file system)")
 
     def _rng_to_restore(self, checkpoint: Dict[str, Any], path: str) -> Optional[Dict[str, Any]]:
         """This process's saved RNG state, or None after re-seeding when the process count changed
@@ -336,6 +337,7 @@ class Run:
                 print("note: no --output_dir: nothing will be saved (no checkpoints, no log). Pass --output_dir "
                       "to keep the run", flush=True)
             else:
+                os.makedirs(args.output_dir, exist_ok=True)
                 if args.overwrite and not self.resume_path:
                     remove_run_outputs(args.output_dir)
                 # the module that defines the model: importing it registers a trainer's own models
@@ -361,7 +363,8 @@ class Run:
             return "nothing was saved (no --output_dir)"
         if self.last_checkpoint is None:
             return "stopped before the end of the first epoch: no checkpoint was written, nothing to resume"
-        return f"{self.last_checkpoint} (the last finished epoch) is intact; continue with --resume {self.last_checkpoint}"
+        return (f"{self.last_checkpoint} (the last finished epoch) is intact; continue with --resume "
+                f"{self.last_checkpoint}")
 
     def train_epoch(self, epoch: int) -> None:
         """Train, evaluate, log and checkpoint ``epoch`` (raises Preempted after a mid-epoch checkpoint)."""
@@ -490,7 +493,8 @@ class Run:
         images, steps = max(total["images"], 1.0), max(total["steps"], 1.0)
         stats = {f"train_{name}": total[name] / images for name in names}
         stats.update({"lr": optimizer.param_groups[0]["lr"], "epoch_seconds": total["seconds"],
-                      "patch_tokens": _whole(total["patch_tokens"] / steps), "kept_tokens": _whole(total["kept_tokens"] / steps)})
+                      "patch_tokens": _whole(total["patch_tokens"] / steps),
+                      "kept_tokens": _whole(total["kept_tokens"] / steps)})
         return stats
 
     def _stop_if_non_finite(self, non_finite: torch.Tensor, epoch: int) -> None:
@@ -509,6 +513,8 @@ class Run:
         state = {
             "model": task.model.state_dict(),
             "optimizer": task.optimizer.state_dict(),
+            # for reference only (DeiT's layout): a resume rebuilds the schedule from the flags
+            "lr_scheduler": task.lr_scheduler.state_dict() if task.lr_scheduler is not None else None,
             "scaler": self.scaler.state_dict(),
             # the EMA's plain weights (no "module." prefix): they load into the model as it is
             "model_ema": self.model_ema.module.state_dict() if self.model_ema is not None else None,

@@ -13,15 +13,28 @@ from .errors import UserError
 
 
 def check_output_dir(path: str) -> None:
-    """Create ``path`` and make sure files can be written there; a user error otherwise ("" = no outputs)."""
+    """Make sure the run can write to ``path`` ("" = no outputs); a user error otherwise.
+
+    Nothing is created here (the run creates the folder when it starts writing, so a run refused
+    later, for a bad flag or bad data, leaves no empty folder behind): an existing folder gets a
+    probe file, a new one needs a writable nearest existing parent.
+    """
     if not path:
         return
+    if os.path.exists(path) and not os.path.isdir(path):
+        raise UserError(f"output folder {path} is a file. Pass an --output_dir that is a folder")
     try:
-        os.makedirs(path, exist_ok=True)
-        probe = os.path.join(path, f".write_test.{os.getpid()}")  # one per process: they check at once
-        with open(probe, "w"):
-            pass
-        os.remove(probe)
+        if os.path.isdir(path):
+            probe = os.path.join(path, f".write_test.{os.getpid()}")  # one per process: they check at once
+            with open(probe, "w"):
+                pass
+            os.remove(probe)
+            return
+        parent = os.path.dirname(os.path.abspath(path))
+        while not os.path.exists(parent):
+            parent = os.path.dirname(parent)
+        if not (os.path.isdir(parent) and os.access(parent, os.W_OK | os.X_OK)):
+            raise PermissionError(13, "Permission denied")
     except OSError as error:
         raise UserError(f"cannot write to output folder {path} ({error.strerror}). "
                         "Pass an --output_dir you can write to") from None

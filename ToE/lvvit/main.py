@@ -22,7 +22,7 @@ if __package__ in (None, ""):  # run as a script: make the repository root impor
     sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
 
 from ToE.common.args import (OneLineParser, add_classification_args, add_toe_args, non_negative_float,  # noqa: E402
-                             non_negative_int, positive_int, trainer_entry)
+                             positive_int, trainer_entry)
 
 # the published LV-ViT recipe (run/imagenet_small_run1.sh and its main.py defaults)
 RECIPE_DEFAULTS = dict(model="lvvit_s", lr=1.6e-3, unscale_lr=True, mixup=0.0, cutmix=0.0, repeated_aug=False,

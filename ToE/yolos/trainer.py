@@ -62,6 +62,9 @@ class ShiftedSchedule:
     def step(self, epoch: int) -> None:
         self.scheduler.step(schedule_epoch(epoch))
 
+    def state_dict(self) -> Dict[str, Any]:
+        return self.scheduler.state_dict()
+
 
 def schedule_epoch(epoch: int) -> int:
     """The scheduler position of ``epoch``: published YOLOS steps the cosine with ``step(e)`` AFTER
@@ -193,6 +196,7 @@ class DetectionTask:
             path = args.results_json or (os.path.join(args.output_dir, "detections_val2017.json")
                                          if args.output_dir else "")
             if path:
+                os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
                 write_results(results, path)
             if args.sparse_eval and self.toe.sparse_inference:
                 print(f"sparse evaluation: ToE stage {self.toe.current_stage}")
