@@ -6,9 +6,9 @@
 A run stored in the .jsonl whose folder still holds its complete log is kept, not retrained (the
 runs are deterministic), so adding seeds trains only the new ones.
 
-Every run is ``ToE/yolos/run/demo.sh``'s training command (same model, data, schedule length)
-with ``--seed S``; "full" trains all tokens in every epoch (one stage, keep rate 1.0), "toe" is
-the demo's schedule. Configurations alternate per seed (full first for even seeds, ToE first for
+Every run is ``ToE/yolos/run/demo.sh`` itself (same data, model, schedule; its summary and figure
+included, the wall time too) with ``--seed S``; "full" adds one keep-1.0 stage (all tokens in
+every epoch), "toe" is the demo's schedule. Configurations alternate per seed (full first for even seeds, ToE first for
 odd ones), so slow phases of the machine do not all fall on one configuration. AP is the last
 epoch's pycocotools bbox AP on the 300 val canvases, all tokens. Results:
 ``bench/results/yolos_accuracy.{md,jsonl}`` (the work folder keeps the runs).
@@ -30,23 +30,17 @@ from bench.common import describe_machine, git_commit
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 RESULTS = os.path.join(ROOT, "bench", "results")
 EPOCHS = 20
-COMMON = ["--coco_path", "data/digits-det", "--device", "cpu", "--num_workers", "0",
-          "--backbone_name", "vit_tiny_patch16_224", "--backbone-kwargs", "img_size=64", "patch_size=8", "embed_dim=96",
-          "depth=4", "num_heads=3", "--det_token_num", "4", "--init_pe_size", "64", "64", "--pos-init-sincos", "2",
-          "--scales", "64", "--max-size", "64", "--select-scales", "64", "--crop-size", "64", "64",
-          "--hflip", "0", "--eval_size", "64", "--batch_size", "8", "--lr", "5e-4", "--min-lr", "1e-5",
-          "--weight_decay", "1e-4", "--clip_max_norm", "1.0", "--initialization-keep-rate", "0.25",
-          "--expansion-multiple-stage", "2", "--log-interval", "20"]
-CONFIGS = {"full": ["--expansion-step", "0", "--keep-rate", "1.0"],
-           "toe": ["--expansion-step", "1", "7", "13", "--keep-rate", "0.5", "0.75", "1.0"]}
+DEMO = os.path.join(ROOT, "ToE", "yolos", "run", "demo.sh")
+# the demo's own training command (ToE/yolos/run/demo.sh, its ToE stages scaled to --epochs), with:
+CONFIGS = {"full": ["--expansion-step", "0", "--keep-rate", "1.0"], "toe": []}
 
 
 def run_one(config: str, seed: int, epochs: int, work: str) -> Dict[str, object]:
     out = os.path.join(work, f"{config}-seed{seed}")
-    command = [sys.executable, os.path.join(ROOT, "ToE", "yolos", "main.py"), *COMMON, *CONFIGS[config],
-               "--epochs", str(epochs), "--seed", str(seed), "--output_dir", out, "--overwrite"]
+    env = dict(os.environ, PY=sys.executable, DEMO_OUT=out, DEMO_EPOCHS=str(epochs), TQDM_DISABLE="1")
     start = time.perf_counter()
-    subprocess.run(command, cwd=ROOT, check=True, stdout=subprocess.DEVNULL)
+    subprocess.run(["bash", DEMO, *CONFIGS[config], "--seed", str(seed), "--overwrite"], cwd=ROOT, env=env,
+                   check=True, stdout=subprocess.DEVNULL)
     wall = time.perf_counter() - start
     with open(os.path.join(out, "log.txt")) as handle:
         records = [json.loads(line) for line in handle if line.strip()]
@@ -97,7 +91,6 @@ def main() -> None:
             lines = [json.loads(line) for line in handle if line.strip()]
         header, rows = lines[0], lines[1:]
     else:
-        subprocess.run([sys.executable, "-m", "ToE.yolos.digits_det", "--out", "data/digits-det"], cwd=ROOT, check=True)
         header = {"machine": describe_machine(), "commit": git_commit(),
                   "command": "python -m bench.yolos_accuracy " + " ".join(sys.argv[1:])}
         rows = []
