@@ -290,7 +290,7 @@ def test_nodes_that_found_different_checkpoints_are_refused_in_one_line(datasets
     errors = "".join(launch.communicate(timeout=240)[1] for launch in launches)
     assert all(launch.returncode != 0 for launch in launches)
     assert errors.count("error: the processes found different checkpoints to resume") == 1, errors[-3000:]
-    assert "Traceback" not in errors
+    assert 'File "' + str(ROOT / "ToE") not in errors, "a traceback of ours (torchrun may print its own)"
     assert load(folders[0] / "checkpoint.pth")["epoch"] == 0 and not (folders[1] / "checkpoint.pth").exists()
 
 

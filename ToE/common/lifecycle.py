@@ -371,8 +371,9 @@ class Run:
         env, task = self.env, self.task
         plan = task.plan(epoch)
         stage = self.toe.update_current_stage(epoch)
-        if self.model_ema is not None:  # the EMA is a deep copy with its own operator (--sparse-eval)
-            self.model_ema.module.token_select.update_current_stage(epoch)
+        ema_operator = getattr(self.model_ema.module, "token_select", None) if self.model_ema is not None else None
+        if ema_operator is not None:  # the EMA is a deep copy with its own operator (--sparse-eval)
+            ema_operator.update_current_stage(epoch)
         if task.lr_scheduler is not None:
             task.lr_scheduler.step(epoch)
         position = self.position if self.position is not None and self.position["epoch"] == epoch else None
