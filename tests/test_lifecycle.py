@@ -298,9 +298,10 @@ def test_amp_auto_picks_bf16_only_where_the_gpu_computes_it(monkeypatch):
     from ToE.common.lifecycle import resolve_amp_dtype
 
     cuda = torch.device("cuda", 0)
-    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda including_emulation=True: not including_emulation
-                        and native)
     for native, expected in ((True, torch.bfloat16), (False, torch.float16)):  # A100/H100 vs T4/V100
+        # a T4 or V100 "supports" bf16 only through emulation
+        monkeypatch.setattr(torch.cuda, "is_bf16_supported",
+                            lambda including_emulation=True, native=native: native or including_emulation)
         assert resolve_amp_dtype("auto", cuda) is expected
     assert resolve_amp_dtype("auto", torch.device("cpu")) is None
 
@@ -330,3 +331,26 @@ def test_an_fp16_resume_of_a_checkpoint_without_loss_scale_starts_a_fresh_one(ca
         run._load_scaler(state, {"amp_dtype": "bfloat16"})
         assert run.scaler.loaded == loaded
     assert "float16 starts a fresh loss scale" in capsys.readouterr().out
+
+
+def test_yolos_trains_in_bf16_on_the_cpu(datasets):
+    """--amp-dtype bfloat16: the detector's blocks compute in bf16 under autocast (the lifecycle's
+    AMP, the same as classification's), the operator still keeps the scheduled tokens."""
+    import math
+
+    from ToE.common.lifecycle import Run
+    from ToE.yolos.main import parse_args
+    from ToE.yolos.trainer import DetectionTask
+
+    argv = Trainer("yolos", datasets, Path("/nonexistent")).argv("", "--amp-dtype", "bfloat16")
+    run = Run(parse_args(argv[:2] + argv[4:]), DetectionTask)  # no --output_dir: nothing written
+    seen = []
+    run.task.model.backbone.blocks[1].attn.qkv.register_forward_hook(lambda m, i, o: seen.append((o.dtype, o.shape[1])))
+    records = []
+    run.log = type("Log", (), {"write": lambda self, record, step=None: records.append(record)})()
+    run.train_epoch(1)  # stage 1: half of the patch tokens
+    kept = [tokens - 1 - 5 for _, tokens in seen[:4]]  # 4 training steps: class token, patches, 5 detection tokens
+    assert {dtype for dtype, _ in seen} == {torch.bfloat16}
+    # the logged count is the mean of what the forwards ran on, below the (multi-scale) patch count
+    assert records[0]["kept_tokens"] == sum(kept) / 4 < records[0]["patch_tokens"]
+    assert math.isfinite(records[0]["train_loss"]) and 0.0 <= records[0]["test_AP"] <= 1.0

@@ -35,7 +35,7 @@ import dataclasses
 import os
 import time
 from contextlib import nullcontext
-from typing import Any, Dict, Iterable, Optional, Tuple
+from typing import Any, Dict, Iterable, Optional
 
 import torch
 from timm.utils import ModelEmaV3
