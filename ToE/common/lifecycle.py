@@ -21,7 +21,8 @@ detection: ``ToE/yolos/trainer.py``). Its class provides:
     Task(args, run)         builds model (operator attached, on run.device), data, loss, optimizer,
                             lr_scheduler (a timm scheduler or None), updates_per_epoch (None: the
                             lr steps per epoch), plan, num_classes, clip_grad, ema_decay (None: no EMA)
-    plan(epoch)             an EpochPlan; plan.epochs, plan.identity (resolved values to store)
+    task.plan               the run's plan: plan(epoch) is an EpochPlan; plan.epochs, plan.per_update,
+                            plan.identity (derived values stored with the run, checked on resume)
     train_loader(epoch, plan, skip)   the epoch's batches without its first ``skip``
     train_step(model, batch)          (loss, metrics {name: per-image mean}, images)
     evaluate(model)         stats {"loss", best_metric, "images", ...}, the same on every process
@@ -148,10 +149,9 @@ class Run:
         self.toe = build_token_select(args)
         warnings = task_class.check_flags(args)
         self.resume_path = auto_resume_path(args) if args.auto_resume and not args.eval else args.resume
-        self.writes = bool(args.output_dir) and not args.eval
         if args.output_dir:
             check_output_dir(args.output_dir)
-        if self.writes:
+        if args.output_dir and not args.eval:
             check_no_other_run(args.output_dir, self.resume_path, args.overwrite)
         self.checkpoint: Dict[str, Any] = {}
         stored: Dict[str, Any] = {}
