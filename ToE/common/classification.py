@@ -33,7 +33,7 @@ from ToE.common.checkpoint import RESUME_MUST_MATCH
 from ToE.common.data import check_images, train_val_folders
 from ToE.common.distributed import all_reduce_sum
 from ToE.common.errors import UserError
-from ToE.common.lifecycle import ConstantPlan, EpochPlan, SkipFirst, autocast, to_device
+from ToE.common.lifecycle import ConstantPlan, EpochPlan, autocast, epoch_loader, to_device
 from ToE.common.transforms import build_eval_transform, build_train_transform
 
 # timm's VisionTransformer and its distilled subclass (and LV-ViT): blocks that see tokens only
@@ -284,10 +284,7 @@ class ClassificationTask:
             # PatchDropout keeps int(P * (1 - prob)) tokens: aim between two integers
             self.model.patch_drop.prob = 0.0 if kept >= self.num_patches else 1.0 - (kept + 0.5) / self.num_patches
             self.random_kept = kept
-        self.train_sampler.set_epoch(epoch)
-        sampler = SkipFirst(self.train_sampler, skip * plan.batch) if skip else self.train_sampler
-        return DataLoader(self.train_set, batch_size=plan.batch, sampler=sampler, drop_last=True,
-                          **self._loader_kwargs())
+        return epoch_loader(self.train_set, self.train_sampler, epoch, plan, skip, **self._loader_kwargs())
 
     def train_step(self, model: torch.nn.Module, batch) -> Tuple[torch.Tensor, Dict[str, Any], int]:
         images, targets = batch

@@ -125,6 +125,14 @@ class SkipFirst(torch.utils.data.Sampler):
         return max(0, len(self.sampler) - self.count)
 
 
+def epoch_loader(dataset, sampler, epoch: int, plan: EpochPlan, skip: int, **kwargs) -> torch.utils.data.DataLoader:
+    """The training loader of ``epoch``: ``sampler``'s order for that epoch without its first ``skip``
+    batches (a mid-epoch resume; they are not read), in the plan's batches, the last partial one dropped."""
+    sampler.set_epoch(epoch)
+    return torch.utils.data.DataLoader(dataset, batch_size=plan.batch, drop_last=True,
+                                       sampler=SkipFirst(sampler, skip * plan.batch) if skip else sampler, **kwargs)
+
+
 def auto_resume_path(args: argparse.Namespace) -> str:
     """``--auto-resume``: OUTPUT/checkpoint.pth when it exists (continue the run), else "" (start)."""
     if args.resume:

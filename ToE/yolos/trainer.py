@@ -17,7 +17,7 @@ from torch.utils.data import DataLoader, DistributedSampler, Subset
 
 import token_select
 from ToE.common.errors import UserError
-from ToE.common.lifecycle import ConstantPlan, EpochPlan, SkipFirst, autocast
+from ToE.common.lifecycle import ConstantPlan, EpochPlan, autocast, epoch_loader
 from ToE.yolos.data import CocoDetection, collate, eval_transform, train_transform
 from ToE.yolos.evaluation import evaluate, write_results
 from ToE.yolos.loss import HungarianMatcher, SetCriterion
@@ -150,10 +150,7 @@ class DetectionTask:
 
     # -- what the lifecycle calls ------------------------------------------------------------------
     def train_loader(self, epoch: int, plan: EpochPlan, skip: int) -> DataLoader:
-        self.train_sampler.set_epoch(epoch)
-        sampler = SkipFirst(self.train_sampler, skip * plan.batch) if skip else self.train_sampler
-        return DataLoader(self.train_set, batch_size=plan.batch, sampler=sampler, drop_last=True,
-                          **self._loader_kwargs())
+        return epoch_loader(self.train_set, self.train_sampler, epoch, plan, skip, **self._loader_kwargs())
 
     def train_step(self, model: torch.nn.Module, batch) -> Tuple[torch.Tensor, Dict[str, Any], int]:
         """Padded images and target lists -> the set loss; its terms and the patch tokens as metrics."""
