@@ -13,20 +13,55 @@ model at the final resolution.
 
 from __future__ import annotations
 
+import math
 import re
 from typing import List
 
 from ToE.common.classification import ClassificationTask
+from ToE.common.errors import UserError
 from ToE.common.lifecycle import EpochPlan
 from ToE.EfficientTrain.curriculum import LowPass, Segment, aa_policy, plan_curriculum, segment_at
 
 
 def patch_size_of(args) -> int:
-    """The patch side: ``--patch-size``, else the ``patchN`` in a timm name (16 when it has none)."""
+    """The patch side: ``--patch-size``, else ``--model-kwargs patch_size=N``, else the ``patchN`` in a
+    timm name (16 when it has none). The model built from the same flags is checked against it."""
     if args.patch_size:
         return int(args.patch_size)
+    if "patch_size" in args.model_kwargs:
+        return int(args.model_kwargs["patch_size"])
     found = re.search(r"patch(\d+)", args.model)
     return int(found.group(1)) if found else 16
+
+
+class PublishedCosine:
+    """EfficientTrain's lr per update, as published: a linear warmup over ``warmup`` updates that
+    includes both ends (``linspace(warmup_lr, base, warmup)``), then a cosine from the base lr to
+    ``min_lr`` over the remaining ``total - warmup`` updates (it starts after the warmup).
+    ``step_update(u)`` sets update u's lr in every parameter group; ``step(epoch)`` does nothing."""
+
+    def __init__(self, optimizer, total: int, warmup: int, warmup_lr: float, min_lr: float) -> None:
+        self.optimizer, self.total, self.warmup = optimizer, total, warmup
+        self.warmup_lr, self.min_lr = warmup_lr, min_lr
+        self.base = [group.setdefault("initial_lr", group["lr"]) for group in optimizer.param_groups]
+        self.step_update(0)
+
+    def lr(self, base: float, update: int) -> float:
+        if update < self.warmup:
+            share = update / (self.warmup - 1) if self.warmup > 1 else 0.0
+            return self.warmup_lr + (base - self.warmup_lr) * share
+        progress = (update - self.warmup) / max(1, self.total - self.warmup)
+        return self.min_lr + 0.5 * (base - self.min_lr) * (1.0 + math.cos(math.pi * progress))
+
+    def step(self, epoch: int) -> None:
+        """The lr changes per update only."""
+
+    def step_update(self, num_updates: int, metric=None) -> None:
+        for group, base in zip(self.optimizer.param_groups, self.base):
+            group["lr"] = self.lr(base, num_updates)
+
+    def state_dict(self) -> dict:
+        return {"total": self.total, "warmup": self.warmup, "warmup_lr": self.warmup_lr, "min_lr": self.min_lr}
 
 
 class Curriculum:
@@ -58,9 +93,6 @@ class Curriculum:
 class EfficientTrainTask(ClassificationTask):
     """EfficientTrain (+ ToE) classification: the classification task on the curriculum's plan."""
 
-    # a resume with another curriculum would be another run
-    resume_must_match = ClassificationTask.resume_must_match + ("curriculum", "segments", "global_batch", "low_pass")
-
     def build_plan(self) -> Curriculum:
         args, world = self.args, self.env.world_size
         global_batch = args.global_batch or args.batch_size * world
@@ -68,3 +100,22 @@ class EfficientTrainTask(ClassificationTask):
         segments = plan_curriculum(args.curriculum, args.epochs, args.input_size, patch_size_of(args),
                                    args.batch_size, global_batch, world, args.segments)
         return Curriculum(segments, args, global_batch)
+
+    @staticmethod
+    def check_flags(args) -> List[str]:
+        warnings = ClassificationTask.check_flags(args)
+        if args.cooldown_epochs:
+            raise UserError(f"--cooldown-epochs {args.cooldown_epochs}: EfficientTrain's schedule has no cooldown (its "
+                            "cosine ends at --min-lr with the last segment). Leave --cooldown-epochs out")
+        if args.sched != "cosine":
+            raise UserError(f"--sched {args.sched}: EfficientTrain trains with its published per-update cosine. Leave "
+                            "--sched out")
+        if args.segments and args.curriculum != "table":
+            raise UserError(f"--segments is read by --curriculum table only, this run gives --curriculum "
+                            f"{args.curriculum}. Add --curriculum table, or leave --segments out")
+        return warnings
+
+    def build_scheduler(self) -> PublishedCosine:
+        args, updates = self.args, self.updates_per_epoch
+        return PublishedCosine(self.optimizer, self.plan.epochs * updates, args.warmup_epochs * updates,
+                               args.warmup_lr, args.min_lr)

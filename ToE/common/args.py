@@ -210,16 +210,14 @@ def check_training_flags(args: argparse.Namespace) -> List[str]:
     if args.warmup_epochs >= args.epochs:
         raise UserError(f"--warmup-epochs {args.warmup_epochs} is as long as the run (--epochs {args.epochs}): "
                         "the learning rate would never leave the warmup. Lower --warmup-epochs")
-    if args.cooldown_epochs and args.cooldown_epochs + args.warmup_epochs >= args.epochs:
-        raise UserError(f"--cooldown-epochs {args.cooldown_epochs} plus --warmup-epochs {args.warmup_epochs} leave "
-                        f"no schedule epochs in --epochs {args.epochs}. Raise --epochs or lower them")
     if args.start_epoch >= args.epochs:
         raise UserError(f"--start_epoch {args.start_epoch} is not below --epochs {args.epochs}: nothing to train")
     if args.scale[0] > args.scale[1] or args.scale[0] == 0:
         raise UserError(f"--scale {args.scale[0]} {args.scale[1]} must be a range MIN MAX with 0 < MIN <= MAX <= 1")
-    unreached = [step for step in args.expansion_step if step >= args.epochs]
+    unreached = [step for step in args.expansion_step if step >= args.epochs + args.cooldown_epochs]
     if unreached:
-        warnings.append(f"ToE stages starting at epochs {unreached} are never reached in {args.epochs} epochs "
+        warnings.append(f"ToE stages starting at epochs {unreached} are never reached in "
+                        f"{args.epochs + args.cooldown_epochs} epochs "
                         f"(--expansion-step {' '.join(map(str, args.expansion_step))})")
     return warnings
 
@@ -303,7 +301,8 @@ def add_classification_args(parser: argparse.ArgumentParser) -> None:
                        help="toe: Token Expansion after block 0; random: the baseline, timm's PatchDropout keeping a "
                             "random subset of as many patch tokens before block 0, on the same schedule (default: toe)")
     token.add_argument("--cooldown-epochs", type=non_negative_int, default=0,
-                       help="epochs at the minimum lr after the schedule, included in --epochs (default: 0)")
+                       help="epochs at the minimum lr after the --epochs of the schedule (timm's convention: the run "
+                            "trains --epochs + --cooldown-epochs) (default: 0)")
     add_run_args(parser)
 
 

@@ -69,15 +69,6 @@ def load_checkpoint(path: str) -> Dict[str, Any]:
                         "Use best_checkpoint.pth or an earlier copy, or start afresh") from None
 
 
-# Flags that define what a run trains: a resume with other values would silently mix two runs.
-RESUME_MUST_MATCH = (
-    "model", "model_kwargs", "input_size", "patch_size",
-    "opt", "sched", "lr", "unscale_lr", "min_lr", "warmup_lr", "warmup_epochs", "weight_decay",
-    "expansion_step", "keep_rate", "initialization_keep_rate", "expansion_multiple_stage", "distance",
-    "initialization", "distillation_type", "teacher_model",
-)
-
-
 def flag_name(key: str) -> str:
     """``keep_rate`` -> ``--keep-rate`` (the names that keep DeiT's underscores stay as they are)."""
     return f"--{key}" if key in ("output_dir", "start_epoch", "num_workers") else f"--{key.replace('_', '-')}"
@@ -91,9 +82,9 @@ def _shown(value: Any) -> str:
     return str(value)
 
 
-def check_resume_args(path: str, stored: Dict[str, Any], given: Dict[str, Any],
-                      keys: Sequence[str] = RESUME_MUST_MATCH) -> None:
-    """Refuse a resume whose model or schedule flags differ from the checkpoint's stored ones.
+def check_resume_args(path: str, stored: Dict[str, Any], given: Dict[str, Any], keys: Sequence[str]) -> None:
+    """Refuse a resume whose ``keys`` (flags that change what the run computes) differ from the
+    checkpoint's stored ones.
 
     The message names the flag, the stored value and the given one. A checkpoint without stored
     arguments (not written by this project) is not checked.

@@ -9,6 +9,7 @@ public build steps, each called once from ``__init__`` in this order:
     build_model(**extra)  the timm model, operator attached (LV-ViT: MixToken)
     build_targets()       the per-batch target function: mixup/cutmix (LV-ViT: dense token labels)
     build_criterion(base) the loss (images, outputs, targets) (DeiT: distillation; LV-ViT: token labels)
+    build_scheduler()     the lr schedule (EfficientTrain: the published per-update curve)
 """
 
 from __future__ import annotations
@@ -29,7 +30,6 @@ from torch.utils.data import DataLoader, DistributedSampler, Subset
 
 import token_select
 from ToE.common.args import check_training_flags
-from ToE.common.checkpoint import RESUME_MUST_MATCH
 from ToE.common.data import check_images, train_val_folders
 from ToE.common.distributed import all_reduce_sum
 from ToE.common.errors import UserError
@@ -91,7 +91,6 @@ class ClassificationTask:
     """Model, data, loss and optimizer of one classification run; the lifecycle drives it."""
 
     best_metric = "acc1"
-    resume_must_match = RESUME_MUST_MATCH
     weights_must_match = ("model", "model_kwargs", "patch_size")
     misfit = ("the model", "Resume with the --model and --model-kwargs it was trained with")
 
@@ -138,12 +137,7 @@ class ClassificationTask:
             raise UserError(f"the training split has {len(self.train_set)} images, fewer than one update of "
                             f"{self.total_batch} images. Lower --global-batch or --batch-size")
         self.updates_per_epoch = updates if self.plan.per_update else None
-        updates = self.updates_per_epoch
-        cooldown = args.cooldown_epochs
-        self.lr_scheduler, _ = create_scheduler_v2(
-            self.optimizer, sched=args.sched, num_epochs=self.plan.epochs - cooldown, warmup_epochs=args.warmup_epochs,
-            warmup_lr=args.warmup_lr, min_lr=args.min_lr, cooldown_epochs=cooldown, step_on_epochs=updates is None,
-            updates_per_epoch=updates or 0)
+        self.lr_scheduler = self.build_scheduler()
         self.clip_grad = args.clip_grad
         self.ema_decay = args.model_ema_decay if args.model_ema else None
         self.view = None  # the current plan's device-side view of the images
@@ -153,7 +147,8 @@ class ClassificationTask:
 
     # -- build steps (a trainer replaces what is its own) ---------------------------------------------
     def build_plan(self):
-        return ConstantPlan(self.args.epochs, self.args.batch_size)
+        # timm's convention: --cooldown-epochs at the minimum lr come after the --epochs of the schedule
+        return ConstantPlan(self.args.epochs + self.args.cooldown_epochs, self.args.batch_size)
 
     def build_datasets(self) -> Tuple[torch.utils.data.Dataset, torch.utils.data.Dataset]:
         """Train and val image folders; one class list (train's) labels both splits."""
@@ -200,6 +195,13 @@ class ClassificationTask:
     def build_criterion(self, base: torch.nn.Module) -> torch.nn.Module:
         """The loss ``(images, outputs, targets) -> loss`` around ``base``."""
         return ClassificationLoss(base)
+
+    def build_scheduler(self):
+        """timm's --sched over --epochs (warmup included), then --cooldown-epochs at the minimum lr."""
+        args = self.args
+        return create_scheduler_v2(self.optimizer, sched=args.sched, num_epochs=args.epochs,
+                                   warmup_epochs=args.warmup_epochs, warmup_lr=args.warmup_lr, min_lr=args.min_lr,
+                                   cooldown_epochs=args.cooldown_epochs)[0]
 
     # -- pieces the build steps share --------------------------------------------------------------
     @property

@@ -14,7 +14,6 @@ A task is a plain object that holds what is its own (classification: ``ToE/commo
 detection: ``ToE/yolos/trainer.py``). Its class provides:
 
     best_metric             the evaluation key that makes best_checkpoint.pth ("acc1", "AP")
-    resume_must_match       flags a resumed run must share with its checkpoint
     weights_must_match      flags --eval must share (they shape the weights)
     misfit                  (what the model is, which flags to pass) when weights do not fit
     check_flags(args)       static: cross-flag checks before any work; returns warnings
@@ -50,6 +49,15 @@ from ToE.common.errors import Preempted, TrainingInterrupted, TrainingStopped, U
 from ToE.common.log import RunLog, check_no_other_run, check_output_dir, remove_run_outputs, save_args
 from ToE.common.preemption import StopWatch
 
+# Flags that do not change what a run computes: a resume may give other values. Every other flag
+# is part of the run's identity and must match its checkpoint (the epoch count is checked apart:
+# it may grow). Paths may move (data, teacher, labels, the init checkpoint only used at the start);
+# the precision may change (a fresh loss scale); an EMA may be added to a run that had none.
+NOT_IDENTITY = frozenset({
+    "output_dir", "resume", "auto_resume", "overwrite", "check_only", "eval", "epochs", "start_epoch",
+    "stop_after_epochs", "time_limit", "log_interval", "device", "amp_dtype", "num_workers", "pin_mem", "dist_eval",
+    "eval_batch_size", "results_json", "data_path", "teacher_path", "token_label_data", "init_checkpoint", "model_ema",
+})
 AMP_DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": None}
 
 
@@ -166,7 +174,7 @@ class Run:
         if self.resume_path:
             self.checkpoint = load_checkpoint(self.resume_path)
             stored = self.checkpoint.get("args") or {}
-            keys = task_class.weights_must_match if args.eval else task_class.resume_must_match
+            keys = task_class.weights_must_match if args.eval else [k for k in vars(args) if k not in NOT_IDENTITY]
             check_resume_args(self.resume_path, stored, vars(args), keys)
             if args.eval and all(key in stored for key in TOE_KEYS):
                 # --eval --sparse-eval reduces as the checkpoint's own schedule did in its last epoch

@@ -5,9 +5,9 @@
     torchrun --nproc_per_node 4 ToE/lvvit/main.py ...             # one process per GPU
 
 The shared classification loop (ToE/common/classification.py) with LV-ViT's recipe as defaults:
-AdamW at --lr 1.6e-3 used as given (not batch-scaled, as published), cosine over --epochs minus
---cooldown-epochs then the minimum lr, 5 warmup epochs, drop path 0.1, EMA (decay 0.99992 per step),
-RandAugment, random erasing, no mixup/cutmix, MixToken, token labels. The published LV-ViT flag names
+AdamW at --lr 1.6e-3 used as given (not batch-scaled, as published), cosine over --epochs (300)
+then --cooldown-epochs (10) at the minimum lr, 310 epochs in all, 5 warmup epochs, drop path 0.1,
+EMA (decay 0.99992 per step), RandAugment, random erasing, no mixup/cutmix, MixToken, token labels. The published LV-ViT flag names
 are accepted beside the project's: -b (--batch-size), --img-size (--input-size), --token-label,
 --token-label-data, --token-label-size, --dense-weight, --cls-weight, --model-ema, --apex-amp.
 """
@@ -26,7 +26,7 @@ from ToE.common.args import (OneLineParser, add_classification_args, add_toe_arg
 
 # the published LV-ViT recipe (run/imagenet_small_run1.sh and its main.py defaults)
 RECIPE_DEFAULTS = dict(model="lvvit_s", lr=1.6e-3, unscale_lr=True, mixup=0.0, cutmix=0.0, repeated_aug=False,
-                       model_ema_decay=0.99992, drop_path=0.1, warmup_epochs=5, min_lr=1e-5, epochs=310,
+                       model_ema_decay=0.99992, drop_path=0.1, warmup_epochs=5, min_lr=1e-5, epochs=300,
                        batch_size=64, train_interpolation="random", cooldown_epochs=10, expansion_step=[0, 100, 200],
                        keep_rate=[0.4, 0.7, 1.0], initialization_keep_rate=0.2, expansion_multiple_stage=2)
 # published name -> the project's flag it is another name for

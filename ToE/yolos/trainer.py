@@ -23,14 +23,6 @@ from ToE.yolos.evaluation import evaluate, write_results
 from ToE.yolos.loss import HungarianMatcher, SetCriterion
 from ToE.yolos.model import YOLOS, create_backbone, load_init_checkpoint, sincos_position_table
 
-# Flags that define what a run trains: a resume with other values would mix two runs.
-RESUME_MUST_MATCH = (
-    "backbone_name", "backbone_kwargs", "det_token_num", "init_pe_size", "mid_pe_size", "pe_resize_by_count",
-    "init_checkpoint", "pos_init_sincos",
-    "lr", "min_lr", "warmup_epochs", "warmup_lr", "weight_decay", "eos_coef", "bbox_loss_coef", "giou_loss_coef",
-    "expansion_step", "keep_rate", "initialization_keep_rate", "expansion_multiple_stage", "distance",
-    "initialization",
-)
 NO_DECAY_NAMES = ("pos_embed", "cls_token", "det_token")
 LOSS_TERMS = ("loss_ce", "loss_bbox", "loss_giou", "class_error")
 
@@ -76,7 +68,6 @@ class DetectionTask:
     """Detector, COCO data, set criterion and optimizer of one YOLOS run; the lifecycle drives it."""
 
     best_metric = "AP"
-    resume_must_match = RESUME_MUST_MATCH
     weights_must_match = ("backbone_name", "backbone_kwargs", "det_token_num", "mid_pe_size")
     misfit = ("this detector", "Pass the --backbone_name/--backbone-kwargs/--det_token_num/--mid_pe_size it was "
                                "trained with")
