@@ -4,12 +4,13 @@
         --token-label-data /data/imagenet_labels --token-label-size 14 --output_dir runs/lvvit_s
     torchrun --nproc_per_node 4 ToE/lvvit/main.py ...             # one process per GPU
 
-The shared classification loop (ToE/common/classification.py) with LV-ViT's recipe as defaults:
+The shared classification task (ToE/common/classification.py) with LV-ViT's recipe as defaults:
 AdamW at --lr 1.6e-3 used as given (not batch-scaled, as published), cosine over --epochs (300)
 then --cooldown-epochs (10) at the minimum lr, 310 epochs in all, 5 warmup epochs, drop path 0.1,
 EMA (decay 0.99992 per step), RandAugment, random erasing, no mixup/cutmix, MixToken, token labels.
-The published LV-ViT flag names are accepted beside the project's: -b (--batch-size), --img-size (--input-size), --token-label,
---token-label-data, --token-label-size, --dense-weight, --cls-weight, --model-ema, --apex-amp.
+The published LV-ViT flag names are accepted beside the project's: -b (--batch-size), --img-size
+(--input-size), --token-label, --token-label-data, --token-label-size, --dense-weight, --cls-weight,
+--model-ema, --apex-amp.
 """
 
 from __future__ import annotations
