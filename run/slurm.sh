@@ -32,6 +32,12 @@ if [ "$#" -lt 1 ] || [ ! -f "$1" ]; then
   exit 2
 fi
 MAIN="$1"; shift
+for arg in "$@"; do
+  if [ "$arg" = --overwrite ]; then
+    echo "error: --overwrite in a requeued job would delete the run at every restart. Delete OUTPUT by hand (or pick a new --output_dir) and submit without --overwrite" >&2
+    exit 2
+  fi
+done
 ROOT="${SLURM_SUBMIT_DIR:-$(pwd)}"
 PYTHON="${PYTHON:-}"
 if [ -z "$PYTHON" ]; then

@@ -425,3 +425,19 @@ def test_bench_phases_and_run_level_speedup():
     for config in CONFIGS:
         assert result[config]["measured_speedup"] == pytest.approx(result[config]["ideal_speedup"], rel=1e-12)
     assert round(result["et_toe"]["ideal_speedup"], 2) == 1.76 and result["full"]["ideal_speedup"] == 1.0
+
+
+def test_patch_size_from_model_kwargs_and_segments_without_a_table(data, capsys):
+    """The curriculum's grid follows --model-kwargs patch_size=N (it read 16 from the model name);
+    --segments without --curriculum table was ignored."""
+    import argparse
+
+    from ToE.EfficientTrain.main import cli
+    from ToE.EfficientTrain.trainer import patch_size_of
+
+    args = argparse.Namespace(patch_size=None, model_kwargs={"patch_size": 4}, model="vit_tiny_patch16_224")
+    assert patch_size_of(args) == 4
+    with pytest.raises(SystemExit) as exit_info:
+        cli([*TINY, *FAST, "--data-path", str(data), "--epochs", "5", "--segments", "5:32:9"])
+    err = capsys.readouterr().err
+    assert exit_info.value.code == 2 and "--segments is read by --curriculum table only" in err

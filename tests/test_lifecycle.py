@@ -360,3 +360,72 @@ def test_yolos_trains_in_bf16_on_the_cpu(datasets):
     # the logged count is the mean of what the forwards ran on, below the (multi-scale) patch count
     assert records[0]["kept_tokens"] == sum(kept) / 4 < records[0]["patch_tokens"]
     assert math.isfinite(records[0]["train_loss"]) and 0.0 <= records[0]["test_AP"] <= 1.0
+
+
+# -- issue 18: the classes of user mistakes, closed in the shared code -----------------------------
+
+IDENTITY_CHANGES = {  # a flag of each trainer's own that changes what the run computes
+    "deit": ["--smoothing", "0.2"], "lvvit": ["--cooldown-epochs", "2"], "et": ["--token-drop", "random"],
+    "yolos": ["--eos_coef", "0.2"]}
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_resume_with_any_flag_that_changes_the_run_is_refused(name, datasets, straight, tmp_path):
+    """Every flag that changes what a run computes is part of its identity (the seed too), not a
+    hand-kept list per trainer: resuming with another value would bend the run in silence."""
+    trainer, out = Trainer(name, datasets, tmp_path), tmp_path / "out"
+    out.mkdir()
+    torch.save(dict(straight(name), epoch=0), out / "checkpoint.pth")
+    before = (out / "checkpoint.pth").read_bytes()
+    for change in (IDENTITY_CHANGES[name], ["--seed", "7"]):
+        result = trainer.run(out, "--auto-resume", *change)
+        lines = result.stderr.strip().splitlines()
+        assert result.returncode == 2 and len(lines) == 1, result.stderr[-2000:]
+        shown = change[0].replace("_", "-") if change[0] == "--eos_coef" else change[0]
+        assert f"this run gives {shown} {change[1]}" in lines[0], lines[0]
+    assert (out / "checkpoint.pth").read_bytes() == before
+    # what does not change the computation may differ: the loader workers, the log interval
+    ok(trainer.run(out, "--auto-resume", "--stop-after-epochs", 1, "--log-interval", 2))
+
+
+@pytest.mark.parametrize("name", ["deit", "lvvit", "et"])
+def test_an_augmentation_policy_timm_would_half_ignore_is_refused(name, datasets, tmp_path):
+    """timm passes over a part of --aa without a digit in silence: rand-zz trained RandAugment at
+    magnitude 10, rand-m9-zz at 9 with zz dropped."""
+    trainer = Trainer(name, datasets, tmp_path)
+    for policy in ("rand-zz", "rand-m9-zz-inc1"):
+        result = trainer.run(tmp_path / "out", "--aa", policy)
+        assert result.returncode == 2 and "timm would skip" in result.stderr and "Traceback" not in result.stderr
+
+
+def test_launchers_do_not_turn_overwrite_into_a_resume(tmp_path):
+    """The run scripts add --auto-resume, which would continue the old run that --overwrite asked
+    to replace; Slurm would delete the run at every requeue."""
+    from test_deit import run_script
+
+    script = ROOT / "ToE" / "deit" / "run" / "imagenet_small_run1.sh"
+    plain = run_script(script, "/data/imagenet", "runs/x", cwd=tmp_path, DRY_RUN="1")
+    fresh = run_script(script, "/data/imagenet", "runs/x", "--overwrite", cwd=tmp_path, DRY_RUN="1")
+    assert "--auto-resume" in plain.stdout.split()
+    assert "--overwrite" in fresh.stdout.split() and "--auto-resume" not in fresh.stdout.split()
+    slurm = subprocess.run(["bash", str(ROOT / "run" / "slurm.sh"), str(ROOT / "ToE" / "deit" / "main.py"),
+                            "--output_dir", "x", "--overwrite"], env={**_env(), "DRY_RUN": "1"}, capture_output=True,
+                           text=True, timeout=60)
+    assert slurm.returncode == 2 and "--overwrite in a requeued job" in slurm.stderr
+
+
+def test_lvvit_run_scripts_run_on_a_cpu(tmp_path):
+    """The published recipe asked for fp16 (--apex-amp), which a CPU cannot run; the scripts leave
+    the precision to --amp-dtype auto (off on a CPU), and their command parses."""
+    from test_deit import run_script
+
+    from ToE.lvvit.main import parse_args
+
+    for size in ("small", "medium"):
+        result = run_script(ROOT / "ToE" / "lvvit" / "run" / f"imagenet_{size}_run1.sh", "/d", "/l", "/o",
+                            cwd=tmp_path, DRY_RUN="1")
+        assert result.returncode == 0, result.stderr
+        argv = result.stdout.split()
+        args = parse_args(argv[argv.index(next(a for a in argv if a.endswith("main.py"))) + 1:])
+        assert args.amp_dtype == "auto" and args.device == "cpu"
+        assert (args.epochs, args.cooldown_epochs) == (300, 10)  # 310 epochs in all, cosine over 300

@@ -422,3 +422,14 @@ def test_error_token_label_without_data_and_unknown_model(data, tmp_path):
     args = ["--data-path", root, "--epochs", 2, *FAST, "--model", "deit_tiny_patch16_224", "--img-size", 16,
             "--patch-size", 4]
     assert_user_error(run(*args), "is not an LV-ViT")
+
+
+def test_token_label_flags_that_would_be_ignored_are_refused(data, tmp_path):
+    """--token-label-data without --token-label trained on class labels alone and said nothing;
+    a non-RandAugment --aa with token labels failed mid-run."""
+    root, labels = data
+    base = ["--data-path", root, "--output_dir", tmp_path / "out", "--epochs", 2, *TINY, *FAST]
+    assert_user_error(run(*base, "--token-label-data", labels), "--token-label-data", "--token-label")
+    assert_user_error(run(*base, "--token-label", "--token-label-data", labels, "--token-label-size", 4, "--aa",
+                          "augmix-m5"), "--aa augmix-m5", "RandAugment")
+    assert not (tmp_path / "out").exists()

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import re
 from typing import Callable, List, Optional, Sequence
 
 from token_select import TokenSelect
@@ -202,6 +203,14 @@ def check_training_flags(args: argparse.Namespace) -> List[str]:
     if args.sched not in SCHEDULERS:
         raise UserError(f"unknown or unsupported scheduler --sched {args.sched}. Pick one of {', '.join(SCHEDULERS)}")
     if args.aa not in ("", "none"):
+        # timm reads each part after the policy name as a key and a number and passes over a part
+        # without a digit in silence ("rand-zz" trains RandAugment at its default magnitude 10)
+        name, *parts = args.aa.split("-")
+        skipped = [part for part in parts
+                   if not re.search(r"\d", part) and not (name == "rand" and part.startswith("t"))]
+        if skipped:
+            raise UserError(f"--aa {args.aa}: timm would skip {', '.join(skipped)} without a word (each part is a key "
+                            "and a number, e.g. rand-m9-mstd0.5-inc1). Fix or remove those parts")
         try:  # timm parses the policy string when the transform is built; tiny and cheap
             create_transform(8, is_training=True, auto_augment=args.aa)
         except (AssertionError, ValueError, KeyError, IndexError) as error:

@@ -11,7 +11,7 @@
 # Several processes or machines run under torchrun, after one --check-only pass of MAIN_PY (so a
 # flag, data or checkpoint mistake reads as one line, not once per process plus torchrun's
 # report); a single process runs MAIN_PY directly. --auto-resume is added unless the flags hold
-# --resume, --eval or --auto-resume: running the same command again continues the run.
+# --resume, --eval, --overwrite or --auto-resume: running the same command again continues the run.
 
 TOE_ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/../.." && pwd)"
 
@@ -65,7 +65,8 @@ toe_run() {
   [ "$gpus" -gt 0 ] || device_args=(--device cpu)
   local resume_args=(--auto-resume) arg
   for arg in "$@"; do
-    case "$arg" in --resume|--resume=*|--eval|--auto-resume) resume_args=() ;; esac
+    # --overwrite starts afresh: with --auto-resume it would continue the old run instead
+    case "$arg" in --resume|--resume=*|--eval|--auto-resume|--overwrite) resume_args=() ;; esac
   done
   local flags=("${device_args[@]}" "${resume_args[@]}" "$@")
 

@@ -4,11 +4,14 @@ token-labelling loss. Its cosine-with-cooldown schedule is the shared ``--cooldo
 
 from __future__ import annotations
 
+from typing import List
+
 import timm
 import torch
 
 from ToE.common.classification import ClassificationTask
 from ToE.common.errors import UserError
+from ToE.common.transforms import NO_AUTO_AUGMENT
 from ToE.lvvit.labels import TokenLabelDataset, TokenLabelTargets, TokenLabelTransform, check_label_folder
 from ToE.lvvit.loss import TokenLabelLoss
 from ToE.lvvit.model import LVViT
@@ -16,6 +19,19 @@ from ToE.lvvit.model import LVViT
 
 class LVViTTask(ClassificationTask):
     """LV-ViT classification with token labelling and Token Expansion."""
+
+    @staticmethod
+    def check_flags(args) -> List[str]:
+        warnings = ClassificationTask.check_flags(args)
+        if args.token_label_data and not args.token_label:
+            raise UserError(f"--token-label-data {args.token_label_data} is read only with --token-label: without it "
+                            "the run would train on class labels alone. Add --token-label, or leave "
+                            "--token-label-data out")
+        if args.token_label and args.aa not in NO_AUTO_AUGMENT and not args.aa.startswith("rand"):
+            raise UserError(f"--aa {args.aa}: the label-aware augmentation of --token-label follows RandAugment "
+                            "policies only (rand-...), warping the label maps with the image. Use e.g. "
+                            "--aa rand-m9-mstd0.5-inc1, or --aa none")
+        return warnings
 
     def _model_grid(self) -> int:
         """The patch-grid side of ``--model`` at ``--input-size`` (built on the meta device: no memory, no work)."""
