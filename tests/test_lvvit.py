@@ -317,6 +317,55 @@ def test_generator_writes_the_published_format(data, tmp_path):
     assert_user_error(run("--model", "digits_cnn", "--checkpoint", checkpoint, "--data-path", tmp_path / "none",
                           "--out", tmp_path / "x", "--device", "cpu", module="ToE.lvvit.generate_label"),
                       "does not exist")
+    # an existing label set is not replaced in silence
+    before = (out / "class0" / "0.pt").read_bytes()
+    again = ["--model", "digits_cnn", "--checkpoint", checkpoint, "--data-path", root, "--out", out, "--img-size", 40,
+             "-b", 5, "--device", "cpu", "--num-workers", 0]
+    assert_user_error(run(*again, module="ToE.lvvit.generate_label"), str(out), "--overwrite")
+    assert (out / "class0" / "0.pt").read_bytes() == before
+    ok(run(*again, "--overwrite", module="ToE.lvvit.generate_label"))
+    assert torch.load(out / "class0" / "0.pt", weights_only=True).shape == (2, 5, 10, 10)
+
+
+def test_images_that_would_share_a_label_file_are_refused(data, tmp_path):
+    """img.0.png and img.1.png share the label file img.pt: the generator would write it twice (and
+    count two files) and training would read one image's labels for both."""
+    import shutil
+
+    root, labels = data
+    copy = tmp_path / "data"
+    shutil.copytree(root, copy)
+    for name in ("img.0.png", "img.1.png"):
+        shutil.copy(copy / "train" / "class0" / "0.png", copy / "train" / "class0" / name)
+    teacher = tmp_path / "teacher.pth"
+    torch.save(timm.create_model("digits_cnn", num_classes=CLASSES).state_dict(), teacher)
+    result = run("--model", "digits_cnn", "--checkpoint", teacher, "--data-path", copy, "--out", tmp_path / "gen",
+                 "--img-size", 32, "--device", "cpu", "--num-workers", 0, module="ToE.lvvit.generate_label")
+    assert_user_error(result, "img.0.png", "img.1.png", "Rename one")
+    assert not (tmp_path / "gen").exists()
+    args = _common(data, tmp_path / "out")
+    args[args.index("--data-path") + 1] = copy
+    assert_user_error(run(*args), "img.0.png", "img.1.png")
+
+
+@pytest.mark.parametrize("damage", ["size", "truncated"])
+def test_every_label_file_is_checked_before_training(data, tmp_path, damage):
+    """A label map of another size, or a truncated file, that is not the first one was met mid-epoch."""
+    import shutil
+
+    root, labels = data
+    copy = tmp_path / "labels"
+    shutil.copytree(labels, copy)
+    bad = copy / "class2" / "5.pt"
+    if damage == "size":
+        save_label_map(str(bad), torch.randn(CLASSES, MAP // 2, MAP // 2))
+    else:
+        bad.write_bytes(bad.read_bytes()[:40])
+    args = _common(data, tmp_path / "out")
+    args[args.index("--token-label-data") + 1] = copy
+    result = run(*args)
+    assert_user_error(result, str(bad), "4 x 4 map" if damage == "size" else "unreadable")
+    assert not (tmp_path / "out").exists()
 
 
 # -- main.py end to end ---------------------------------------------------------------------------

@@ -31,7 +31,7 @@ import ToE.lvvit  # noqa: F401  (registers the LV-ViT models and the digits teac
 from ToE.common.args import OneLineParser, non_negative_int, positive_int
 from ToE.common.data import image_folder
 from ToE.common.errors import UserError, run_main
-from ToE.lvvit.labels import label_path, save_label_map
+from ToE.lvvit.labels import label_path, label_paths, save_label_map
 
 
 def load_teacher(name: str, checkpoint: str, num_classes: int) -> torch.nn.Module:
@@ -100,6 +100,10 @@ def generate(args: argparse.Namespace) -> float:
     num_classes = len(images.classes)
     if os.path.exists(args.out) and not os.path.isdir(args.out):
         raise UserError(f"--out {args.out} is a file. Pass a folder for the label files")
+    if os.path.isdir(args.out) and os.listdir(args.out) and not args.overwrite:
+        raise UserError(f"--out {args.out} already holds files: writing would replace an existing label set. Pass "
+                        "another --out, or --overwrite to replace its files")
+    label_paths(images)  # two images that would share one label file are refused before any work
     model = load_teacher(args.model, args.checkpoint, num_classes)
     device = torch.device(args.device if args.device != "cuda" or torch.cuda.is_available() else "cpu")
     model.to(device)
@@ -136,6 +140,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("-b", "--batch-size", type=positive_int, default=32, help="batch size (default: 32)")
     parser.add_argument("--device", default="cuda", help="cuda or cpu (default: cuda, cpu without a GPU)")
     parser.add_argument("--num-workers", type=non_negative_int, default=4, help="loader workers (default: 4)")
+    parser.add_argument("--overwrite", action="store_true",
+                        help="write into an --out that already holds files, replacing those of the same names")
     return parser.parse_args(argv)
 
 

@@ -23,6 +23,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from PIL import Image
+from tqdm import tqdm
 from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 from timm.data import auto_augment as timm_aa
 from torchvision import transforms as T
@@ -193,18 +194,36 @@ class TokenLabelDataset(torch.utils.data.Dataset):
         return tensor, (target, label_map, box)
 
 
-def check_label_folder(images, label_root: str, token_label_size: int, grid: int) -> Tuple[int, int]:
-    """Before training: every train image has its label file, and the first one reads as the format.
+def label_paths(images) -> dict:
+    """The label file of every train image (``label_path`` of each); two images whose names share
+    the stem (``img.0.png``, ``img.1.png``) would share one file, which is refused by name."""
+    wanted = {}
+    for path, _ in images.samples:
+        target = label_path("", path)
+        if target in wanted:
+            raise UserError(f"images {wanted[target]} and {path} share the token-label file name "
+                            f"{os.path.basename(target)} (the published format names it by the file name up to its "
+                            "first '.'). Rename one of them")
+        wanted[target] = path
+    return wanted
+
+
+def check_label_folder(images, label_root: str, token_label_size: int, grid: int,
+                       shard: Sequence[int] = ()) -> Tuple[int, int]:
+    """Before training: every train image has its own label file, and every file of this process's
+    ``shard`` (indices into ``images.samples``; all when empty) reads as the format with one map size.
 
     Returns the map size (Hm, Wm). Raises a UserError naming the first missing file (and the count),
-    or a ``--token-label-size`` that is not the model's patch grid.
+    two images that would share a file, or a ``--token-label-size`` that is not the model's patch
+    grid; a LocalError naming a file of the shard that is unreadable or of another size.
     """
     if token_label_size != grid:
         raise UserError(f"--token-label-size {token_label_size} does not match the model's patch grid "
                         f"({grid} x {grid}). Pass --token-label-size {grid}")
     if not os.path.isdir(label_root):
         raise UserError(f"token-label folder {label_root} does not exist. Generate it with python -m "
-                        "ToE.lvvit.generate_label --out {label_root}, or fix --token-label-data")
+                        f"ToE.lvvit.generate_label --out {label_root}, or fix --token-label-data")
+    label_paths(images)
     listed = {}
     missing = []
     for path, _ in images.samples:
@@ -222,7 +241,16 @@ def check_label_folder(images, label_root: str, token_label_size: int, grid: int
         first = load_label_map(label_path(label_root, images.samples[0][0]), len(images.classes))
     except LocalError as error:
         raise UserError(str(error)) from None
-    return int(first.shape[2]), int(first.shape[3])
+    size = tuple(first.shape[2:])
+    indices = shard or range(len(images.samples))
+    for index in tqdm(indices, desc="token labels", disable=None if len(indices) > 10_000 else True, leave=False):
+        path = label_path(label_root, images.samples[index][0])
+        shape = tuple(load_label_map(path, len(images.classes)).shape[2:])
+        if shape != size:
+            raise LocalError(f"token-label file {path} holds a {shape[0]} x {shape[1]} map, the others "
+                             f"{size[0]} x {size[1]}. Regenerate the labels of this data set with one teacher and "
+                             "--img-size (python -m ToE.lvvit.generate_label)")
+    return int(size[0]), int(size[1])
 
 
 # ---------------------------------------------------------------------------------------------

@@ -58,7 +58,10 @@ class LVViTTask(ClassificationTask):
         if not args.token_label_data:
             raise UserError("--token-label needs the label folder: pass --token-label-data LABELS (write it with "
                             "python -m ToE.lvvit.generate_label)")
-        check_label_folder(train_set, args.token_label_data, args.token_label_size, self.grid)
+        # every label file is read once before training, each process its share
+        env = self.env
+        check_label_folder(train_set, args.token_label_data, args.token_label_size, self.grid,
+                           shard=range(env.rank, len(train_set.samples), env.world_size))
         train_set.transform = None  # the token-label dataset applies its own label-aware transform
         transform = TokenLabelTransform(args.input_size, scale=args.scale, hflip=args.hflip, auto_augment=args.aa,
                                         interpolation=args.train_interpolation, re_prob=args.reprob,
