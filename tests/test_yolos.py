@@ -384,7 +384,14 @@ def _set_box(data, value):
     ("no_annotations", "annotation file"),
     ("no_images", "image folder"),
     ("missing_image", "names image 0002.png"),
-    ("negative_box", "negative size"),
+    ("negative_box", "has a box of size -3.0"),
+    ("zero_box", "has a box of size 0.0"),
+    ("ids_from_0", "has id 0: pycocotools numbers detections from 1"),
+    ("duplicate_ids", "annotation id 1 appears twice"),
+    ("no_area", "has no area"),
+    ("no_file_name", "no 'file_name'"),
+    ("empty_val", "lists no images"),
+    ("other_categories", "categories (id, name) of"),
     ("category", "category_id 7"),
     ("init_checkpoint", "does not fit the backbone"),
     ("batch", "fewer than one batch of 9"),
@@ -405,6 +412,27 @@ def test_bad_input_is_one_line_exit_2_and_keeps_outputs(tmp_path, coco_root, cap
         root = _broken(tmp_path, coco_root, lambda r, d: os.remove(r / "train2017" / "0002.png"))
     elif case == "negative_box":
         root = _broken(tmp_path, coco_root, lambda r, d: _set_box(d, -3.0))
+    elif case == "zero_box":
+        root = _broken(tmp_path, coco_root, lambda r, d: _set_box(d, 0.0))
+    elif case == "ids_from_0":
+        root = _broken(tmp_path, coco_root, lambda r, d: [a.update(id=a["id"] - 1) for a in d["annotations"]])
+    elif case == "duplicate_ids":
+        root = _broken(tmp_path, coco_root, lambda r, d: d["annotations"][1].update(id=1))
+    elif case == "no_area":
+        root = _broken(tmp_path, coco_root, lambda r, d: d["annotations"][2].pop("area"))
+    elif case == "no_file_name":
+        root = _broken(tmp_path, coco_root, lambda r, d: d["images"][3].pop("file_name"))
+    elif case in ("empty_val", "other_categories"):
+        root = _broken(tmp_path, coco_root, lambda r, d: None)
+        path = os.path.join(root, "annotations", "instances_val2017.json")
+        with open(path) as handle:
+            val = json.load(handle)
+        if case == "empty_val":
+            val.update(images=[], annotations=[])
+        else:
+            val["categories"][1]["name"] = "renamed"
+        with open(path, "w") as handle:
+            json.dump(val, handle)
     elif case == "category":
         root = _broken(tmp_path, coco_root, lambda r, d: d["annotations"][0].update(category_id=7))
     elif case == "init_checkpoint":

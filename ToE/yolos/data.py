@@ -30,29 +30,92 @@ def split_paths(root: str, split: str) -> Tuple[str, str]:
 
 
 def load_coco(annotation_file: str):
-    """pycocotools COCO of ``annotation_file`` (quiet); a missing or damaged file is a UserError."""
+    """pycocotools COCO of ``annotation_file`` (quiet), its entries checked first (``check_entries``);
+    a missing, damaged or malformed file is a UserError that names the entry and the fix."""
+    import json
+
     from pycocotools.coco import COCO
 
     if not os.path.isfile(annotation_file):
         raise UserError(f"annotation file {annotation_file} does not exist. Pass --coco_path with the COCO "
                         "layout (train2017/, val2017/, annotations/instances_{train,val}2017.json)")
     try:
-        with contextlib.redirect_stdout(io.StringIO()):
-            coco = COCO(annotation_file)
-    except Exception as error:  # json errors, missing keys
+        with open(annotation_file) as handle:
+            data = json.load(handle)
+    except (OSError, ValueError) as error:
         raise UserError(f"annotation file {annotation_file} is not COCO json ({error.__class__.__name__}: "
                         f"{error}). Restore the file") from None
+    check_entries(data, annotation_file)
     # pycocotools >= 2.0.9 copies "info" into loaded results: a json without it could not be scored
-    coco.dataset.setdefault("info", {})
-    coco.dataset.setdefault("licenses", [])
+    data.setdefault("info", {})
+    data.setdefault("licenses", [])
+    coco = COCO()
+    coco.dataset = data
+    with contextlib.redirect_stdout(io.StringIO()):
+        coco.createIndex()
     return coco
+
+
+def _entry_error(annotation_file: str, what: str, fix: str) -> UserError:
+    return UserError(f"{annotation_file}: {what}. {fix}")
+
+
+def check_entries(data, annotation_file: str) -> None:
+    """The COCO entries training and pycocotools' scoring rely on, each refused by name.
+
+    images: a unique integer ``id`` and a ``file_name``; categories: unique integer ids >= 0;
+    annotations: a unique integer ``id`` >= 1 (pycocotools numbers detections from 1 and matches
+    by id: ground-truth ids from 0, or repeated, score perfect detections wrongly), an
+    ``image_id`` and ``category_id``, a ``bbox`` of 4 numbers with positive width and height, an
+    ``area`` and ``iscrowd`` (COCOeval reads both).
+    """
+    if not isinstance(data, dict) or not isinstance(data.get("images"), list):
+        raise _entry_error(annotation_file, "has no 'images' list", "Pass a COCO instances json")
+    seen = set()
+    for image in data["images"]:
+        if not isinstance(image, dict) or not isinstance(image.get("id"), int) or "file_name" not in image:
+            raise _entry_error(annotation_file, f"image entry {image!r:.80} has no integer 'id' or no 'file_name'",
+                               "Give every image an id and its file_name")
+        if image["id"] in seen:
+            raise _entry_error(annotation_file, f"image id {image['id']} appears twice", "Make the image ids unique")
+        seen.add(image["id"])
+    categories = data.get("categories") or []
+    ids = [c.get("id") if isinstance(c, dict) else None for c in categories]
+    if not ids:
+        raise _entry_error(annotation_file, "declares no categories", "Add the 'categories' list")
+    bad = [i for i in ids if not isinstance(i, int) or i < 0]
+    if bad or len(set(ids)) != len(ids):
+        raise _entry_error(annotation_file, f"has category id {bad[0] if bad else 'repeated'}",
+                           "Category ids must be unique integers >= 0")
+    seen = set()
+    for ann in data.get("annotations", []):
+        missing = [key for key in ("id", "image_id", "category_id", "bbox", "area", "iscrowd")
+                   if not isinstance(ann, dict) or key not in ann]
+        name = f"annotation {ann.get('id', '?')}" if isinstance(ann, dict) else f"annotation {ann!r:.40}"
+        if missing:
+            raise _entry_error(annotation_file, f"{name} has no {', '.join(missing)}",
+                               "Add them (area: the box's width x height, iscrowd: 0 for a single object)")
+        if not isinstance(ann["id"], int) or ann["id"] < 1:
+            raise _entry_error(annotation_file, f"{name} has id {ann['id']!r}: pycocotools numbers detections from 1 "
+                               "and would match them wrongly", "Number the annotations 1, 2, 3, ...")
+        if ann["id"] in seen:
+            raise _entry_error(annotation_file, f"annotation id {ann['id']} appears twice (pycocotools keeps one)",
+                               "Make the annotation ids unique")
+        seen.add(ann["id"])
+        box = ann["bbox"]
+        if not (isinstance(box, list) and len(box) == 4 and all(isinstance(v, (int, float)) for v in box)):
+            raise _entry_error(annotation_file, f"{name} has bbox {box!r:.60}", "Give it [x, y, width, height]")
+        if box[2] <= 0 or box[3] <= 0:
+            raise _entry_error(annotation_file, f"{name} (image {ann['image_id']}) has a box of size {box[2]} x "
+                               f"{box[3]}", "Fix its bbox (x, y, width, height) or remove the annotation")
 
 
 def check_annotations(coco, image_folder: str, annotation_file: str, num_classes: Optional[int] = None) -> int:
     """Refuse what training could not use, naming the file and the value; return max category id + 1.
 
-    Checked: the image folder, every listed image file, boxes of negative size, category ids
-    that are not declared or not below ``num_classes``. Images without annotations are fine.
+    Checked (beyond ``check_entries``): the image folder, every listed image file, category ids
+    that are not declared or not below ``num_classes``, annotations of unknown images. Images
+    without annotations are fine.
     """
     if not os.path.isdir(image_folder):
         raise UserError(f"image folder {image_folder} does not exist. Pass --coco_path with the COCO layout "
@@ -63,17 +126,8 @@ def check_annotations(coco, image_folder: str, annotation_file: str, num_classes
             raise UserError(f"{annotation_file} names image {image['file_name']} (id {image['id']}) that is not in "
                             f"{image_folder}. Restore the image or remove it from the annotations")
     declared = {c["id"] for c in coco.dataset.get("categories", [])}
-    if not declared:
-        raise UserError(f"{annotation_file} declares no categories. Add the 'categories' list")
-    bad_ids = [c for c in declared if not isinstance(c, int) or c < 0]
-    if bad_ids:
-        raise UserError(f"{annotation_file} has category id {bad_ids[0]}: ids must be integers >= 0. Renumber them")
     limit = num_classes if num_classes is not None else max(declared) + 1
     for ann in coco.dataset.get("annotations", []):
-        x, y, w, h = ann["bbox"]
-        if w < 0 or h < 0:
-            raise UserError(f"{annotation_file} annotation {ann['id']} (image {ann['image_id']}) has a box of "
-                            f"negative size {w} x {h}. Fix its bbox (x, y, width, height)")
         if ann["category_id"] not in declared or not (0 <= ann["category_id"] < limit):
             raise UserError(f"{annotation_file} annotation {ann['id']} has category_id {ann['category_id']}, out "
                             f"of range (declared ids {min(declared)}..{max(declared)}, model classes 0..{limit - 1}). "
@@ -93,6 +147,15 @@ class CocoDetection(torch.utils.data.Dataset):
         self.num_classes = check_annotations(self.coco, self.image_folder, self.annotation_file, num_classes)
         self.ids = sorted(self.coco.imgs)  # images without annotations are kept: they train as background
         self.transform = transform
+
+    @property
+    def samples(self) -> List[Tuple[str, int]]:
+        """(image path, image id) of every image, as torchvision's ImageFolder lists them."""
+        return [(os.path.join(self.image_folder, self.coco.imgs[i]["file_name"]), i) for i in self.ids]
+
+    @property
+    def categories(self) -> List[Tuple[int, str]]:
+        return sorted((c["id"], str(c.get("name", ""))) for c in self.coco.dataset["categories"])
 
     def __len__(self) -> int:
         return len(self.ids)

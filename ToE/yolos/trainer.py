@@ -16,6 +16,7 @@ from timm.scheduler import CosineLRScheduler
 from torch.utils.data import DataLoader, DistributedSampler, Subset
 
 import token_select
+from ToE.common.data import check_images
 from ToE.common.errors import UserError
 from ToE.common.lifecycle import ConstantPlan, EpochPlan, autocast, epoch_loader
 from ToE.yolos.data import CocoDetection, collate, eval_transform, train_transform
@@ -126,6 +127,16 @@ class DetectionTask:
         self.num_classes = args.num_classes or self.train_set.num_classes
         self.val_set = CocoDetection(args.data_path, "val", eval_transform(args.eval_size, eval_max, self.patch_size),
                                      self.num_classes)
+        train_file, val_file = self.train_set.annotation_file, self.val_set.annotation_file
+        if self.train_set.categories != self.val_set.categories:
+            raise UserError(f"the categories (id, name) of {train_file} and {val_file} differ: the model would be "
+                            "scored on other classes than it learns. Give both files the same 'categories' list")
+        if not self.val_set.ids:
+            raise UserError(f"{val_file} lists no images: every evaluation would score 0 on 0 images. Add the "
+                            "validation images")
+        if not args.check_only:  # a corrupt val image fails the set-up, not the first evaluation
+            check_images(self.val_set, "val", range(env.rank, len(self.val_set), env.world_size),
+                         num_workers=args.num_workers)
         if len(self.train_set) // env.world_size < args.batch_size and not args.eval:
             raise UserError(f"the training split has {len(self.train_set)} images, fewer than one batch of "
                             f"{args.batch_size} per process ({env.world_size} processes). Lower --batch_size")
