@@ -543,3 +543,16 @@ def test_auto_resume_of_a_finished_run_does_nothing(coco_root, straight_run, cap
     code, out, err = _run(TINY + ["--coco_path", coco_root, "--output_dir", str(straight_run), "--auto-resume"], capsys)
     assert code == 0 and "nothing to do" in out, err
     assert (straight_run / "checkpoint.pth").stat().st_mtime_ns == before
+
+
+@pytest.mark.parametrize("tool", ["ToE.yolos.summary", "ToE.yolos.figure"])
+def test_summary_and_figure_of_a_missing_or_empty_run_are_one_line(tool, tmp_path):
+    import subprocess
+    import sys
+
+    (tmp_path / "empty").mkdir()
+    for folder in (tmp_path / "missing", tmp_path / "empty"):
+        result = subprocess.run([sys.executable, "-m", tool, str(folder)], capture_output=True, text=True, timeout=120,
+                                cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+        lines = result.stderr.strip().splitlines()
+        assert result.returncode == 2 and len(lines) == 1 and lines[0].startswith("error: ") and str(folder) in lines[0]

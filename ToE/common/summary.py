@@ -24,9 +24,15 @@ from ToE.common.errors import UserError, run_main
 RECORD_KEYS = ("epoch", "stage", "kept_tokens", "epoch_seconds", "test_acc1")
 
 
-def read_log(output_dir: str) -> List[Dict]:
-    """The epoch records of ``log.txt``; a damaged file is a UserError naming the line."""
+def read_log(output_dir: str, keys=RECORD_KEYS) -> List[Dict]:
+    """The epoch records of ``log.txt`` (each with ``keys``); a missing, empty or damaged file is a
+    UserError naming the file or the line."""
     path = os.path.join(output_dir, "log.txt")
+    if not os.path.isdir(output_dir):
+        raise UserError(f"{output_dir} does not exist. Pass the --output_dir of a run")
+    if not os.path.isfile(path):
+        raise UserError(f"no log.txt in {output_dir}: no epoch has finished there. Pass the --output_dir of a run, "
+                        "or run the summary once an epoch has finished")
     records = []
     with open(path) as handle:
         for number, line in enumerate(handle, start=1):
@@ -37,7 +43,7 @@ def read_log(output_dir: str) -> List[Dict]:
             except json.JSONDecodeError:
                 raise UserError(f"{path} line {number} is damaged (not JSON). Delete that line, or resume the run "
                                 "so it rewrites its log") from None
-            missing = [key for key in RECORD_KEYS if not isinstance(record, dict) or key not in record]
+            missing = [key for key in keys if not isinstance(record, dict) or key not in record]
             if missing:
                 raise UserError(f"{path} line {number} lacks {', '.join(missing)}: not a log written by a ToE "
                                 "trainer. Pass the --output_dir of a ToE run")
@@ -47,7 +53,8 @@ def read_log(output_dir: str) -> List[Dict]:
     return records
 
 
-def read_args(output_dir: str) -> Dict:
+def read_args(output_dir: str, keys=("model", "input_size")) -> Dict:
+    """The run's resolved arguments (``args.yaml``, holding ``keys``); otherwise one UserError line."""
     path = os.path.join(output_dir, "args.yaml")
     if not os.path.isfile(path):
         raise UserError(f"no args.yaml in {output_dir}: not the output folder of a ToE run. Pass a run's --output_dir")
@@ -56,8 +63,9 @@ def read_args(output_dir: str) -> Dict:
             args = yaml.safe_load(handle)
     except yaml.YAMLError:
         raise UserError(f"{path} is damaged (not YAML). Restore it from the checkpoint's 'args'") from None
-    if not isinstance(args, dict) or "model" not in args or "input_size" not in args:
-        raise UserError(f"{path} does not hold a run's arguments (no model or input_size). Pass a run's --output_dir")
+    if not isinstance(args, dict) or any(key not in args for key in keys):
+        raise UserError(f"{path} does not hold this kind of run's arguments (no {' or '.join(keys)}). Pass the "
+                        "--output_dir of a run of this trainer")
     return args
 
 

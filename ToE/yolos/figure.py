@@ -13,10 +13,10 @@ import argparse
 import os
 
 import torch
-import yaml
 
 from ToE.common.checkpoint import load_checkpoint
 from ToE.common.errors import UserError, run_main
+from ToE.common.summary import read_args
 from ToE.yolos.data import CocoDetection, collate, eval_transform
 from ToE.yolos.model import YOLOS, create_backbone, postprocess
 
@@ -27,11 +27,11 @@ def draw(run_dir: str, out: str, images: int = 8, threshold: float = 0.0, top: i
     import matplotlib.pyplot as plt
     from PIL import Image
 
-    args_path = os.path.join(run_dir, "args.yaml")
-    if not os.path.isfile(args_path):
-        raise UserError(f"no args.yaml in {run_dir}. Pass the --output_dir of a YOLOS run")
-    with open(args_path) as handle:
-        args = yaml.safe_load(handle)
+    if not os.path.isdir(run_dir):
+        raise UserError(f"{run_dir} does not exist. Pass the --output_dir of a YOLOS run")
+    args = read_args(run_dir, ("backbone_name", "det_token_num", "init_pe_size", "eval_size", "data_path"))
+    if not os.path.isfile(os.path.join(run_dir, "checkpoint.pth")):
+        raise UserError(f"no checkpoint.pth in {run_dir}: no epoch has finished there. Draw once an epoch has finished")
     checkpoint = load_checkpoint(os.path.join(run_dir, "checkpoint.pth"))
     model = YOLOS(create_backbone(args["backbone_name"], args.get("backbone_kwargs")), checkpoint["num_classes"],
                   args["det_token_num"], args["init_pe_size"], args.get("mid_pe_size"),

@@ -13,40 +13,22 @@ left out of the medians where the stage has more than two).
 from __future__ import annotations
 
 import argparse
-import json
-import os
 import statistics
 from typing import Dict, List
 
-import yaml
-
 import token_select
-from ToE.common.errors import UserError, run_main
+from ToE.common.errors import run_main
+from ToE.common.summary import read_args, read_log
 
 
-def _records(output_dir: str) -> List[Dict]:
-    path = os.path.join(output_dir, "log.txt")
-    if not os.path.isfile(path):
-        raise UserError(f"no log.txt in {output_dir}: no epoch has finished there. Pass the --output_dir of a "
-                        "YOLOS run")
-    records = []
-    with open(path) as handle:
-        for number, line in enumerate(handle, start=1):
-            if line.strip():
-                try:
-                    records.append(json.loads(line))
-                except json.JSONDecodeError:
-                    raise UserError(f"{path} line {number} is damaged (not JSON). Delete that line or resume the "
-                                    "run") from None
-    if not records or "test_AP" not in records[0]:
-        raise UserError(f"{path} holds no YOLOS epoch records. Pass the --output_dir of a YOLOS run")
-    return records
+RECORD_KEYS = ("epoch", "stage", "patch_tokens", "kept_tokens", "epoch_seconds", "test_AP", "test_AP50", "test_AP75")
+ARGS_KEYS = ("backbone_name", "det_token_num", "embed_dim", "depth", "epochs")
 
 
 def summarise(output_dir: str) -> str:
-    with open(os.path.join(output_dir, "args.yaml")) as handle:
-        args = yaml.safe_load(handle)
-    records = _records(output_dir)
+    """The summary text; a missing, empty or foreign run folder is one UserError line."""
+    args = read_args(output_dir, ARGS_KEYS)
+    records = read_log(output_dir, RECORD_KEYS)
     special = 1 + int(args["det_token_num"])
 
     def flops(patches: float, kept: float) -> float:
