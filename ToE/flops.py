@@ -84,7 +84,9 @@ def count_step_flops(model: nn.Module, input_size: int, in_chans: int = 3) -> fl
         for attn in attentions:
             attn.fused_attn = False
         with FlopCounterMode(display=False) as counter:
-            model(images).float().sum().backward()
+            outputs = model(images)  # LV-ViT trains on a tuple (class logits, dense logits, MixToken box)
+            outputs = outputs if isinstance(outputs, (tuple, list)) else (outputs,)
+            sum(out.float().sum() for out in outputs if torch.is_tensor(out) and out.is_floating_point()).backward()
     finally:
         for attn, flag in zip(attentions, fused):
             attn.fused_attn = flag
@@ -93,10 +95,21 @@ def count_step_flops(model: nn.Module, input_size: int, in_chans: int = 3) -> fl
     return float(counter.get_total_flops())
 
 
+def _in_chans(model: nn.Module) -> int:
+    """Image channels: the first convolution of the patch embedding (a timm ViT's projection, or
+    the first layer of LV-ViT's convolutional stem)."""
+    return next(m for m in model.patch_embed.modules() if isinstance(m, nn.Conv2d)).in_channels
+
+
 def create_model(name: str, input_size: Optional[int] = None, patch_size: Optional[int] = None,
                  **model_kwargs) -> nn.Module:
-    """A randomly initialised timm ViT (never downloads weights), at the given image and patch size."""
+    """A randomly initialised timm ViT (never downloads weights), at the given image and patch size;
+    ``lvvit_*`` names are this project's LV-ViT models (registered in timm on import). A patch
+    that does not tile the image is refused, as the trainers refuse it."""
     import timm  # imported here so `--help` stays fast
+
+    if name.startswith("lvvit"):
+        import ToE.lvvit  # noqa: F401  (registers the LV-ViT models in timm)
 
     if input_size is not None:
         model_kwargs.setdefault("img_size", input_size)
@@ -108,6 +121,12 @@ def create_model(name: str, input_size: Optional[int] = None, patch_size: Option
         raise ValueError(str(err)) from None
     if not hasattr(model, "blocks") or not hasattr(model, "patch_embed"):
         raise ValueError(f"model {name!r} is not a timm VisionTransformer (no blocks / patch_embed)")
+    patch = model.patch_embed.patch_size
+    patch = int(patch[0] if isinstance(patch, (tuple, list)) else patch)
+    size = input_size or int(model.patch_embed.img_size[0])
+    if size < patch or size % patch:
+        raise ValueError(f"--input-size {size} is not a multiple of the patch size {patch}: the patches do not tile "
+                         "the image. Pass an --input-size that is, or another --patch-size")
     return model
 
 
@@ -137,7 +156,7 @@ def schedule_report(model: nn.Module, input_size: int, epochs: int, expansion_st
             operator.current_stage = stage
             kept = operator.kept_patch_tokens(num_patches)
             analytic = analytic_step_flops(shape, kept)
-            counted = count_step_flops(model, input_size, model.patch_embed.proj.in_channels) if count else None
+            counted = count_step_flops(model, input_size, _in_chans(model)) if count else None
             rows.append({"stage": stage, "epochs": stage_epochs, "first_epoch": start,
                          "kept_patches": kept, "tokens_after_block0": kept + shape["num_prefix_tokens"],
                          "reducing": operator.reducing, "step_flops_counted": counted,
@@ -150,7 +169,7 @@ def schedule_report(model: nn.Module, input_size: int, epochs: int, expansion_st
     if count:
         full_rows = [r for r in rows if not r["reducing"]]
         full_counted = full_rows[-1]["step_flops_counted"] if full_rows else count_step_flops(
-            model, input_size, model.patch_embed.proj.in_channels)
+            model, input_size, _in_chans(model))
     run = {"epochs": epochs,
            "toe_flops_analytic": sum(r["step_flops_analytic"] * r["epochs"] for r in rows),
            "full_flops_analytic": full_analytic * epochs}
@@ -258,7 +277,7 @@ def curriculum_report(model_name: str, model_kwargs: Dict[str, object], input_si
             patches = (crop // patch) ** 2
             kept = operator.kept_patch_tokens(patches)
             analytic = analytic_step_flops(ModelShape(shape, num_patches=patches), kept)
-            counted = count_step_flops(model, crop, model.patch_embed.proj.in_channels) if count else None
+            counted = count_step_flops(model, crop, _in_chans(model)) if count else None
             cache[(crop, stage)] = (kept, analytic, counted)
         return cache[(crop, stage)]
 
@@ -369,6 +388,10 @@ def main(argv: Optional[Sequence[str]] = None) -> Dict[str, object]:
     title = (f"{args.model} at {args.input_size} px, schedule {args.expansion_step} / {args.keep_rate} / "
              f"r0 {args.initialization_keep_rate} / k {args.expansion_multiple_stage}")
     print(format_report(report, title))
+    if type(model).__name__ not in ("VisionTransformer", "VisionTransformerDistilled"):
+        print(f"note: {type(model).__name__} is not timm's VisionTransformer: the analytic formula knows a plain "
+              "patch projection and class head only (LV-ViT's convolutional stem and dense head are not in it); "
+              "trust the counted figures")
     if args.curriculum:
         from ToE.EfficientTrain.curriculum import plan_curriculum, segment_at
         from ToE.common.errors import UserError

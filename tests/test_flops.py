@@ -65,3 +65,16 @@ def test_model_kwargs_reach_the_model(capsys):
                          "num_heads=3", "--input-size", "32", "--patch-size", "4", "--analytic-only"])
     assert report["shape"]["embed_dim"] == 96 and report["shape"]["depth"] == 6
     assert report["shape"]["num_patches"] == 64
+
+
+def test_the_calculator_refuses_what_the_trainers_refuse_and_knows_lvvit(capsys):
+    """A patch that does not tile the image was priced (a 16 px patch on an 8 px image); LV-ViT
+    names were unknown to it."""
+    from ToE.flops import create_model, schedule_report
+
+    with pytest.raises(ValueError, match="not a multiple of the patch size 16"):
+        create_model("deit_tiny_patch16_224", 8)
+    model = create_model("lvvit_digits", 16, 4, embed_dim=32, depth=2, num_heads=2, stem_dim=8)
+    report = schedule_report(model, 16, 4, [0, 2, 3], [0.4, 0.7, 1.0], 0.2)
+    kept = [row["kept_patches"] for row in report["stages"]]
+    assert kept == [6, 10, 16] and report["run"]["ideal_speedup_counted"] > 1.0
