@@ -441,3 +441,17 @@ def test_patch_size_from_model_kwargs_and_segments_without_a_table(data, capsys)
         cli([*TINY, *FAST, "--data-path", str(data), "--epochs", "5", "--segments", "5:32:9"])
     err = capsys.readouterr().err
     assert exit_info.value.code == 2 and "--segments is read by --curriculum table only" in err
+
+
+def test_mixup_with_an_odd_segment_batch_is_refused_before_training(data, tmp_path, capsys):
+    """The full-resolution batch was checked for mixup, not the segments' own batches: a batch of 3
+    failed inside timm's Mixup in the first epoch."""
+    from ToE.EfficientTrain.main import cli
+
+    out = tmp_path / "out"
+    with pytest.raises(SystemExit) as exit_info:
+        cli([*TINY, "--device", "cpu", "--num_workers", "0", "--data-path", str(data), "--epochs", "5",
+             "--batch-size", "2", "--global-batch", "6", "--curriculum", "table", "--segments", "3:24:1:3", "5:32:9",
+             "--mixup", "0.8", "--output_dir", str(out)])
+    err = capsys.readouterr().err
+    assert exit_info.value.code == 2 and "batches of 3 images per process" in err and not out.exists()

@@ -226,13 +226,16 @@ class ClassificationTask:
                     persistent_workers=False)
 
     def _check_batch(self) -> None:
-        args, plan = self.args, self.plan(0)
-        if len(self.train_set) // self.env.world_size < plan.batch:
+        """Every batch the plan will ask for (a curriculum changes it) fits the data and the mixup."""
+        args = self.args
+        batches = sorted({self.plan(epoch).batch for epoch in range(self.plan.epochs)})
+        if len(self.train_set) // self.env.world_size < batches[-1]:
             raise UserError(f"the training split has {len(self.train_set)} images, fewer than one batch of "
-                            f"{plan.batch} per process. Lower --batch-size")
-        if (args.mixup > 0 or args.cutmix > 0) and args.batch_size % 2:  # timm's Mixup pairs mirror images
-            raise UserError(f"mixup/cutmix need an even --batch-size, not {args.batch_size}. Pass an even one, or "
-                            "--mixup 0 --cutmix 0")
+                            f"{batches[-1]} per process. Lower --batch-size (or --global-batch)")
+        odd = [batch for batch in batches if batch % 2]
+        if (args.mixup > 0 or args.cutmix > 0) and odd:  # timm's Mixup pairs each image with its mirror
+            raise UserError(f"mixup/cutmix need even batches, and this run trains batches of {odd[0]} images per "
+                            "process. Pass an even --batch-size (and --global-batch), or --mixup 0 --cutmix 0")
 
     def _train_sampler(self):
         env = self.env
