@@ -452,6 +452,6 @@ def test_mixup_with_an_odd_segment_batch_is_refused_before_training(data, tmp_pa
     with pytest.raises(SystemExit) as exit_info:
         cli([*TINY, "--device", "cpu", "--num_workers", "0", "--data-path", str(data), "--epochs", "5",
              "--batch-size", "2", "--global-batch", "6", "--curriculum", "table", "--segments", "3:24:1:3", "5:32:9",
-             "--mixup", "0.8", "--output_dir", str(out)])
+             "--warmup-epochs", "1", "--mixup", "0.8", "--output_dir", str(out)])
     err = capsys.readouterr().err
     assert exit_info.value.code == 2 and "batches of 3 images per process" in err and not out.exists()
