@@ -482,3 +482,20 @@ def test_token_label_flags_that_would_be_ignored_are_refused(data, tmp_path):
     assert_user_error(run(*base, "--token-label", "--token-label-data", labels, "--token-label-size", 4, "--aa",
                           "augmix-m5"), "--aa augmix-m5", "RandAugment")
     assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("name, kwargs", [
+    ("vit_tiny_patch16_224", ["img_size=32", "patch_size=4", "embed_dim=32", "depth=1", "num_heads=2"]),
+    ("lvvit_digits", ["embed_dim=32", "depth=1", "num_heads=2", "stem_dim=8"])])
+def test_vit_and_lvvit_teachers_write_labels(data, tmp_path, name, kwargs):
+    """The README promises ViT and LV-ViT teachers: a ViT needed its sizes (--model-kwargs), an
+    LV-ViT's features came as a tuple and failed with a traceback."""
+    root, _ = data
+    parsed = {k: int(v) for k, v in (item.split("=") for item in kwargs)}
+    torch.save(timm.create_model(name, num_classes=CLASSES, **parsed).state_dict(), tmp_path / "teacher.pth")
+    out = tmp_path / "labels"
+    result = ok(run("--model", name, "--model-kwargs", *kwargs, "--checkpoint", tmp_path / "teacher.pth",
+                    "--data-path", root, "--out", out, "--img-size", 32, "--device", "cpu", "--num-workers", 0,
+                    module="ToE.lvvit.generate_label"))
+    assert f"wrote {CLASSES * TRAIN_PER_CLASS} token-label files (8 x 8 maps)" in result.stdout
+    assert load_label_map(str(out / "class0" / "0.pt"), CLASSES).shape == (2, 5, 8, 8)

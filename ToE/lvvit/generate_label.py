@@ -28,13 +28,13 @@ from torchvision import transforms as T
 from tqdm import tqdm
 
 import ToE.lvvit  # noqa: F401  (registers the LV-ViT models and the digits teacher)
-from ToE.common.args import OneLineParser, non_negative_int, positive_int
+from ToE.common.args import OneLineParser, ParseKwargs, non_negative_int, positive_int
 from ToE.common.data import image_folder
 from ToE.common.errors import UserError, run_main
 from ToE.lvvit.labels import label_path, label_paths, save_label_map
 
 
-def load_teacher(name: str, checkpoint: str, num_classes: int) -> torch.nn.Module:
+def load_teacher(name: str, checkpoint: str, num_classes: int, **model_kwargs) -> torch.nn.Module:
     """timm model ``name`` with the weights of ``checkpoint`` (a state_dict, or a dict with 'model');
     a missing file or one that does not fit is a one-line UserError."""
     if not timm.is_model(name):
@@ -52,7 +52,11 @@ def load_teacher(name: str, checkpoint: str, num_classes: int) -> torch.nn.Modul
             if isinstance(state.get(key), dict):
                 state = state[key]
                 break
-    model = timm.create_model(name, pretrained=False, num_classes=num_classes)
+    try:
+        model = timm.create_model(name, pretrained=False, num_classes=num_classes, **model_kwargs)
+    except TypeError as error:
+        raise UserError(f"teacher {name} does not take --model-kwargs {model_kwargs} ({error}). Fix --model-kwargs"
+                        ) from None
     try:
         model.load_state_dict(state)
     except (RuntimeError, TypeError, AttributeError) as error:
@@ -66,6 +70,8 @@ def load_teacher(name: str, checkpoint: str, num_classes: int) -> torch.nn.Modul
 def dense_teacher_logits(model: torch.nn.Module, images: torch.Tensor) -> torch.Tensor:
     """(B, 3, S, S) -> (B, C, h, w): the classifier at every position of the final feature map."""
     features = model.forward_features(images)
+    if isinstance(features, tuple):  # LV-ViT: (tokens, MixToken box)
+        features = features[0]
     if features.dim() == 3:  # a ViT: (B, prefix + h*w, F) -> (B, F, h, w)
         tokens = features[:, getattr(model, "num_prefix_tokens", 1):]
         side = math.isqrt(tokens.shape[1])
@@ -104,7 +110,7 @@ def generate(args: argparse.Namespace) -> float:
         raise UserError(f"--out {args.out} already holds files: writing would replace an existing label set. Pass "
                         "another --out, or --overwrite to replace its files")
     label_paths(images)  # two images that would share one label file are refused before any work
-    model = load_teacher(args.model, args.checkpoint, num_classes)
+    model = load_teacher(args.model, args.checkpoint, num_classes, **args.model_kwargs)
     device = torch.device(args.device if args.device != "cuda" or torch.cuda.is_available() else "cpu")
     model.to(device)
     transform = T.Compose([T.Resize(args.img_size, interpolation=T.InterpolationMode.BICUBIC),
@@ -136,6 +142,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--checkpoint", required=True, help="the teacher's weights on disk (state_dict)")
     parser.add_argument("--data-path", required=True, help="folder with train/<class>/ images")
     parser.add_argument("--out", required=True, help="label folder to write (<out>/<class>/<stem>.pt)")
+    parser.add_argument("--model-kwargs", nargs="*", default={}, action=ParseKwargs,
+                        help="extra timm.create_model arguments of the teacher, e.g. img_size=384 for a ViT")
     parser.add_argument("--img-size", type=positive_int, default=576, help="teacher input side (default: 576)")
     parser.add_argument("-b", "--batch-size", type=positive_int, default=32, help="batch size (default: 32)")
     parser.add_argument("--device", default="cuda", help="cuda or cpu (default: cuda, cpu without a GPU)")
