@@ -556,3 +556,14 @@ def test_summary_and_figure_of_a_missing_or_empty_run_are_one_line(tool, tmp_pat
                                 cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
         lines = result.stderr.strip().splitlines()
         assert result.returncode == 2 and len(lines) == 1 and lines[0].startswith("error: ") and str(folder) in lines[0]
+
+
+def test_eval_sparse_eval_follows_the_checkpoints_own_schedule(coco_root, straight_run, tmp_path, capsys):
+    """--eval --sparse-eval reduces as the checkpoint's last epoch did by ITS schedule (steps 1 2 3:
+    epoch 2 is stage 2), not by the schedule flags given now (steps 0 5 6 would make it stage 1)."""
+    checkpoint = _state(straight_run / "checkpoint.pth")
+    torch.save(dict(checkpoint, epoch=2), tmp_path / "epoch2.pth")
+    code, out, err = _run(TINY + ["--coco_path", coco_root, "--eval", "--sparse-eval", "--resume",
+                                  str(tmp_path / "epoch2.pth"), "--expansion-step", "0", "5", "6"], capsys)
+    assert code == 0, err
+    assert "sparse evaluation: ToE stage 2" in out
