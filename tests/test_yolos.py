@@ -567,3 +567,12 @@ def test_eval_sparse_eval_follows_the_checkpoints_own_schedule(coco_root, straig
                                   str(tmp_path / "epoch2.pth"), "--expansion-step", "0", "5", "6"], capsys)
     assert code == 0, err
     assert "sparse evaluation: ToE stage 2" in out
+
+
+def test_results_json_into_a_new_folder_is_written(coco_root, straight_run, tmp_path, capsys):
+    """The detections of a whole evaluation were lost to a missing folder at the very end."""
+    target = tmp_path / "new" / "folder" / "detections.json"
+    code, out, err = _run(TINY + ["--coco_path", coco_root, "--eval", "--resume", str(straight_run / "checkpoint.pth"),
+                                  "--results-json", str(target)], capsys)
+    assert code == 0, err
+    assert json.loads(target.read_text()) and f"detections in {target}" in out
