@@ -95,7 +95,7 @@ toe_usage() {
 usage: bash run/$SCRIPT DATA OUT [extra main.py args]   (from the trainer's folder; or the full path from anywhere)
   DATA  ImageNet folder with train/<class>/ and val/<class>/
   OUT   output folder for checkpoints and logs (running the same command again continues the run)
-  e.g.  bash run/$SCRIPT /data/imagenet /runs/${SCRIPT%.sh} --epochs 1
+  e.g.  bash run/$SCRIPT /data/imagenet /runs/${SCRIPT%.sh} --stop-after-epochs 1
 environment: NPROC (processes per machine, default: visible GPUs, 1 on CPU), NNODES, NODE_RANK,
              MASTER_ADDR, MASTER_PORT (free-picked unless given), DRY_RUN=1 (print the command only)
 USAGE

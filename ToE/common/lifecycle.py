@@ -181,7 +181,9 @@ class Run:
                 self.toe = build_token_select(argparse.Namespace(**{**vars(args), **{k: stored[k] for k in TOE_KEYS}}))
         self.env = init_distributed("cpu" if args.check_only else args.device)
         self.device = self.env.device
-        self.amp_dtype = resolve_amp_dtype(args.amp_dtype, self.device)
+        # --check-only runs on the CPU, but checks the precision of the device the run will use
+        planned = torch.device("cuda") if args.device.startswith("cuda") and torch.cuda.is_available() else self.device
+        self.amp_dtype = resolve_amp_dtype(args.amp_dtype, planned if args.check_only else self.device)
         if self.env.is_main:
             for warning in warnings:
                 print(f"warning: {warning}", flush=True)

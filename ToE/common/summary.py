@@ -55,6 +55,8 @@ def read_log(output_dir: str, keys=RECORD_KEYS) -> List[Dict]:
 
 def read_args(output_dir: str, keys=("model", "input_size")) -> Dict:
     """The run's resolved arguments (``args.yaml``, holding ``keys``); otherwise one UserError line."""
+    if not os.path.isdir(output_dir):
+        raise UserError(f"{output_dir} does not exist. Pass the --output_dir of a run")
     path = os.path.join(output_dir, "args.yaml")
     if not os.path.isfile(path):
         raise UserError(f"no args.yaml in {output_dir}: not the output folder of a ToE run. Pass a run's --output_dir")
