@@ -169,11 +169,11 @@ class Run:
             check_output_dir(args.output_dir)
         if args.output_dir and not args.eval:
             check_no_other_run(args.output_dir, self.resume_path, args.overwrite)
-        self.checkpoint: Dict[str, Any] = {}
+        checkpoint: Dict[str, Any] = {}
         stored: Dict[str, Any] = {}
         if self.resume_path:
-            self.checkpoint = load_checkpoint(self.resume_path)
-            stored = self.checkpoint.get("args") or {}
+            checkpoint = load_checkpoint(self.resume_path)
+            stored = checkpoint.get("args") or {}
             keys = task_class.weights_must_match if args.eval else [k for k in vars(args) if k not in NOT_IDENTITY]
             check_resume_args(self.resume_path, stored, vars(args), keys)
             if args.eval and all(key in stored for key in TOE_KEYS):
@@ -210,7 +210,8 @@ class Run:
         self.finished = False  # --auto-resume found a run that has trained all its epochs
         self.log = RunLog("", enabled=False)  # opened in fit(), once the outputs are set up
         if self.resume_path:
-            self._resume(stored)
+            self._resume(checkpoint, stored)
+        del checkpoint  # the loaded tensors are not kept beyond set-up
         if not args.eval:
             self._agree_on_start()
 
@@ -219,10 +220,9 @@ class Run:
         """An EMA copy of the current weights (operator included, so --sparse-eval follows it)."""
         return ModelEmaV3(self.task.model, decay=self.task.ema_decay, device=self.device)
 
-    def _resume(self, stored: Dict[str, Any]) -> None:
+    def _resume(self, checkpoint: Dict[str, Any], stored: Dict[str, Any]) -> None:
         """Continue (or, with --eval, evaluate) the checkpoint; misfits are refused by name."""
-        args, env, task, path, checkpoint = self.args, self.env, self.task, self.resume_path, self.checkpoint
-        self.checkpoint = {}  # the loaded tensors are not kept beyond set-up
+        args, env, task, path = self.args, self.env, self.task, self.resume_path
         head = checkpoint.get("model", {}).get("head.weight")
         stored_classes = checkpoint.get("num_classes", head.shape[0] if torch.is_tensor(head) else None)
         if stored_classes is not None and stored_classes != task.num_classes:
