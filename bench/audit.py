@@ -804,17 +804,17 @@ def _tool_on_folder(ctx: Context, module: str, folder: Path, missing: bool) -> O
 
 @case("yolos")
 def yolos_summary_missing_folder(ctx: Context) -> Outcome:
-    """python -m ToE.yolos.summary on a folder that does not exist (a typo). Expected: one line saying
+    """python -m ToE.common.summary (the one summary, YOLOS included) on a YOLOS folder that does not exist (a typo). Expected: one line saying
     the folder does not exist (exit 2)."""
-    return _tool_on_folder(ctx, "ToE.yolos.summary", ctx.tmp / "run-typo", missing=True)
+    return _tool_on_folder(ctx, "ToE.common.summary", ctx.tmp / "run-typo", missing=True)
 
 
 @case("yolos")
 def yolos_summary_empty_folder(ctx: Context) -> Outcome:
-    """python -m ToE.yolos.summary on an empty folder (a run that never finished an epoch). Expected:
+    """python -m ToE.common.summary on an empty folder (a run that never finished an epoch). Expected:
     one line saying there is no run (no log.txt/args.yaml) there."""
     (ctx.tmp / "fresh").mkdir()
-    return _tool_on_folder(ctx, "ToE.yolos.summary", ctx.tmp / "fresh", missing=False)
+    return _tool_on_folder(ctx, "ToE.common.summary", ctx.tmp / "fresh", missing=False)
 
 
 @case("yolos")

@@ -16,7 +16,7 @@ import torch
 
 from ToE.common.checkpoint import load_checkpoint
 from ToE.common.errors import UserError, run_main
-from ToE.common.summary import read_args
+from ToE.common.results import read_args
 from ToE.yolos.data import CocoDetection, collate, eval_transform
 from ToE.yolos.model import YOLOS, create_backbone, postprocess
 
