@@ -118,7 +118,11 @@ def trainer_entry(description: str, get_args_parser: Callable[[], argparse.Argum
     errors into one line and exit code 2 (``errors.run_main``)."""
 
     def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
-        return OneLineParser(description, parents=[get_args_parser()]).parse_args(argv)
+        from .config import add_config_arg, parse_with_config
+
+        parser = OneLineParser(description, parents=[get_args_parser()])
+        add_config_arg(parser)
+        return parse_with_config(parser, argv)
 
     def main(args: argparse.Namespace) -> None:
         from ToE.common.lifecycle import Run
@@ -217,8 +221,9 @@ def check_training_flags(args: argparse.Namespace) -> List[str]:
             raise UserError(f"unknown augmentation policy --aa {args.aa} ({error}). Use a timm policy such as "
                             "rand-m9-mstd0.5-inc1, augmix-m5, original, or 'none'") from None
     if args.warmup_epochs >= args.epochs:
-        raise UserError(f"--warmup-epochs {args.warmup_epochs} is as long as the run (--epochs {args.epochs}): "
-                        "the learning rate would never leave the warmup. Lower --warmup-epochs")
+        # a warning, as in timm and DeiT: "--epochs 1" is the usual smoke test of any recipe
+        warnings.append(f"--warmup-epochs {args.warmup_epochs} is as long as the run (--epochs {args.epochs}): the "
+                        "learning rate never leaves the warmup (fine for a smoke test; lower --warmup-epochs otherwise)")
     if args.start_epoch >= args.epochs:
         raise UserError(f"--start_epoch {args.start_epoch} is not below --epochs {args.epochs}: nothing to train")
     if args.scale[0] > args.scale[1] or args.scale[0] == 0:

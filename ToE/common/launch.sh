@@ -88,8 +88,8 @@ toe_run() {
 }
 
 # The ImageNet-layout scripts (DeiT, EfficientTrain): bash run/SCRIPT DATA OUT [main.py flags].
-# The script sets SCRIPT (its name), TOE_MAIN (its trainer's main.py) and RECIPE (an array of the
-# published flags), then calls: toe_launch "$@"
+# The script sets SCRIPT (its name), TOE_MAIN (its trainer's main.py) and CONFIG (its recipe file,
+# ToE/<trainer>/configs/*.yaml), then calls: toe_launch "$@"
 toe_usage() {
   cat >&2 <<USAGE
 usage: bash run/$SCRIPT DATA OUT [extra main.py args]   (from the trainer's folder; or the full path from anywhere)
@@ -112,5 +112,5 @@ toe_launch() {
   shift 2
   # checked here too, so the most common mistake reads as one line even under torchrun
   [ -d "$data" ] || [ "${DRY_RUN:-0}" = "1" ] || toe_fail "data folder $data does not exist. Pass the ImageNet folder (with train/ and val/) as the first argument"
-  toe_run "$TOE_MAIN" "${RECIPE[@]}" --data-path "$data" --output_dir "$out" "$@"
+  toe_run "$TOE_MAIN" --config "$CONFIG" --data-path "$data" --output_dir "$out" "$@"
 }

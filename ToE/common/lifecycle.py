@@ -54,7 +54,7 @@ from ToE.common.preemption import StopWatch
 # it may grow). Paths may move (data, teacher, labels, the init checkpoint only used at the start);
 # the precision may change (a fresh loss scale); an EMA may be added to a run that had none.
 NOT_IDENTITY = frozenset({
-    "output_dir", "resume", "auto_resume", "overwrite", "check_only", "eval", "epochs", "start_epoch",
+    "config", "output_dir", "resume", "auto_resume", "overwrite", "check_only", "eval", "epochs", "start_epoch",
     "stop_after_epochs", "time_limit", "log_interval", "device", "amp_dtype", "num_workers", "pin_mem", "dist_eval",
     "eval_batch_size", "results_json", "data_path", "teacher_path", "token_label_data", "init_checkpoint", "model_ema",
 })
@@ -193,7 +193,9 @@ class Run:
         task = self.task
         self.epochs = task.plan.epochs
         # the resolved configuration: the flags and what the run derived from them (args.yaml, resume identity)
-        self.config = {**vars(args), "resume": self.resume_path, "epochs": self.epochs, **task.plan.identity}
+        # (the flags as given, so that "-c OUT/args.yaml" runs it again; derived values beside them)
+        self.derived = {"run_epochs": self.epochs, **task.plan.identity}
+        self.config = {**vars(args), "resume": self.resume_path, **self.derived}
         model = task.model
         self.model = model
         if self.env.distributed:
@@ -245,7 +247,7 @@ class Run:
         start = int(position["epoch"]) if position is not None else epoch + 1
         self.start_epoch = start
         self.position = dict(position) if position is not None else None
-        planned = int(stored.get("epochs", self.epochs))
+        planned = int(stored.get("run_epochs", stored.get("epochs", self.epochs)))
         if start >= self.epochs:
             if args.auto_resume:
                 self.finished = True  # re-submitting a finished job is not an error
@@ -360,8 +362,9 @@ class Run:
                     remove_run_outputs(args.output_dir)
                 # the module that defines the model: importing it registers a trainer's own models
                 # (LV-ViT) in timm, so shared tools (the summary) can build them
-                save_args({**self.config, **self.task.outputs_info(),
-                           "model_module": type(self.task.model).__module__}, args.output_dir)
+                info = {**self.task.outputs_info(), "model_module": type(self.task.model).__module__}
+                # "derived" names what is not a flag, so that the file reads back as a config (ToE.common.config)
+                save_args({**self.config, **info, "derived": [*self.derived, *info]}, args.output_dir)
         barrier()  # no process writes before the old run's files are gone
         self.log = RunLog(args.output_dir, enabled=self.env.is_main, first_epoch=self.start_epoch)
 

@@ -137,11 +137,15 @@ def generate(args: argparse.Namespace) -> float:
 
 
 def parse_args(argv=None) -> argparse.Namespace:
+    from ToE.common.config import add_config_arg, parse_with_config
+
     parser = OneLineParser("Write LV-ViT token labels (published format) from a teacher on disk")
-    parser.add_argument("--model", required=True, help="timm name of the teacher")
-    parser.add_argument("--checkpoint", required=True, help="the teacher's weights on disk (state_dict)")
-    parser.add_argument("--data-path", required=True, help="folder with train/<class>/ images")
-    parser.add_argument("--out", required=True, help="label folder to write (<out>/<class>/<stem>.pt)")
+    add_config_arg(parser)  # the published label recipe: ToE/lvvit/configs/generate_labels.yaml
+    # required, but checked after parsing, so that a config file may give them
+    parser.add_argument("--model", default="", help="timm name of the teacher (required)")
+    parser.add_argument("--checkpoint", default="", help="the teacher's weights on disk (state_dict) (required)")
+    parser.add_argument("--data-path", default="", help="folder with train/<class>/ images (required)")
+    parser.add_argument("--out", default="", help="label folder to write (<out>/<class>/<stem>.pt) (required)")
     parser.add_argument("--model-kwargs", nargs="*", default={}, action=ParseKwargs,
                         help="extra timm.create_model arguments of the teacher, e.g. img_size=384 for a ViT")
     parser.add_argument("--img-size", type=positive_int, default=576, help="teacher input side (default: 576)")
@@ -150,7 +154,11 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--num-workers", type=non_negative_int, default=4, help="loader workers (default: 4)")
     parser.add_argument("--overwrite", action="store_true",
                         help="write into an --out that already holds files, replacing those of the same names")
-    return parser.parse_args(argv)
+    args = parse_with_config(parser, argv)
+    missing = [flag for flag in ("model", "checkpoint", "data_path", "out") if not getattr(args, flag)]
+    if missing:
+        parser.error(f"the following arguments are required: {', '.join('--' + m.replace('_', '-') for m in missing)}")
+    return args
 
 
 def cli(argv=None) -> None:

@@ -24,29 +24,20 @@ if __package__ in (None, ""):  # run as a script: make the repository root impor
 
 from ToE.common.args import (OneLineParser, add_classification_args, add_toe_args, non_negative_float,  # noqa: E402
                              positive_int, trainer_entry)
+from ToE.common.config import config_path, set_config_defaults  # noqa: E402
 
-# the published LV-ViT recipe (run/imagenet_small_run1.sh and its main.py defaults)
-RECIPE_DEFAULTS = dict(model="lvvit_s", lr=1.6e-3, unscale_lr=True, mixup=0.0, cutmix=0.0, repeated_aug=False,
-                       model_ema_decay=0.99992, drop_path=0.1, warmup_epochs=5, min_lr=1e-5, epochs=300,
-                       batch_size=64, train_interpolation="random", cooldown_epochs=10, expansion_step=[0, 100, 200],
-                       keep_rate=[0.4, 0.7, 1.0], initialization_keep_rate=0.2, expansion_multiple_stage=2)
 # published name -> the project's flag it is another name for
-ALIASES = {"-b": "--batch-size", "--img-size": "--input-size"}
-
-
-def _alias(parser: argparse.ArgumentParser, option: str, existing: str) -> None:
-    """Make ``option`` another spelling of the flag ``existing`` (same destination, help, checks)."""
-    action = parser._option_string_actions[existing]
-    action.option_strings.append(option)
-    parser._option_string_actions[option] = action
+ALIASES = {"-b": ("batch_size", positive_int), "--img-size": ("input_size", positive_int)}
 
 
 def get_args_parser() -> argparse.ArgumentParser:
     """The shared classification and ToE flags, LV-ViT's own, and the published aliases."""
     parser = OneLineParser("LV-ViT training with token labelling and Token Expansion", add_help=False)
     add_classification_args(parser)
-    for option, existing in ALIASES.items():
-        _alias(parser, option, existing)
+    for option, (dest, kind) in ALIASES.items():
+        # a second flag with the same destination and check (argparse's public way to spell a flag twice);
+        # SUPPRESS: it sets no default of its own
+        parser.add_argument(option, dest=dest, type=kind, default=argparse.SUPPRESS, help=f"same as --{dest.replace('_', '-')}")
     lv = parser.add_argument_group("LV-ViT and token labelling")
     lv.add_argument("--token-label", action="store_true",
                     help="train every patch token against the dense teacher labels of --token-label-data")
@@ -71,11 +62,9 @@ def get_args_parser() -> argparse.ArgumentParser:
     lv.add_argument("--apex-amp", action="store_const", dest="amp_dtype", const="float16",
                     help="published flag: fp16 mixed precision, here through torch.amp (autocast + GradScaler; "
                          "apex is not needed). Same as --amp-dtype float16")
-    parser.set_defaults(**RECIPE_DEFAULTS)
     add_toe_args(parser)
-    parser.set_defaults(**{key: RECIPE_DEFAULTS[key] for key in ("expansion_step", "keep_rate",
-                                                                 "initialization_keep_rate",
-                                                                 "expansion_multiple_stage")})
+    # LV-ViT's defaults are its published LV-ViT-S recipe, as in the published main.py; the one copy is the YAML
+    set_config_defaults(parser, config_path("lvvit", "imagenet_small"))
     return parser
 
 

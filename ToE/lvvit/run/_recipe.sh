@@ -1,5 +1,5 @@
 # Shared part of the LV-ViT ImageNet run scripts; sourced, not run. A run script sets SCRIPT and
-# RECIPE (main.py flags), then calls: lvvit_launch DATA LABELS OUT [extra main.py args]
+# CONFIG (its recipe file), then calls: lvvit_launch DATA LABELS OUT [extra main.py args]
 # The launcher is the shared one (ToE/common/launch.sh: NPROC, NNODES, NODE_RANK, MASTER_ADDR,
 # MASTER_PORT, DRY_RUN=1), pointed at ToE/lvvit/main.py.
 TOE_MAIN="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)/main.py"

@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
-# Token labels for ImageNet in the published format, as the published label set was made: teacher
-# dm_nfnet_f6 at 576 px (18 x 18 maps), batch 32, evaluation transform (shorter side 576, centre crop).
-# The teacher's weights come from a file on disk (nothing is downloaded):
+# Token labels for ImageNet in the published format, as the published label set was made (the
+# recipe: ToE/lvvit/configs/generate_labels.yaml, teacher dm_nfnet_f6 at 576 px, batch 32). The
+# teacher's weights come from a file on disk (nothing is downloaded):
 #
 #   bash ToE/lvvit/run/generate_labels.sh /data/imagenet /ckpt/dm_nfnet_f6.pth /data/imagenet_labels [extra args]
 #   e.g. extra args: --model another_timm_name --img-size 448 -b 64
@@ -15,5 +15,5 @@ PYTHON="${PYTHON:-$([ -x "$ROOT_DIR/.venv/bin/python" ] && echo "$ROOT_DIR/.venv
 data="$1" checkpoint="$2" out="$3"
 shift 3
 cd "$ROOT_DIR"
-exec "$PYTHON" -m ToE.lvvit.generate_label --model dm_nfnet_f6 --checkpoint "$checkpoint" --data-path "$data" \
-  --out "$out" --img-size 576 -b 32 "$@"
+exec "$PYTHON" -m ToE.lvvit.generate_label --config ToE/lvvit/configs/generate_labels.yaml \
+  --checkpoint "$checkpoint" --data-path "$data" --out "$out" "$@"
