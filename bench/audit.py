@@ -804,7 +804,7 @@ def _tool_on_folder(ctx: Context, module: str, folder: Path, missing: bool) -> O
 
 @case("yolos")
 def yolos_summary_missing_folder(ctx: Context) -> Outcome:
-    """python -m ToE.common.summary (the one summary, YOLOS included) on a YOLOS folder that does not exist (a typo). Expected: one line saying
+    """python -m ToE.common.summary (YOLOS included) on a folder that does not exist (a typo). Expected: one line saying
     the folder does not exist (exit 2)."""
     return _tool_on_folder(ctx, "ToE.common.summary", ctx.tmp / "run-typo", missing=True)
 
