@@ -5,8 +5,9 @@
     python -m bench.efficienttrain posembed --steps 10     # position table: per-forward vs resized
     python -m bench.efficienttrain render                  # tables + figure from the stored results
 
-Configurations (the demo model of ``run/demo.sh et``, 32 px digits, 4 px patches, ``--epochs``
-45 by default, ToE 0.6/0.8/1.0 from 0.3 with stages at thirds of the run, uniform seeds):
+Configurations (the demo recipe ``ToE/EfficientTrain/configs/demo.yaml``, or ``--config FILE``:
+its model on 32 px digits, 4 px patches, its epochs (45) unless ``--epochs``, its ToE schedule
+(0.6/0.8/1.0 from 0.3, uniform seeds) with the stage starts scaled to the run's length):
 
 - ``full``: all tokens at 32 px;  ``toe``: ToE alone;  ``et``: the ET curriculum (24, 24, 24, 28,
   32 px) alone;  ``et_toe``: both;  ``random``: timm's PatchDropout keeping as many random patch
@@ -17,9 +18,10 @@ images) of every distinct (crop, kept tokens, method) phase in rounds, the order
 round, plus a second full-token configuration as the A/A control. A configuration's run-level
 speedup in round r is sum over epochs of the full step / sum over epochs of its phase's step (the
 per-epoch step count is the same in every phase); the table gives the median over rounds and
-the A/A's median and largest deviation. ``accuracy`` runs ``ToE/EfficientTrain/main.py`` per
-configuration and seed (``--curriculum none`` for full/toe/random) and appends one JSON line per
-run to ``bench/results/efficienttrain_runs.jsonl``; runs already there are skipped.
+the A/A's median and largest deviation. ``accuracy`` runs ``ToE/EfficientTrain/main.py --config
+FILE`` plus the configuration's flags per configuration and seed (``--curriculum none`` for
+full/toe/random) through ``ToE.common.results.run_repeated``, which appends one JSON line per run
+to ``bench/results/efficienttrain_runs.jsonl``; runs already there are skipped.
 """
 
 from __future__ import annotations
@@ -28,16 +30,20 @@ import argparse
 import json
 import os
 import statistics
-import subprocess
 import sys
 import time
+from functools import lru_cache
+from types import SimpleNamespace
 from typing import Dict, List, Optional, Sequence, Tuple
 
 import torch
 from torch import nn
 
 import token_select
-from bench.common import describe_machine, git_commit, rotated
+from bench.common import demo_config, describe_machine, git_commit, recipe, rotated, run_trainer, trainer_command
+from ToE.common.config import scaled_stages
+from ToE.common.digits import build_digits
+from ToE.common.results import mean_std, read_runs, run_numbers, run_repeated
 from ToE.EfficientTrain.curriculum import freq_crop, plan_curriculum, segment_at
 from ToE.flops import create_model
 
@@ -50,42 +56,51 @@ COMMAND = "python -m bench.efficienttrain " + " ".join(sys.argv[1:])
 CLOCK = time.perf_counter
 CONFIGS = ("full", "toe", "et", "et_toe", "random")
 LABELS = {"full": "full tokens", "toe": "ToE", "et": "ET", "et_toe": "ET + ToE", "random": "random PatchDropout"}
-MODEL = ("vit_tiny_patch16_224", {"embed_dim": 96, "depth": 6, "num_heads": 3}, 32, 4)
-KEEP, INIT = [0.6, 0.8, 1.0], 0.3
-# the demo's recipe (ToE/EfficientTrain/run/demo.sh) without the curriculum and ToE flags
-RECIPE = ["--device", "cpu", "--num_workers", "0", "--model", MODEL[0], "--model-kwargs", "embed_dim=96", "depth=6",
-          "num_heads=3", "--input-size", "32", "--patch-size", "4", "--crop-pct", "1.0", "--batch-size", "64",
-          "--global-batch", "64", "--lr", "1e-3", "--unscale-lr", "--min-lr", "1e-5", "--warmup-epochs", "3",
-          "--weight-decay", "0.05", "--drop-path", "0.1", "--smoothing", "0.1", "--aa", "none", "--reprob", "0",
-          "--mixup", "0", "--cutmix", "0", "--hflip", "0", "--scale", "0.6", "1.0", "--no-repeated-aug",
-          "--no-model-ema", "--initialization", "uniform", "--expansion-multiple-stage", "2"]
+DEMO = demo_config("et")
 
 
-def expansion_steps(epochs: int) -> List[int]:
-    third = epochs // 3
-    return [0, third, 2 * third]
+@lru_cache(maxsize=None)
+def demo(recipe_file: str = DEMO) -> SimpleNamespace:
+    """What the benches take from the recipe file (default: the EfficientTrain demo): the model
+    (name, kwargs, input and patch size), the ToE schedule and the recipe's epochs and lr."""
+    values = recipe("et", recipe_file)
+    kwargs = dict(values.get("model_kwargs") or {})
+    return SimpleNamespace(model=values["model"], kwargs=kwargs, size=int(values["input_size"]),
+                           patch=int(values.get("patch_size") or kwargs["patch_size"]),
+                           keep=[float(rate) for rate in values["keep_rate"]],
+                           init=float(values["initialization_keep_rate"]),
+                           multiple=int(values.get("expansion_multiple_stage", 2)),
+                           steps=[int(step) for step in values["expansion_step"]], epochs=int(values["epochs"]),
+                           lr=float(values["lr"]), initialization=values.get("initialization", "stride"))
 
 
-def config_flags(config: str, epochs: int) -> List[str]:
-    """main.py flags of one configuration (besides RECIPE, data and output)."""
+def expansion_steps(epochs: int, recipe_file: str = DEMO) -> List[int]:
+    """The recipe's stage starts scaled to an ``epochs``-long run."""
+    spec = demo(recipe_file)
+    return scaled_stages(spec.steps, spec.epochs, epochs)
+
+
+def config_flags(config: str, epochs: int, recipe_file: str = DEMO) -> List[str]:
+    """main.py flags of one configuration (besides the recipe file, data and output)."""
+    spec = demo(recipe_file)
     curriculum = ["--curriculum", "et" if config.startswith("et") else "none", "--epochs", str(epochs)]
     if config in ("full", "et"):
-        toe = ["--expansion-step", "0", "--keep-rate", "1.0", "--initialization-keep-rate", str(INIT)]
+        toe = ["--expansion-step", "0", "--keep-rate", "1.0", "--initialization-keep-rate", str(spec.init)]
     else:
-        toe = ["--expansion-step", *map(str, expansion_steps(epochs)), "--keep-rate", *map(str, KEEP),
-               "--initialization-keep-rate", str(INIT)]
+        toe = ["--expansion-step", *map(str, expansion_steps(epochs, recipe_file)), "--keep-rate",
+               *map(str, spec.keep), "--initialization-keep-rate", str(spec.init)]
     return curriculum + toe + (["--token-drop", "random"] if config == "random" else [])
 
 
-def phases(config: str, epochs: int) -> List[Tuple[int, int, str]]:
+def phases(config: str, epochs: int, recipe_file: str = DEMO) -> List[Tuple[int, int, str]]:
     """(crop, kept patch tokens, method) of every epoch of ``config``; method toe/random/off."""
-    _, _, size, patch = MODEL
-    segments = plan_curriculum("et" if config.startswith("et") else "none", epochs, size, patch, 1, 2)
-    operator = token_select.TokenSelect(expansion_steps(epochs), KEEP, INIT, 2)
+    spec = demo(recipe_file)
+    segments = plan_curriculum("et" if config.startswith("et") else "none", epochs, spec.size, spec.patch, 1, 2)
+    operator = token_select.TokenSelect(expansion_steps(epochs, recipe_file), spec.keep, spec.init, spec.multiple)
     rows = []
     for epoch in range(epochs):
         crop = segment_at(segments, epoch).crop
-        patches = (crop // patch) ** 2
+        patches = (crop // spec.patch) ** 2
         operator.update_current_stage(epoch)
         kept = patches if config in ("full", "et") else operator.kept_patch_tokens(patches)
         method = "off" if kept == patches else ("random" if config == "random" else "toe")
@@ -93,26 +108,28 @@ def phases(config: str, epochs: int) -> List[Tuple[int, int, str]]:
     return rows
 
 
-def step_flops(crop: int, kept: int, method: str) -> float:
+def step_flops(crop: int, kept: int, method: str, recipe_file: str = DEMO) -> float:
     """Analytic FLOPs of one training step per sample (``token_select.vit_step_flops``)."""
-    _, kwargs, _, patch = MODEL
-    patches, dim = (crop // patch) ** 2, 3 * patch * patch
-    common = dict(embed_dim=kwargs["embed_dim"], depth=kwargs["depth"], patch_dim=dim, num_classes=10)
+    spec = demo(recipe_file)
+    patches, dim = (crop // spec.patch) ** 2, 3 * spec.patch * spec.patch
+    common = dict(embed_dim=spec.kwargs["embed_dim"], depth=spec.kwargs["depth"], patch_dim=dim, num_classes=10)
     if method == "random":  # every block, block 0 included, runs on the kept tokens; the embedding on all
-        return token_select.vit_step_flops(kept, **common) + 3 * 2.0 * (patches - kept) * dim * kwargs["embed_dim"]
+        return token_select.vit_step_flops(kept, **common) + 3 * 2.0 * (patches - kept) * dim * spec.kwargs["embed_dim"]
     return token_select.vit_step_flops(patches, kept_patches=kept, **common)
 
 
 # ---------------------------------------------------------------------------------------------
 # speed: interleaved step times
 # ---------------------------------------------------------------------------------------------
-def measure_speed(epochs: int, steps: int, warmup: int, batch: int, log=print) -> Dict[str, object]:
-    name, kwargs, size, patch = MODEL
+def measure_speed(epochs: int, steps: int, warmup: int, batch: int, log=print,
+                  recipe_file: str = DEMO) -> Dict[str, object]:
+    spec = demo(recipe_file)
+    kwargs, size, patch = {k: v for k, v in spec.kwargs.items() if k != "patch_size"}, spec.size, spec.patch
     torch.manual_seed(0)
-    model = create_model(name, size, patch, num_classes=10, dynamic_img_size=True, **kwargs).train()
-    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3)
+    model = create_model(spec.model, size, patch, num_classes=10, dynamic_img_size=True, **kwargs).train()
+    optimizer = torch.optim.AdamW(model.parameters(), lr=spec.lr)
     images, labels = torch.randn(batch, 3, size, size), torch.randint(0, 10, (batch,))
-    per_config = {config: phases(config, epochs) for config in CONFIGS}
+    per_config = {config: phases(config, epochs, recipe_file) for config in CONFIGS}
     keys = sorted({row for rows in per_config.values() for row in rows})
     names = [f"{c}/{k}/{m}" for c, k, m in keys] + ["A/A full"]
 
@@ -123,11 +140,13 @@ def measure_speed(epochs: int, steps: int, warmup: int, batch: int, log=print) -
         token_select.detach(model)
         model.patch_drop = nn.Identity()
         if method == "toe":  # the run's own schedule, in the stage that keeps `kept` on this grid
-            operator = token_select.TokenSelect(expansion_steps(epochs), KEEP, INIT, 2, initialization="uniform",
+            steps = expansion_steps(epochs, recipe_file)
+            operator = token_select.TokenSelect(steps, spec.keep, spec.init, spec.multiple,
+                                                initialization=spec.initialization,
                                                 grid_size=(crop // patch, crop // patch))
             token_select.attach(model, operator)
             operator.current_stage = next(s for s in (1, 2) if (operator.update_current_stage(
-                expansion_steps(epochs)[s - 1]), operator.kept_patch_tokens(patches))[1] == kept)
+                steps[s - 1]), operator.kept_patch_tokens(patches))[1] == kept)
         elif method == "random":
             from timm.layers import PatchDropout
             model.patch_drop = PatchDropout(1.0 - (kept + 0.5) / patches, num_prefix_tokens=1)
@@ -149,7 +168,7 @@ def measure_speed(epochs: int, steps: int, warmup: int, batch: int, log=print) -
             seconds[key] = CLOCK() - start
         rounds.append({"warmup": index < warmup, "seconds": seconds})
         log(f"[bench] round {index + 1}/{warmup + steps}" + (" (warm-up)" if index < warmup else ""))
-    results = speedups(rounds, epochs)
+    results = speedups(rounds, epochs, recipe_file)
     timed = [r["seconds"] for r in rounds if not r["warmup"]]
     aa = [r["A/A full"] / r[f"{size}/{(size // patch) ** 2}/off"] for r in timed]
     return {"machine": describe_machine(), "commit": git_commit(), "load_before": os.getloadavg(),
@@ -159,19 +178,20 @@ def measure_speed(epochs: int, steps: int, warmup: int, batch: int, log=print) -
             "rounds": rounds, "command": COMMAND}
 
 
-def speedups(rounds: Sequence[Dict[str, object]], epochs: int) -> Dict[str, Dict[str, float]]:
+def speedups(rounds: Sequence[Dict[str, object]], epochs: int, recipe_file: str = DEMO) -> Dict[str, Dict[str, float]]:
     """Per configuration: the median over rounds of the run-level speedup (sum over the epochs of
     the full step / sum of the configuration's phase steps) and the FLOP-ideal one, for a run of
     ``epochs`` epochs (any length whose phases were timed)."""
-    _, _, size, patch = MODEL
+    size, patch = demo(recipe_file).size, demo(recipe_file).patch
     timed = [r["seconds"] for r in rounds if not r["warmup"]]
     full_key = f"{size}/{(size // patch) ** 2}/off"
     results = {}
     for config in CONFIGS:
-        rows = phases(config, epochs)
+        rows = phases(config, epochs, recipe_file)
         run_times = [sum(r[f"{c}/{k}/{m}"] for c, k, m in rows) for r in timed]
         full_times = [r[full_key] * epochs for r in timed]
-        ideal = step_flops(size, (size // patch) ** 2, "off") * epochs / sum(step_flops(*row) for row in rows)
+        ideal = step_flops(size, (size // patch) ** 2, "off", recipe_file) * epochs / sum(
+            step_flops(*row, recipe_file) for row in rows)
         results[config] = {"measured_speedup": statistics.median(f / t for f, t in zip(full_times, run_times)),
                            "ideal_speedup": ideal}
     return results
@@ -180,13 +200,16 @@ def speedups(rounds: Sequence[Dict[str, object]], epochs: int) -> Dict[str, Dict
 # ---------------------------------------------------------------------------------------------
 # posembed: the position table per forward (dynamic) vs a table resized once (fixed at the crop)
 # ---------------------------------------------------------------------------------------------
-def measure_posembed(steps: int, warmup: int, batch: int, crop: int = 24, log=print) -> Dict[str, object]:
-    name, kwargs, size, patch = MODEL
+def measure_posembed(steps: int, warmup: int, batch: int, crop: int = 24, log=print,
+                     recipe_file: str = DEMO) -> Dict[str, object]:
+    spec = demo(recipe_file)
+    name, size, patch = spec.model, spec.size, spec.patch
+    kwargs = {k: v for k, v in spec.kwargs.items() if k != "patch_size"}
     torch.manual_seed(0)
     models = {"per-forward (table at 32 px, interpolated)": create_model(name, size, patch, num_classes=10,
                                                                          dynamic_img_size=True, **kwargs),
               "resized once (table at the crop)": create_model(name, crop, patch, num_classes=10, **kwargs)}
-    optimizers = {k: torch.optim.AdamW(m.parameters(), lr=1e-3) for k, m in models.items()}
+    optimizers = {k: torch.optim.AdamW(m.parameters(), lr=spec.lr) for k, m in models.items()}
     images, labels = torch.randn(batch, 3, crop, crop), torch.randint(0, 10, (batch,))
     rounds = []
     for index in range(warmup + steps):
@@ -212,36 +235,31 @@ def measure_posembed(steps: int, warmup: int, batch: int, crop: int = 24, log=pr
 # ---------------------------------------------------------------------------------------------
 # accuracy: the real trainer
 # ---------------------------------------------------------------------------------------------
-def run_one(config: str, seed: int, epochs: int, data: str, work: str) -> Dict[str, object]:
+def run_command(config: str, seed: int, epochs: int, data: str, out: str, recipe_file: str = DEMO) -> List[str]:
+    """The EfficientTrain command of one run: the recipe file, then the configuration's flags."""
+    return trainer_command("et", recipe_file, *config_flags(config, epochs, recipe_file), "--seed", seed,
+                           "--data-path", data, "--output_dir", out, "--overwrite")
+
+
+def run_one(config: str, seed: int, epochs: int, data: str, work: str, recipe_file: str = DEMO) -> Dict[str, object]:
     out = os.path.join(work, f"{config}-e{epochs}-s{seed}")
-    cmd = [sys.executable, os.path.join(ROOT, "ToE", "EfficientTrain", "main.py"), *RECIPE,
-           *config_flags(config, epochs), "--seed", str(seed), "--data-path", data, "--output_dir", out,
-           "--overwrite"]
-    start = time.perf_counter()
-    env = dict(os.environ, TQDM_DISABLE="1")
-    result = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, check=False)
-    if result.returncode:
-        raise SystemExit(f"error: {config} seed {seed} failed:\n{result.stderr[-2000:]}")
-    with open(os.path.join(out, "log.txt")) as handle:
-        log = [json.loads(line) for line in handle if line.strip()]
-    return {"config": config, "seed": seed, "epochs": epochs, "top1": log[-1]["test_acc1"],
-            "train_seconds": sum(r["epoch_seconds"] for r in log), "wall_seconds": time.perf_counter() - start,
+    cmd = run_command(config, seed, epochs, data, out, recipe_file)
+    wall = run_trainer(cmd, out)
+    numbers = run_numbers(out)
+    return {"config": config, "seed": seed, "epochs": epochs, "top1": numbers["acc1"],
+            "train_seconds": numbers["train_seconds"], "wall_seconds": wall,
             "load_after": os.getloadavg(), "command": " ".join(cmd)}
 
 
-def _mean_std(values: Sequence[float]) -> Tuple[float, float]:
-    return statistics.fmean(values), (statistics.stdev(values) if len(values) > 1 else 0.0)
-
-
-def render(runs_path: str, speed_path: str, out_md: str, fig_path: Optional[str], epochs: int) -> str:
+def render(runs_path: str, speed_path: str, out_md: str, fig_path: Optional[str], epochs: int,
+           recipe_file: str = DEMO) -> str:
     """The table (runs of ``epochs`` epochs only) into ``out_md``, the figure into ``fig_path``."""
-    runs = [json.loads(line) for line in open(runs_path) if line.strip()] if os.path.isfile(runs_path) else []
-    runs = [r for r in runs if r["epochs"] == epochs]
+    runs = [r for r in read_runs(runs_path) if r["epochs"] == epochs]
     speed = json.load(open(speed_path)) if os.path.isfile(speed_path) else None
     lines = []
     if speed:
         # the phases of an `epochs`-long run from the stored step times (the same phase set)
-        speed["configs"] = speedups(speed["rounds"], epochs)
+        speed["configs"] = speedups(speed["rounds"], epochs, recipe_file)
         aa = speed["aa_control"]
         lines += [f"Step-level speed: `{speed['command']}` ({speed['steps']} rounds, batch {speed['batch']}, "
                   f"speedups for {epochs}-epoch runs; {speed.get('clock', 'perf_counter')} clock, "
@@ -256,7 +274,7 @@ def render(runs_path: str, speed_path: str, out_md: str, fig_path: Optional[str]
         ideal = speed["configs"][config]["ideal_speedup"] if speed else None
         measured = speed["configs"][config]["measured_speedup"] if speed else None
         if mine:
-            mean, std = _mean_std([r["top1"] for r in mine])
+            mean, std = mean_std([r["top1"] for r in mine])
             seconds = statistics.fmean(r["train_seconds"] for r in mine)
             load = max(r["load_after"][0] for r in mine)
             acc = f"{mean:.2f} ± {std:.2f}" if len(mine) > 1 else f"{mean:.2f} (one seed: no spread)"
@@ -289,7 +307,9 @@ def render(runs_path: str, speed_path: str, out_md: str, fig_path: Optional[str]
 def main(argv: Optional[Sequence[str]] = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("what", choices=["speed", "accuracy", "posembed", "render"])
-    parser.add_argument("--epochs", type=int, default=45)
+    parser.add_argument("--config", default=DEMO, help="the recipe file the configurations start from "
+                        "(default: the EfficientTrain demo's)")
+    parser.add_argument("--epochs", type=int, default=None, help="epochs of a run (default: the recipe's)")
     parser.add_argument("--steps", type=int, default=10)
     parser.add_argument("--warmup", type=int, default=2)
     parser.add_argument("--batch", type=int, default=64)
@@ -301,6 +321,7 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
     parser.add_argument("--cpu-time", action="store_true",
                         help="time steps in CPU seconds of this process, on 1 thread (for a busy shared host)")
     args = parser.parse_args(argv)
+    args.epochs = args.epochs or demo(args.config).epochs
     if args.cpu_time:
         global CLOCK
         CLOCK = time.process_time
@@ -309,31 +330,26 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
     speed_path = os.path.join(RESULTS, "efficienttrain_speed.json")
     if args.what == "speed":
         with open(speed_path, "w") as handle:
-            json.dump(measure_speed(args.epochs, args.steps, args.warmup, args.batch), handle, indent=1)
+            json.dump(measure_speed(args.epochs, args.steps, args.warmup, args.batch,
+                                    recipe_file=args.config), handle, indent=1)
     elif args.what == "posembed":
-        result = measure_posembed(args.steps, args.warmup, args.batch)
+        result = measure_posembed(args.steps, args.warmup, args.batch, recipe_file=args.config)
         with open(os.path.join(RESULTS, "efficienttrain_posembed.json"), "w") as handle:
             json.dump(result, handle, indent=1)
         print(json.dumps({k: result[k] for k in ("median_s", "per_forward_over_resized", "load_before")}, indent=1))
         return
     elif args.what == "accuracy":
-        if not os.path.isdir(args.data):
-            subprocess.run([sys.executable, "-m", "ToE.common.digits", "--out", args.data, "--size", "32"],
-                           cwd=ROOT, check=True)
-        done = set()
-        if os.path.isfile(args.runs):
-            done = {(r["config"], r["seed"], r["epochs"]) for r in map(json.loads, open(args.runs)) if r}
-        for seed in args.seeds:
-            for config in rotated(args.configs, seed):  # the order rotates per seed, as bench.accuracy does
-                if (config, seed, args.epochs) in done:
-                    continue
-                row = run_one(config, seed, args.epochs, args.data, args.work)
-                print(f"[bench] {config} seed {seed}: top-1 {row['top1']:.2f} %, {row['train_seconds']:.0f} s",
-                      flush=True)
-                with open(args.runs, "a") as handle:
-                    handle.write(json.dumps(row) + "\n")
+        build_digits(args.data, size=32)
+
+        def run(config: str, seed: int) -> Dict[str, object]:
+            row = run_one(config, seed, args.epochs, args.data, args.work, args.config)
+            print(f"[bench] {config} seed {seed}: top-1 {row['top1']:.2f} %, {row['train_seconds']:.0f} s", flush=True)
+            return row
+
+        # seed-major, the order rotated per seed; runs of these epochs already in --runs are kept
+        run_repeated(args.configs, args.seeds, run, args.runs, keep=lambda row: row["epochs"] == args.epochs)
     print(render(args.runs, speed_path, os.path.join(RESULTS, f"efficienttrain_e{args.epochs}.md"),
-                 os.path.join(FIGS, f"efficienttrain_e{args.epochs}.png"), args.epochs))
+                 os.path.join(FIGS, f"efficienttrain_e{args.epochs}.png"), args.epochs, args.config))
 
 
 if __name__ == "__main__":
