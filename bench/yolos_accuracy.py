@@ -3,15 +3,17 @@
     python -m bench.yolos_accuracy --seeds 0 1 2              # trains 2 x 3 runs, then renders
     python -m bench.yolos_accuracy --render                   # rewrite the table from the .jsonl only
 
-A run stored in the .jsonl whose folder still holds its complete log is kept, not retrained (the
-runs are deterministic), so adding seeds trains only the new ones.
-
-Every run is ``ToE/yolos/run/demo.sh`` itself (same data, model, schedule; its summary and figure
-included, the wall time too) with ``--seed S``; "full" adds one keep-1.0 stage (all tokens in
-every epoch), "toe" is the demo's schedule. Configurations alternate per seed (full first for even seeds, ToE first for
-odd ones), so slow phases of the machine do not all fall on one configuration. AP is the last
-epoch's pycocotools bbox AP on the 300 val canvases, all tokens. Results:
-``bench/results/yolos_accuracy.{md,jsonl}`` (the work folder keeps the runs).
+Every run is the demo recipe ``ToE/yolos/configs/demo.yaml`` (or ``--config FILE``: same data,
+model, schedule) through ``ToE/yolos/main.py --config FILE`` with ``--seed S``, its ToE stages
+scaled to ``--epochs`` (``ToE.common.config.demo_epoch_flags``); "full" adds one keep-1.0 stage
+(all tokens in every epoch), "toe" is the recipe's schedule. Runs go through
+``ToE.common.results.run_repeated``: seed-major, the configuration order rotated per seed (full
+first for the first seed, ToE first for the next, ...), so slow phases of the machine do not all
+fall on one configuration; each run is one JSON line of ``bench/results/yolos_accuracy.jsonl``
+(after a header line: machine, commit, command), and a run already there is kept, not retrained
+(the runs are deterministic), so adding seeds trains only the new ones. AP is the last epoch's
+pycocotools bbox AP on the 300 val canvases, all tokens; the ToE - full differences and time
+ratios are paired by seed (``ToE.common.results.paired_by_seed``).
 """
 
 from __future__ import annotations
@@ -19,34 +21,33 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import statistics
-import subprocess
 import sys
-import time
-from typing import Dict, List
+from typing import Dict, List, Optional, Sequence
 
-from bench.common import describe_machine, git_commit
+from bench.common import demo_config, describe_machine, git_commit, run_trainer, trainer_command
+from ToE.common.config import demo_epoch_flags
+from ToE.common.results import mean_se, paired_by_seed, read_runs, run_numbers, run_repeated
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 RESULTS = os.path.join(ROOT, "bench", "results")
 EPOCHS = 20
-DEMO = os.path.join(ROOT, "ToE", "yolos", "run", "demo.sh")
-# the demo's own training command (ToE/yolos/run/demo.sh, its ToE stages scaled to --epochs), with:
+DEMO = demo_config("yolos")
+# the recipe's own training command (its ToE stages scaled to --epochs), with:
 CONFIGS = {"full": ["--expansion-step", "0", "--keep-rate", "1.0"], "toe": []}
 
 
-def run_one(config: str, seed: int, epochs: int, work: str) -> Dict[str, object]:
+def run_command(config: str, seed: int, epochs: int, out: str, recipe_file: str = DEMO) -> List[str]:
+    """The YOLOS command of one run: the recipe file, its length, then the configuration's flags."""
+    return trainer_command("yolos", recipe_file, "--output_dir", out, *demo_epoch_flags("yolos", epochs, recipe_file),
+                           *CONFIGS[config], "--seed", seed, "--overwrite")
+
+
+def run_one(config: str, seed: int, epochs: int, work: str, recipe_file: str = DEMO) -> Dict[str, object]:
     out = os.path.join(work, f"{config}-seed{seed}")
-    env = dict(os.environ, PY=sys.executable, DEMO_OUT=out, DEMO_EPOCHS=str(epochs), TQDM_DISABLE="1")
-    start = time.perf_counter()
-    subprocess.run(["bash", DEMO, *CONFIGS[config], "--seed", str(seed), "--overwrite"], cwd=ROOT, env=env,
-                   check=True, stdout=subprocess.DEVNULL)
-    wall = time.perf_counter() - start
-    with open(os.path.join(out, "log.txt")) as handle:
-        records = [json.loads(line) for line in handle if line.strip()]
-    last = records[-1]
-    return {"config": config, "seed": seed, "epochs": epochs, "AP": last["test_AP"], "AP50": last["test_AP50"],
-            "AP75": last["test_AP75"], "train_seconds": sum(r["epoch_seconds"] for r in records),
+    wall = run_trainer(run_command(config, seed, epochs, out, recipe_file), out)
+    numbers = run_numbers(out)
+    return {"config": config, "seed": seed, "epochs": epochs, "AP": numbers["AP"], "AP50": numbers["AP50"],
+            "AP75": numbers["AP75"], "train_seconds": numbers["train_seconds"],
             "wall_seconds": wall, "load_after": round(os.getloadavg()[0], 2)}
 
 
@@ -63,62 +64,52 @@ def render(rows: List[Dict[str, object]], header: Dict[str, object]) -> str:
     for config in CONFIGS:
         aps = [r["AP"] for r in rows if r["config"] == config]
         if aps:
-            spread = f" ± {statistics.stdev(aps) / len(aps) ** 0.5:.4f} (SE)" if len(aps) > 1 else ""
-            lines.append(f"- {config}: mean AP {statistics.fmean(aps):.4f}{spread} over {len(aps)} seed(s)")
-    paired = {}
-    for row in rows:
-        paired.setdefault(row["seed"], {})[row["config"]] = row
-    diffs = [p["toe"]["AP"] - p["full"]["AP"] for p in paired.values() if {"toe", "full"} <= set(p)]
-    speed = [p["full"]["train_seconds"] / p["toe"]["train_seconds"] for p in paired.values()
-             if {"toe", "full"} <= set(p)]
+            mean, se = mean_se(aps)
+            spread = f" ± {se:.4f} (SE)" if se is not None else ""
+            lines.append(f"- {config}: mean AP {mean:.4f}{spread} over {len(aps)} seed(s)")
+    diffs = paired_by_seed(rows, "toe", "full", lambda toe, full: toe["AP"] - full["AP"])
+    speed = paired_by_seed(rows, "toe", "full", lambda toe, full: full["train_seconds"] / toe["train_seconds"])
     if diffs:
-        lines.append(f"- ToE - full, paired by seed: AP {statistics.fmean(diffs):+.4f} over {len(diffs)} seed(s); "
-                     f"training-time ratio full / ToE {statistics.fmean(speed):.2f}x (run-level wall time on a shared "
-                     "machine: see the load column)")
+        lines.append(f"- ToE - full, paired by seed: AP {mean_se([d for _, d in diffs])[0]:+.4f} over {len(diffs)} "
+                     f"seed(s); training-time ratio full / ToE {mean_se([s for _, s in speed])[0]:.2f}x (run-level "
+                     "wall time on a shared machine: see the load column)")
     return "\n".join(lines)
 
 
-def main() -> None:
+def read_results(path: str):
+    """(header, runs) of a results .jsonl: the header is its first line (no "config")."""
+    with open(path) as handle:
+        first = json.loads(handle.readline() or "{}")
+    return ({} if "config" in first else first), read_runs(path)
+
+
+def main(argv: Optional[Sequence[str]] = None) -> str:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--config", default=DEMO, help="the recipe file (default: the YOLOS demo's)")
     parser.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
     parser.add_argument("--epochs", type=int, default=EPOCHS)
     parser.add_argument("--work", default="runs/bench-yolos-accuracy", help="folder of the runs")
     parser.add_argument("--render", action="store_true", help="only rewrite the table from the stored runs")
-    args = parser.parse_args()
-    stem = os.path.join(RESULTS, "yolos_accuracy")
+    parser.add_argument("--out", default=os.path.join(RESULTS, "yolos_accuracy"), help="stem of the .jsonl/.md")
+    args = parser.parse_args(argv)
+    stem = args.out
     if args.render:
-        with open(stem + ".jsonl") as handle:
-            lines = [json.loads(line) for line in handle if line.strip()]
-        header, rows = lines[0], lines[1:]
+        header, rows = read_results(stem + ".jsonl")
     else:
         header = {"machine": describe_machine(), "commit": git_commit(),
-                  "command": "python -m bench.yolos_accuracy " + " ".join(sys.argv[1:])}
-        rows = []
-        os.makedirs(RESULTS, exist_ok=True)
-        # Runs are deterministic: a finished run of the same command stored before is kept, not retrained.
-        stored = {}
-        if os.path.isfile(stem + ".jsonl"):
-            with open(stem + ".jsonl") as handle:
-                for line in list(handle)[1:]:
-                    row = json.loads(line)
-                    stored[(row["config"], row["seed"], row["epochs"])] = row
-        for seed in args.seeds:
-            order = list(CONFIGS) if seed % 2 == 0 else list(reversed(CONFIGS))
-            for config in order:
-                log = os.path.join(args.work, f"{config}-seed{seed}", "log.txt")
-                key = (config, seed, args.epochs)
-                if key in stored and os.path.isfile(log) and sum(1 for _ in open(log)) == args.epochs:
-                    rows.append(stored[key])
-                    continue
-                rows.append(run_one(config, seed, args.epochs, args.work))
-                print(json.dumps(rows[-1]), flush=True)
-                with open(stem + ".jsonl", "w") as handle:
-                    for item in [header] + rows:
-                        handle.write(json.dumps(item) + "\n")
+                  "command": "python -m bench.yolos_accuracy " + " ".join(sys.argv[1:] if argv is None else argv)}
+        kept = [row for row in read_runs(stem + ".jsonl") if row["epochs"] == args.epochs]
+        os.makedirs(os.path.dirname(stem) or ".", exist_ok=True)
+        with open(stem + ".jsonl", "w") as handle:  # this session's header, then the runs it keeps
+            handle.writelines(json.dumps(item) + "\n" for item in [header, *kept])
+        rows = run_repeated(list(CONFIGS), args.seeds,
+                            lambda config, seed: run_one(config, seed, args.epochs, args.work, args.config),
+                            stem + ".jsonl")
     text = render(rows, header)
     with open(stem + ".md", "w") as handle:
         handle.write(text + "\n")
     print(text)
+    return text
 
 
 if __name__ == "__main__":
