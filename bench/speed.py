@@ -37,32 +37,46 @@ import statistics
 import sys
 import tempfile
 import time
-from typing import Callable, Dict, List, Optional, Sequence
+from typing import Callable, Dict, Optional, Sequence
 
 import torch
 from torch import nn
 
 import token_select
-from bench.common import describe_machine, git_commit, rotated
+from bench.common import demo_config, describe_machine, git_commit, recipe, rotated
 from ToE.common.args import add_toe_args
+from ToE.common.results import paired_ratios
 from ToE.flops import analytic_step_flops, create_model, model_shape
 
-__all__ = ["MODELS", "SavedTensorBytes", "saved_activation_bytes", "median_time", "paired_ratios", "summarise",
-           "format_markdown", "measure_model", "main"]
+__all__ = ["MODELS", "model_spec", "SavedTensorBytes", "saved_activation_bytes", "median_time", "paired_ratios",
+           "summarise", "format_markdown", "measure_model", "main"]
 
 RESULTS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
 
-# name -> (timm name, create_model kwargs, input size, default batch size)
+DEMO = demo_config("deit")
+# name -> (timm name, create_model kwargs, input size, default batch size); "demo" is the DeiT demo
+# recipe's model (its file: model_spec)
 MODELS: Dict[str, tuple] = {
     "deit_tiny": ("deit_tiny_patch16_224", {}, 224, 32),
     "deit_small": ("deit_small_patch16_224", {}, 224, 32),
-    # The demo model of run/demo.sh: a 6-block, 96-wide ViT on 32 px digits, 4 px patches (64 tokens).
-    "demo": ("vit_tiny_patch16_224", {"embed_dim": 96, "depth": 6, "num_heads": 3, "patch_size": 4,
-                                      "num_classes": 10}, 32, 64),
     # LV-ViT-S (ToE/lvvit; conv stem, aux head on every token, MixToken): the FLOP ideal counts the
     # transformer and the stem's patch projection, not the stem's three 112 x 112 convolutions.
     "lvvit_s": ("lvvit_s", {}, 224, 32),
 }
+CHOICES = sorted([*MODELS, "demo"])
+
+
+def model_spec(name: str, recipe_file: str = DEMO) -> tuple:
+    """(timm name, create_model kwargs, input size, batch size) of ``name``: one of ``MODELS``, or
+    "demo", the model and batch size of the recipe file (default: the DeiT demo; digits: 10 classes)."""
+    if name != "demo":
+        return MODELS[name]
+    values = recipe("deit", recipe_file)
+    kwargs = dict(values.get("model_kwargs") or {})
+    if values.get("patch_size"):
+        kwargs["patch_size"] = int(values["patch_size"])
+    kwargs["num_classes"] = 10
+    return values["model"], kwargs, int(values["input_size"]), int(values["batch_size"])
 
 
 def _step_loss(outputs, labels: torch.Tensor) -> torch.Tensor:
@@ -152,9 +166,9 @@ def _sync(device: torch.device) -> None:
 
 
 def measure_model(name: str, batch_size: Optional[int], steps: int, warmup: int, device: torch.device,
-                  schedule: Dict[str, object], log=print) -> Dict[str, object]:
-    """Step times (every round), memory and operator time of one model of ``MODELS`` (see module doc)."""
-    timm_name, kwargs, input_size, default_batch = MODELS[name]
+                  schedule: Dict[str, object], log=print, recipe_file: str = DEMO) -> Dict[str, object]:
+    """Step times (every round), memory and operator time of one model (``model_spec``; see module doc)."""
+    timm_name, kwargs, input_size, default_batch = model_spec(name, recipe_file)
     if timm_name.startswith("lvvit"):
         import ToE.lvvit  # noqa: F401  (registers the LV-ViT models in timm; only when measured)
     batch = batch_size or default_batch
@@ -251,11 +265,6 @@ def measure_model(name: str, batch_size: Optional[int], steps: int, warmup: int,
                                    "times_s": operator_time["times_s"]}})
 
 
-def paired_ratios(reference: Sequence[float], other: Sequence[float]) -> List[float]:
-    """reference[i] / other[i] for every round i: the speedup of ``other`` within each round."""
-    return [r / o for r, o in zip(reference, other)]
-
-
 def summarise(model: Dict[str, object]) -> Dict[str, object]:
     """Fill in the figures derived from a model's step times (``measure_model`` and ``--render``).
 
@@ -334,8 +343,9 @@ def format_markdown(results: Dict[str, object]) -> str:
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m bench.speed", description=__doc__.split("\n\n")[0],
                                      formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    parser.add_argument("--models", nargs="+", default=["deit_tiny", "deit_small", "demo"], choices=sorted(MODELS),
-                        help="models to measure")
+    parser.add_argument("--models", nargs="+", default=["deit_tiny", "deit_small", "demo"], choices=CHOICES,
+                        help="models to measure (demo: the model of --config)")
+    parser.add_argument("--config", default=DEMO, help="the recipe file of the demo model (default: the DeiT demo's)")
     parser.add_argument("--batch-size", type=int, default=None,
                         help="batch size for every model (default: 32 at 224 px, 64 for the demo)")
     parser.add_argument("--steps", type=int, default=7, help="timed rounds (one step of each configuration each)")
@@ -392,7 +402,8 @@ def main(argv: Optional[Sequence[str]] = None) -> Dict[str, object]:
         parser.error(str(error))
     results = {"machine": describe_machine(), "commit": git_commit(), "device": str(device), "schedule": schedule,
                "command": " ".join(["python -m bench.speed", *(sys.argv[1:] if argv is None else argv)]),
-               "models": [measure_model(name, args.batch_size, args.steps, args.warmup, device, schedule)
+               "models": [measure_model(name, args.batch_size, args.steps, args.warmup, device, schedule,
+                                        recipe_file=args.config)
                           for name in args.models]}
     out = args.out or (os.path.join(tempfile.gettempdir(), "toe_bench") if args.quick else RESULTS)
     os.makedirs(out, exist_ok=True)

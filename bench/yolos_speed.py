@@ -2,6 +2,9 @@
 
     python -m bench.yolos_speed --steps 15                    # the demo detector (64 px digits canvases)
     python -m bench.yolos_speed --models yolos_ti --steps 5   # YOLOS-Ti at 512 x 672, batch 2
+    python -m bench.yolos_speed --render                      # measure nothing: rewrite the .md from the .json
+
+The demo detector is the model of ``ToE/yolos/configs/demo.yaml`` (or ``--config FILE``).
 
 One training step = forward, Hungarian matching and set loss, backward and AdamW, on random
 images and random targets (3 boxes per image), with the operator attached after block 0 in the
@@ -23,24 +26,53 @@ import json
 import os
 import statistics
 import time
-from typing import Dict, Optional, Sequence
+from typing import Dict, NamedTuple, Optional, Sequence, Tuple
 
 import torch
 
 import token_select
-from bench.common import describe_machine, git_commit, rotated
-from bench.speed import SavedTensorBytes, paired_ratios
+from bench.common import demo_config, describe_machine, git_commit, recipe, rotated
+from bench.speed import SavedTensorBytes
+from ToE.common.results import paired_ratios
 from ToE.yolos.loss import HungarianMatcher, SetCriterion
 from ToE.yolos.model import YOLOS, create_backbone
 
 RESULTS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
-# name -> (timm name, kwargs, image (H, W), batch, det tokens, init_pe_size, mid_pe_size, ToE keep rates)
-MODELS: Dict[str, tuple] = {
-    "demo": ("vit_tiny_patch16_224", dict(img_size=64, patch_size=8, embed_dim=96, depth=4, num_heads=3),
-             (64, 64), 16, 4, (64, 64), None),
-    "yolos_ti": ("deit_tiny_patch16_224", {}, (512, 672), 2, 100, (800, 1333), None),
-    "yolos_s": ("deit_small_patch16_224", {}, (512, 672), 1, 100, (512, 864), (512, 864)),
+DEMO = demo_config("yolos")
+
+
+class Detector(NamedTuple):
+    """One measured detector: its backbone, the image and batch of a timed step, and YOLOS's tokens."""
+    backbone: str               # timm name
+    kwargs: Dict[str, object]   # create_backbone kwargs
+    image: Tuple[int, int]      # (H, W) of the random images
+    batch: int
+    det_tokens: int
+    init_pe_size: Tuple[int, int]
+    mid_pe_size: Optional[Tuple[int, int]]
+
+
+# the published YOLOS sizes; "demo" is the model of the YOLOS demo recipe (detector())
+MODELS: Dict[str, Detector] = {
+    "yolos_ti": Detector("deit_tiny_patch16_224", {}, (512, 672), 2, 100, (800, 1333), None),
+    "yolos_s": Detector("deit_small_patch16_224", {}, (512, 672), 1, 100, (512, 864), (512, 864)),
 }
+CHOICES = sorted([*MODELS, "demo"])
+DEMO_BATCH = 16  # the timed batch of the demo model (its recipe trains with 8 per step)
+
+
+def detector(name: str, recipe_file: str = DEMO) -> Detector:
+    """``MODELS[name]``, or for "demo" the backbone, detection tokens and image size of the recipe file."""
+    if name != "demo":
+        return MODELS[name]
+    values = recipe("yolos", recipe_file)
+    init_pe = tuple(int(v) for v in values["init_pe_size"])
+    image = tuple(int(v) for v in (values.get("crop_size") or init_pe))
+    mid = values.get("mid_pe_size")
+    return Detector(values["backbone_name"], dict(values.get("backbone_kwargs") or {}), image, DEMO_BATCH,
+                    int(values["det_token_num"]), init_pe, tuple(mid) if mid else None)
+
+
 SCHEDULE = dict(expansion_step=[1, 2, 3], keep_rate=[0.5, 0.75, 1.0], initialization_keep_rate=0.25,
                 expansion_multiple_stage=2)
 NUM_CLASSES = 11
@@ -51,8 +83,8 @@ def _targets(batch: int, gen: torch.Generator):
              "boxes": torch.rand(3, 4, generator=gen) * 0.4 + 0.2} for _ in range(batch)]
 
 
-def measure_model(name: str, steps: int, warmup: int) -> Dict[str, object]:
-    backbone_name, kwargs, (height, width), batch, det, init_pe, mid_pe = MODELS[name]
+def measure_model(name: str, steps: int, warmup: int, recipe_file: str = DEMO) -> Dict[str, object]:
+    backbone_name, kwargs, (height, width), batch, det, init_pe, mid_pe = detector(name, recipe_file)
     torch.manual_seed(0)
     model = YOLOS(create_backbone(backbone_name, kwargs), NUM_CLASSES, det, init_pe, mid_pe).train()
     toe = token_select.TokenSelect(**SCHEDULE)
@@ -137,13 +169,24 @@ def format_markdown(results: Dict[str, object]) -> str:
 
 def main(argv: Optional[Sequence[str]] = None) -> Dict[str, object]:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--models", nargs="+", default=["demo"], choices=sorted(MODELS))
+    parser.add_argument("--models", nargs="+", default=["demo"], choices=CHOICES,
+                        help="detectors to measure (demo: the model of --config)")
+    parser.add_argument("--config", default=DEMO, help="the recipe file of the demo model (default: the YOLOS demo's)")
+    parser.add_argument("--render", action="store_true", help="measure nothing: rewrite the .md from the .json")
     parser.add_argument("--steps", type=int, default=15, help="timed rounds (default: 15)")
     parser.add_argument("--warmup", type=int, default=2, help="untimed steps per configuration (default: 2)")
     parser.add_argument("--out", default=os.path.join(RESULTS, "yolos_speed"), help="output stem (.md, .json)")
     args = parser.parse_args(argv)
+    if args.render:
+        with open(args.out + ".json") as handle:
+            results = json.load(handle)
+        text = format_markdown(results)
+        with open(args.out + ".md", "w") as handle:
+            handle.write(text + "\n")
+        print(text)
+        return results
     load_before = os.getloadavg()[0]
-    models = [measure_model(name, args.steps, args.warmup) for name in args.models]
+    models = [measure_model(name, args.steps, args.warmup, args.config) for name in args.models]
     results = {"machine": describe_machine(), "commit": git_commit(), "models": models,
                "load_before": round(load_before, 2), "load_after": round(os.getloadavg()[0], 2),
                "command": "python -m bench.yolos_speed " + " ".join(argv if argv is not None else
