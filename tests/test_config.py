@@ -1,0 +1,183 @@
+"""Recipes as data: -c/--config FILE.yaml, the recipe files, and the scripts and demos that read them."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+
+from ToE.common.config import TRAINERS, config_path, load_config, scaled_stages
+from ToE.common.errors import UserError
+
+ROOT = Path(__file__).resolve().parents[1]
+PARSERS = {"deit": "ToE.deit.main", "lvvit": "ToE.lvvit.main", "et": "ToE.EfficientTrain.main",
+           "yolos": "ToE.yolos.main"}
+RECIPES = {"deit": ["imagenet_tiny", "imagenet_small", "imagenet_base", "demo"],
+           "lvvit": ["imagenet_small", "imagenet_medium", "demo"],
+           "et": ["imagenet_tiny", "imagenet_small", "demo"],
+           "yolos": ["coco_tiny", "coco_small", "demo"]}
+
+
+def parse(trainer, argv):
+    import importlib
+
+    return importlib.import_module(PARSERS[trainer]).parse_args([str(a) for a in argv])
+
+
+@pytest.mark.parametrize("trainer, name", [(t, n) for t, names in RECIPES.items() for n in names])
+def test_every_recipe_file_parses_and_sets_its_values(trainer, name):
+    path = config_path(trainer, name)
+    args = parse(trainer, ["-c", path])
+    for key, value in load_config(path).items():
+        assert getattr(args, key) == value, (trainer, name, key)
+
+
+def test_command_line_overrides_the_file_and_the_file_overrides_the_defaults(tmp_path):
+    path = tmp_path / "r.yaml"
+    path.write_text("lr: 2.0e-3\nkeep_rate: [0.6, 1.0]\nexpansion_step: [0, 5]\nmodel_kwargs: {depth: 2}\n"
+                    "model_ema: false\nclip_grad: 1\n")
+    args = parse("deit", ["-c", path])
+    assert (args.lr, args.keep_rate, args.expansion_step, args.model_kwargs, args.model_ema, args.clip_grad) == \
+        (2e-3, [0.6, 1.0], [0, 5], {"depth": 2}, False, 1.0)
+    args = parse("deit", ["--config", path, "--lr", "3e-3", "--keep-rate", "0.7", "1.0", "--model-ema"])
+    assert (args.lr, args.keep_rate, args.model_ema) == (3e-3, [0.7, 1.0], True)
+    assert parse("deit", []).lr == 5e-4  # no file: the trainer's defaults
+
+
+@pytest.mark.parametrize("text, needle", [
+    ("lrr: 1.0\n", "lrr is not a flag of this trainer (did you mean lr?)"),
+    ("keep_rate: 0.5\n", "keep_rate is 0.5, expected a list"),
+    ("expansion_step: [0, 1.5]\n", "expected a list of integers"),
+    ("model_ema: maybe\n", "expected true or false"),
+    ("lr: [\n", "is not valid YAML at line 2"),
+    ("- lr\n", "holds a list, not a mapping"),
+    ("resume: old.pth\n", "resume is not a flag of this trainer"),  # only the command line resumes
+])
+def test_bad_config_file_is_one_line(tmp_path, capsys, text, needle):
+    from ToE.deit.main import cli
+
+    path = tmp_path / "r.yaml"
+    path.write_text(text)
+    with pytest.raises(SystemExit) as stop:
+        cli(["-c", str(path)])
+    assert stop.value.code == 2
+    err = capsys.readouterr().err.strip()
+    assert needle in err and len(err.splitlines()) == 1 and "Traceback" not in err, err
+
+
+def test_config_value_goes_through_the_flags_own_check(capsys):
+    from ToE.deit.main import cli
+
+    with pytest.raises(SystemExit):
+        cli(["-c", config_path("deit", "demo"), "--check-only"] + ["-c", "/nonexistent.yaml"])
+    assert "config file /nonexistent.yaml does not exist" in capsys.readouterr().err
+    with pytest.raises(UserError, match="needs a file"):
+        parse("deit", ["-c"])
+
+
+def test_scaled_stages():
+    assert scaled_stages([0, 16, 32], 48, 24) == [0, 8, 16]
+    assert scaled_stages([0, 16, 32], 48, 3) == [0, 1, 2]
+    assert scaled_stages([1, 7, 13], 20, 3) == [1, 2, 3]
+    assert scaled_stages([5, 100, 200], 300, 300) == [5, 100, 200]
+
+
+def test_lvvit_defaults_are_its_published_recipe_file_and_the_published_aliases_work():
+    args = parse("lvvit", [])
+    recipe = load_config(config_path("lvvit", "imagenet_small"))
+    assert {key: getattr(args, key) for key in recipe} == recipe
+    assert (args.model, args.epochs, args.cooldown_epochs, args.lr, args.unscale_lr) == ("lvvit_s", 300, 10, 1.6e-3, True)
+    args = parse("lvvit", ["-b", "32", "--img-size", "192", "--apex-amp", "--no-model-ema"])
+    assert (args.batch_size, args.input_size, args.amp_dtype, args.model_ema) == (32, 192, "float16", False)
+    args = parse("lvvit", ["-c", config_path("lvvit", "imagenet_medium")])
+    assert (args.model, args.drop_path) == ("lvvit_m", 0.2)
+
+
+def _copy_repository(tmp_path: Path) -> Path:
+    """The code of the repository (not its data, outputs or venv, which are linked) in tmp_path."""
+    copy = tmp_path / "repo"
+    copy.mkdir()
+    for name in ("ToE", "run", "token_select.py", "pyproject.toml"):
+        source = ROOT / name
+        if source.is_dir():
+            shutil.copytree(source, copy / name, ignore=shutil.ignore_patterns("__pycache__"))
+        else:
+            shutil.copy(source, copy / name)
+    (copy / ".venv").symlink_to(ROOT / ".venv")
+    (copy / "data").mkdir()
+    return copy
+
+
+@pytest.mark.e2e
+@pytest.mark.parametrize("trainer", list(TRAINERS))
+def test_the_demo_runs_what_its_yaml_says(tmp_path, trainer):
+    """The demo's YAML is the one place of its flags: another lr written there is the lr the demo trains with."""
+    copy = _copy_repository(tmp_path)
+    recipe = copy / "ToE" / TRAINERS[trainer] / "configs" / "demo.yaml"
+    text = recipe.read_text()
+    assert "\nlr: 1.0e-3\n" in text or "\nlr: 5.0e-4\n" in text
+    recipe.write_text(text.replace("\nlr: 1.0e-3\n", "\nlr: 7.5e-4\n").replace("\nlr: 5.0e-4\n", "\nlr: 7.5e-4\n"))
+    out = tmp_path / "out"
+    env = {**os.environ, "DEMO_OUT": str(out), "DEMO_EPOCHS": "1"}
+    # the data folders are written into the copy (a few seconds), as on a fresh clone
+    result = subprocess.run(["bash", "run/demo.sh", trainer], cwd=copy, env=env, capture_output=True, text=True,
+                            timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+    run_dir = out / "run" if trainer == "lvvit" else out
+    stored = yaml.safe_load((run_dir / "args.yaml").read_text())
+    assert stored["lr"] == 7.5e-4 and stored["epochs"] == 1
+    assert stored["config"].endswith(f"{TRAINERS[trainer]}/configs/demo.yaml")
+
+
+@pytest.mark.e2e
+def test_published_run_script_smoke_test_with_epochs_1(tmp_path):
+    """bash ToE/deit/run/imagenet_small_run1.sh DATA OUT --epochs 1, the usual smoke test of a recipe,
+    runs on the CPU with a small model passed through, and writes a checkpoint."""
+    from helpers import write_images
+
+    data = tmp_path / "images"
+    write_images(data)
+    out = tmp_path / "out"
+    result = subprocess.run(
+        ["bash", "ToE/deit/run/imagenet_small_run1.sh", str(data), str(out), "--epochs", "1",
+         "--model", "vit_tiny_patch16_224", "--model-kwargs", "embed_dim=32", "depth=2", "num_heads=2",
+         "--input-size", "32", "--patch-size", "4", "--batch-size", "4", "--num_workers", "0"],
+        cwd=ROOT, env={**os.environ, "NPROC": "1", "CUDA_VISIBLE_DEVICES": ""}, capture_output=True, text=True,
+        timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "warning: --warmup-epochs 5 is as long as the run (--epochs 1)" in result.stdout
+    checkpoint = torch.load(out / "checkpoint.pth", map_location="cpu", weights_only=False)
+    assert checkpoint["epoch"] == 0
+    stored = yaml.safe_load((out / "args.yaml").read_text())
+    assert (stored["seed"], stored["expansion_step"], stored["epochs"]) == (3407, [0, 100, 200], 1)
+
+
+@pytest.mark.e2e
+def test_args_yaml_reruns_the_run(tmp_path):
+    """A run's args.yaml is its resolved configuration: -c OUT/args.yaml --output_dir NEW trains the same weights."""
+    from helpers import write_images
+
+    data = tmp_path / "images"
+    write_images(data)
+    first = tmp_path / "first"
+    flags = ["--data-path", data, "--device", "cpu", "--num_workers", "0", "--no-pin-mem", "--epochs", "2",
+             "--cooldown-epochs", "1", "--model", "vit_tiny_patch16_224", "--model-kwargs", "embed_dim=32", "depth=2",
+             "num_heads=2", "--input-size", "16", "--patch-size", "4", "--batch-size", "4", "--warmup-epochs", "0",
+             "--aa", "none", "--mixup", "0", "--cutmix", "0", "--expansion-step", "0", "2", "--keep-rate", "0.5", "1.0"]
+    main = str(ROOT / "ToE" / "deit" / "main.py")
+    subprocess.run([sys.executable, main, *map(str, flags), "--output_dir", str(first)], check=True,
+                   capture_output=True)
+    again = tmp_path / "again"
+    subprocess.run([sys.executable, main, "-c", str(first / "args.yaml"), "--output_dir", str(again)], check=True,
+                   capture_output=True)
+    stored = yaml.safe_load((again / "args.yaml").read_text())
+    assert (stored["epochs"], stored["cooldown_epochs"], stored["run_epochs"]) == (2, 1, 3)
+    a = torch.load(first / "checkpoint.pth", map_location="cpu", weights_only=False)["model"]
+    b = torch.load(again / "checkpoint.pth", map_location="cpu", weights_only=False)["model"]
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
