@@ -45,6 +45,7 @@ WITHOUT_TOKEN_LABELS = ("toe_no_tl",)
 
 def run_command(name: str, seed: int, epochs: int, labels: str, out: str, recipe_file: str = DEMO) -> List[str]:
     """The LV-ViT command of one run: the recipe file, its length, the labels and the configuration."""
+    recipe_file = recipe_file or DEMO
     if name in WITHOUT_TOKEN_LABELS:
         recipe_file = derived_recipe(recipe_file, os.path.join(out + "_recipe.yaml"), token_label=False)
     return trainer_command("lvvit", recipe_file, *demo_epoch_flags("lvvit", epochs, recipe_file),

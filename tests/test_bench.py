@@ -1,17 +1,46 @@
-"""Fast tests of the bench scripts (bench/): what each one measures and how it reports it."""
+"""Tests of the results toolkit (ToE.common.results, ToE.common.summary) and the bench scripts
+(bench/): what each one measures, which recipe it runs and how it reports it. Reports are checked
+by their numbers (the JSON, the cells of the rendered tables), not by their prose."""
 
 import json
 import math
 import pathlib
+import re
+import shutil
 
 import pytest
 import torch
+import yaml
 from torch import nn
 
 import token_select
-from bench import accuracy, speed
+from bench import accuracy, efficienttrain, lvvit_accuracy, speed, yolos_accuracy, yolos_speed
 from bench.common import rotated
 from ToE import flops
+from ToE.common import results
+from ToE.common.config import config_path, load_config
+from ToE.common.errors import UserError
+
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+STORED = ROOT / "bench" / "results"
+
+
+def numbers(text):
+    """Every number in ``text``, in order (signs kept)."""
+    return [float(n) for n in re.findall(r"[-+]?\d+(?:\.\d+)?", text)]
+
+
+def table_rows(text):
+    """The body rows of every markdown table in ``text``, each a list of its cells."""
+    rows = []
+    for line in text.splitlines():
+        if line.startswith("|") and not line.startswith("|---"):
+            rows.append([cell.strip() for cell in line.strip().strip("|").split("|")])
+    return [row for row in rows if not any(cell in ("config", "stage", "epochs", "configuration") for cell in row[:1])]
+
+
+def line_with(text, word):
+    return next(line for line in text.splitlines() if word in line)
 
 # A 2-block, 32-wide ViT on 32 px images with 8 px patches: 16 patch tokens, a step in milliseconds.
 TINY_SPEC = ("vit_tiny_patch16_224", {"embed_dim": 32, "depth": 2, "num_heads": 2, "patch_size": 8,
@@ -84,9 +113,13 @@ def test_speed_run_rotates_the_order_and_reports_the_aa_control(tmp_path, monkey
     assert stored["command"] == ("python -m bench.speed --models tiny --steps 5 --warmup 1 "
                                  f"--threads {threads} --device cpu --out {tmp_path}")
     table = (tmp_path / "speed.md").read_text()
-    assert "5 timed rounds after 1 warm-up" in table and "the order rotated each round" in table
-    assert (f"A/A control: stage 3 (ToE off: the same work as full tokens) against full tokens, paired by round: "
-            f"median {model['aa_control']['median']:.3f}x") in table
+    cells = {row[0]: row for row in table_rows(table)}
+    for row in model["rows"]:  # the table shows the JSON's numbers
+        label = "full tokens" if row["config"] == "full" else \
+            next(k for k in cells if k.startswith(f"stage {row['stage']}"))
+        assert numbers(cells[label][3]) == [round(row["measured_speedup"], 3)]
+        assert numbers(cells[label][4]) == [round(row["ideal_speedup"], 3)]
+    assert numbers(line_with(table, "A/A control"))[:2] == [3, round(model["aa_control"]["median"], 3)]
 
 
 def _hand_made_speed_results():
@@ -128,9 +161,13 @@ def test_speed_render_pairs_steps_by_round(tmp_path):
     assert model["run"]["ideal_speedup"] == pytest.approx(1 / ((0.5 + 0.8 + 1.0) / 3))
     assert model["operator"]["share_of_stage1_step"] == pytest.approx(0.05 / 0.5)
     table = (tmp_path / "speed.md").read_text()
-    assert "the order fixed (full, stage1, stage2, stage3) in every round" in table  # no rounds stored
-    assert ("median 1.000x, rounds 0.909x to 1.053x, largest |1 - ratio| 0.091. Measured/ideal ratios within "
-            "1 ± 0.091 are noise: stage 1 1.000, within noise; stage 2 1.600, beyond noise.") in table
+    cells = {row[0]: row for row in table_rows(table)}
+    assert numbers(cells["stage 1"][3]) == [2.0] and numbers(cells["stage 2"][3]) == [2.0]
+    assert numbers(cells["stage 2"][5]) == [1.6] and numbers(cells["stage 1"][7]) == [0.5]
+    # A/A line: stage 3, median 1.000, rounds 0.909 to 1.053, largest deviation 0.091 (the noise band)
+    assert numbers(line_with(table, "A/A control"))[:6] == [3, 1.0, 0.909, 1.053, 1, 0.091]
+    whole = numbers(line_with(table, "Whole run"))
+    assert [round(model["run"]["measured_speedup"], 3), round(model["run"]["ideal_speedup"], 3)] == whole[-3:-1]
 
 
 def test_speed_needs_a_tokens_off_stage_for_the_aa_control(capsys):
@@ -153,19 +190,71 @@ def test_accuracy_config_flags_put_stages_at_thirds():
     assert not token_select.is_reducing_stage(stage, [float(full[full.index("--keep-rate") + 1])])
 
 
-def test_accuracy_reads_log(tmp_path):
-    log = tmp_path / "log.txt"
-    log.write_text("\n".join(json.dumps({"epoch": e, "test_acc1": 50.0 + 10 * e, "train_time": 2.0})
-                             for e in range(3)) + "\nnot json\n")
-    parsed = accuracy.read_log(str(log))
-    assert parsed["acc1"] == 70.0 and parsed["train_seconds"] == 6.0 and parsed["time_key"] == "train_time"
+def _write_run(folder, records, **args):
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "log.txt").write_text("".join(json.dumps(r) + "\n" for r in records))
+    (folder / "args.yaml").write_text(yaml.safe_dump(args))
+    return folder
+
+
+def test_run_numbers_read_the_log(tmp_path):
+    """One reader for every bench: last top-1 and EMA, best, training seconds by stage."""
+    records = [{"epoch": e, "stage": 1 + e // 2, "kept_tokens": 8, "epoch_seconds": t, "test_acc1": a,
+                "ema_acc1": a - 1} for e, (t, a) in enumerate([(2.0, 50.0), (9.0, 80.0), (3.0, 70.0), (3.0, 75.0)])]
+    run = _write_run(tmp_path / "run", records, model="m", input_size=32)
+    numbers_ = results.run_numbers(str(run))
+    assert numbers_["acc1"] == 75.0 and numbers_["ema_acc1"] == 74.0 and numbers_["best_acc1"] == 80.0
+    assert numbers_["train_seconds"] == 17.0 and numbers_["epoch_seconds"] == [2.0, 9.0, 3.0, 3.0]
+    assert numbers_["robust_train_seconds"] == pytest.approx(2 * 5.5 + 2 * 3.0)
+    assert results.run_numbers(str(run), epochs=5) is None  # unfinished for a 5-epoch bench
+    assert results.run_numbers(str(tmp_path / "none")) is None
+    (run / "log.txt").write_text((run / "log.txt").read_text() + '{"epoch": 4, "sta')
+    with pytest.raises(UserError, match="line 5 is damaged"):
+        results.run_numbers(str(run))
 
 
 def test_robust_seconds_count_every_epoch_at_its_stage_median():
     # stage 1: three 2 s epochs, one slowed to 9 s; stage 2: 4 s epochs
     seconds = [2.0, 9.0, 2.0, 2.0, 4.0, 4.0]
-    assert accuracy.robust_seconds(seconds, [1, 1, 1, 1, 2, 2]) == pytest.approx(4 * 2.0 + 2 * 4.0)
-    assert accuracy.slow_epochs(seconds, [1, 1, 1, 1, 2, 2]) == 1
+    assert results.robust_seconds(seconds, [1, 1, 1, 1, 2, 2]) == pytest.approx(4 * 2.0 + 2 * 4.0)
+    assert results.slow_epochs(seconds, [1, 1, 1, 1, 2, 2]) == 1
+
+
+def test_paired_statistics():
+    runs = [{"config": "a", "seed": 1, "v": 3.0}, {"config": "b", "seed": 0, "v": 2.0},
+            {"config": "a", "seed": 0, "v": 5.0}, {"config": "b", "seed": 1, "v": 1.0},
+            {"config": "a", "seed": 2, "v": 9}]
+    assert results.paired_by_seed(runs, "a", "b", lambda x, y: x["v"] - y["v"]) == [(0, 3.0), (1, 2.0)]
+    assert results.paired_by_seed(runs, "a", "b", lambda x, y: x["v"] / y["v"]) == [(0, 2.5), (1, 3.0)]
+    assert results.mean_se([1.0, 2.0, 3.0]) == (2.0, pytest.approx(1 / math.sqrt(3)))
+    assert results.mean_se([4.0]) == (4.0, None) and results.mean_std([4.0]) == (4.0, 0.0)
+    assert results.paired_ratios([2.0, 3.0], [1.0, 2.0]) == [2.0, 1.5]
+    assert results.median_steady([9.0, 1.0, 2.0]) == 1.5 and results.median_steady([9.0, 1.0]) == 5.0
+
+
+def test_launcher_interleaves_rotates_keeps_every_run_and_resumes(tmp_path):
+    """Bugs caught: configurations in one fixed order; a run lost when a later one fails; an
+    interrupted bench that trains everything again."""
+    path = tmp_path / "runs.jsonl"
+    trained, killed = [], []
+
+    def run(config, seed):
+        if (config, seed) == ("b", 1) and not killed:
+            killed.append(True)
+            raise RuntimeError("killed")
+        trained.append((config, seed))
+        return {"config": config, "seed": seed, "epochs": 3, "value": len(trained)}
+
+    with pytest.raises(RuntimeError):
+        results.run_repeated(["a", "b", "c"], [0, 1, 2], run, str(path), log=lambda line: None)
+    assert trained == [("a", 0), ("b", 0), ("c", 0)]  # seed 1 starts at b (rotated), which failed
+    assert [(r["config"], r["seed"]) for r in results.read_runs(str(path))] == trained  # each kept on finishing
+    runs = results.run_repeated(["a", "b", "c"], [0, 1, 2], run, str(path), log=lambda line: None)
+    assert trained[3:] == [("b", 1), ("c", 1), ("a", 1), ("c", 2), ("a", 2), ("b", 2)]  # only what was missing
+    assert len(runs) == 9 and [r["value"] for r in results.read_runs(str(path))] == list(range(1, 10))
+    # runs of another length are not this bench's: keep() leaves them out and they train again
+    again = results.run_repeated(["a"], [0], run, str(path), keep=lambda r: r["epochs"] == 4, log=lambda line: None)
+    assert trained[-1] == ("a", 0) and len(again) == 1
 
 
 def _write_runs(path, runs):
@@ -202,11 +291,15 @@ def test_accuracy_render_pairs_runs_by_seed(tmp_path):
     assert rule["per_seed"] == [(0, 2.0), (1, 1.0), (2, 3.0)]
     assert rule["mean"] == pytest.approx(2.0) and rule["se"] == pytest.approx(1 / math.sqrt(3))
     table = (tmp_path / "accuracy.md").read_text()
-    assert "| ToE 0.5/0.75/1.0, r0 0.25, stride seeds | 4 | 80.75 ± 20.55 | -1.00 ± 0.58 | yes |" in table
-    assert "| 1.15x ± 0.08 |" in table
-    assert "+2.00 (seed 0), +1.00 (seed 1), +3.00 (seed 2); mean +2.00 ± 0.58 points (± SE, n = 3)" in table
-    assert ("Order they ran in: seed 2: full, deit-stride, deit-uniform; seed 0: full, deit-stride, deit-uniform; "
-            "seed 1: full, deit-stride, deit-uniform; seed 3: deit-stride.") in table
+    row = {r[0]: r for r in table_rows(table)}["ToE 0.5/0.75/1.0, r0 0.25, stride seeds"]
+    assert numbers(row[1]) == [4] and numbers(row[2]) == [80.75, 20.55] and numbers(row[3]) == [-1.0, 0.58]
+    assert row[4] == "yes" and numbers(row[6]) == [1.15, 0.08]
+    # uniform − stride by seed: +2.00 (seed 0), +1.00 (seed 1), +3.00 (seed 2); mean +2.00 ± 0.58, n = 3
+    assert numbers(line_with(table, "uniform − stride"))[-9:] == [2.0, 0, 1.0, 1, 3.0, 2, 2.0, 0.58, 3]
+    # every run is listed with its seed, in the order they ran
+    assert [(r["seed"], r["config"]) for r in results["runs"]] == [
+        (2, "full"), (0, "full"), (1, "full"), (0, "deit-stride"), (1, "deit-stride"), (2, "deit-stride"),
+        (3, "deit-stride"), (2, "deit-uniform"), (0, "deit-uniform"), (1, "deit-uniform")]
     with pytest.raises(SystemExit):
         accuracy.main(["--render", "--out", str(tmp_path / "empty")])
 
@@ -232,17 +325,181 @@ def test_accuracy_rotates_the_config_order_per_seed(tmp_path, monkeypatch):
 
 
 # ------------------------------------------------------------------------------------------------
-# README
+# the stored results: every render mode rewrites them from their run records, unchanged
 # ------------------------------------------------------------------------------------------------
-@pytest.mark.parametrize("stored", ["bench/results/speed.md", "bench/results/accuracy.md",
-                                    "bench/results/yolos_accuracy.md", "bench/results/yolos_speed.md",
-                                    "bench/results/accuracy_lvvit.md", "bench/results/speed_lvvit/speed.md",
-                                    "bench/results/efficienttrain_e30.md"])
-def test_readme_tables_are_the_stored_outputs(stored):
-    """Bug caught: a README table edited by hand, or left behind when its command was run again."""
-    root = pathlib.Path(__file__).resolve().parents[1]
-    readme = (root / "README.md").read_text()
-    begin, end = f"<!-- begin {stored} -->\n", f"<!-- end {stored} -->"
-    assert begin in readme and end in readme
-    pasted = readme[readme.index(begin) + len(begin):readme.index(end)]
-    assert pasted.strip() == (root / stored).read_text().strip()
+def _copy(tmp_path, *names):
+    for name in names:
+        target = tmp_path / name
+        target.parent.mkdir(parents=True, exist_ok=True)
+        shutil.copy(STORED / name, target)
+
+
+def test_render_modes_reproduce_the_stored_tables(tmp_path):
+    """Bug caught: a refactor of the statistics or the renderers that moves a stored number."""
+    _copy(tmp_path, "accuracy_runs.jsonl", "accuracy.json", "speed.json", "speed_lvvit/speed.json",
+          "speed_demo_aggressive/speed.json", "yolos_accuracy.jsonl", "yolos_speed.json", "accuracy_lvvit.json")
+    accuracy.main(["--render", "--out", str(tmp_path)])
+    for folder in ("", "speed_lvvit", "speed_demo_aggressive"):
+        speed.main(["--render", "--out", str(tmp_path / folder)])
+    yolos_accuracy.main(["--render", "--out", str(tmp_path / "yolos_accuracy")])
+    yolos_speed.main(["--render", "--out", str(tmp_path / "yolos_speed")])
+    lvvit_accuracy.main(["--render", "--out", str(tmp_path / "accuracy_lvvit")])
+    efficienttrain.render(str(STORED / "efficienttrain_runs.jsonl"), str(STORED / "efficienttrain_speed.json"),
+                          str(tmp_path / "efficienttrain_e30.md"), None, 30)
+    for name in ("accuracy.md", "speed.md", "speed_lvvit/speed.md", "speed_demo_aggressive/speed.md",
+                 "yolos_accuracy.md", "yolos_speed.md", "accuracy_lvvit.md", "efficienttrain_e30.md"):
+        assert (tmp_path / name).read_text() == (STORED / name).read_text(), name
+
+
+# ------------------------------------------------------------------------------------------------
+# recipes as data: every bench that trains a demo runs the demo's YAML file plus its own flags
+# ------------------------------------------------------------------------------------------------
+def _recipe_copy(tmp_path, trainer, **changes):
+    values = {**load_config(config_path(trainer, "demo")), **changes}
+    path = tmp_path / f"{trainer}.yaml"
+    path.write_text(yaml.safe_dump(values))
+    return str(path)
+
+
+def _bench_commands(trainer, recipe_file, tmp_path):
+    """(command, what the bench's own flags must have set) of each bench that trains ``trainer``'s demo."""
+    out = str(tmp_path / "out")
+    if trainer == "deit":
+        return [(accuracy.run_command("deit-uniform", 1, 30, out, "data/digits", recipe_file),
+                 {"epochs": 30, "seed": 1, "expansion_step": [0, 10, 20], "initialization": "uniform"})]
+    if trainer == "et":
+        return [(efficienttrain.run_command("et_toe", 1, 30, "data/digits", out, recipe_file),
+                 {"epochs": 30, "seed": 1, "curriculum": "et", "expansion_step": [0, 10, 20]})]
+    if trainer == "yolos":
+        return [(yolos_accuracy.run_command("full", 1, 10, out, recipe_file),
+                 {"epochs": 10, "seed": 1, "expansion_step": [0], "keep_rate": [1.0]})]
+    return [(lvvit_accuracy.run_command(name, 1, 30, "labels", str(tmp_path / name), recipe_file),
+             {"epochs": 30, "seed": 1, "token_label": name != "toe_no_tl"}) for name in lvvit_accuracy.CONFIGS]
+
+
+@pytest.mark.parametrize("trainer", ["deit", "et", "yolos", "lvvit"])
+def test_bench_runs_take_the_recipe_from_the_yaml_file(trainer, tmp_path):
+    """The demo's learning rate is written once, in its YAML file: a bench run of a modified copy
+    carries the copy's lr, and the bench's own flags (length, seed, schedule) on top of it."""
+    import importlib
+
+    parse_args = importlib.import_module(f"ToE.{ {'et': 'EfficientTrain'}.get(trainer, trainer)}.main").parse_args
+    demo_lr = float(load_config(config_path(trainer, "demo"))["lr"])
+    for command, _ in _bench_commands(trainer, None, tmp_path):
+        assert parse_args(command[2:]).lr == pytest.approx(demo_lr)
+    other = _recipe_copy(tmp_path, trainer, lr=demo_lr * 3)
+    for command, expected in _bench_commands(trainer, other, tmp_path):
+        assert command[1].endswith("main.py") and "--lr" not in command
+        args = parse_args(command[2:])
+        assert args.lr == pytest.approx(demo_lr * 3)
+        assert {key: getattr(args, key) for key in expected} == expected
+
+
+def test_bench_models_are_the_demo_recipes(tmp_path):
+    """The speed benches' demo models and the EfficientTrain bench's schedule are the YAML's."""
+    deit = load_config(config_path("deit", "demo"))
+    name, kwargs, size, batch = speed.model_spec("demo")
+    assert (name, size, batch) == (deit["model"], deit["input_size"], deit["batch_size"])
+    assert kwargs == {**deit["model_kwargs"], "patch_size": deit["patch_size"], "num_classes": 10}
+    wide = _recipe_copy(tmp_path, "deit", model_kwargs={**deit["model_kwargs"], "embed_dim": 48})
+    assert speed.model_spec("demo", wide)[1]["embed_dim"] == 48
+    det = load_config(config_path("yolos", "demo"))
+    demo = yolos_speed.detector("demo")
+    assert (demo.backbone, demo.kwargs, demo.det_tokens) == (det["backbone_name"], det["backbone_kwargs"],
+                                                             det["det_token_num"])
+    et = load_config(config_path("et", "demo"))
+    spec = efficienttrain.demo()
+    assert (spec.keep, spec.init, spec.steps) == (et["keep_rate"], et["initialization_keep_rate"], et["expansion_step"])
+    fewer = _recipe_copy(tmp_path, "et", keep_rate=[0.5, 0.75, 1.0])  # the demo keeps 0.6, 0.8, 1.0
+    demo_kept = sorted({kept for _, kept, _ in efficienttrain.phases("toe", 45)})
+    fewer_kept = sorted({kept for _, kept, _ in efficienttrain.phases("toe", 45, fewer)})
+    assert fewer_kept[-1] == demo_kept[-1] == 64 and fewer_kept[0] < demo_kept[0] and fewer_kept[1] < demo_kept[1]
+
+
+# ------------------------------------------------------------------------------------------------
+# the one summary: every trainer's output folder
+# ------------------------------------------------------------------------------------------------
+TINY_VIT = {"model": "vit_tiny_patch16_224", "model_kwargs": {"embed_dim": 32, "depth": 2, "num_heads": 2},
+            "input_size": 32, "patch_size": 8, "num_classes": 10}
+
+
+def _record(epoch, stage, kept, seconds, **extra):
+    return {"epoch": epoch, "stage": stage, "kept_tokens": kept, "epoch_seconds": seconds, "test_acc1": 50.0 + epoch,
+            **extra}
+
+
+def _analytic(kept, patches=16):
+    shape = flops.model_shape(flops.create_model("vit_tiny_patch16_224", 32, 8, embed_dim=32, depth=2,
+                                                 num_heads=2, num_classes=10))
+    return flops.analytic_step_flops(type(shape)(shape, num_patches=patches), kept)
+
+
+def test_summary_of_a_classification_run(tmp_path):
+    from ToE.common.summary import summarise
+
+    seconds = [9.0, 2.0, 2.0, 3.0, 3.0, 4.0, 4.0, 4.0]  # stage 1: 8 of 16 tokens, 2: 12, 3: all 16
+    stages = [1, 1, 1, 2, 2, 3, 3, 3]
+    kept = {1: 8, 2: 12, 3: 16}
+    run = _write_run(tmp_path / "deit", [_record(e, s, kept[s], t) for e, (s, t) in enumerate(zip(stages, seconds))],
+                     epochs=8, **TINY_VIT)
+    text = summarise(str(run))
+    rows = {row[0]: row for row in table_rows(text)}
+    assert numbers(rows["1"][3]) == [2.0] and numbers(rows["1"][4]) == [2.0]  # 4 s full / 2 s (epoch 0 left out)
+    assert numbers(rows["2"][4]) == [round(4 / 3, 2)] and rows["3"][4] == "baseline"
+    assert numbers(rows["1"][5]) == [round(_analytic(16) / _analytic(8), 2)]
+    assert numbers(line_with(text, "Top-1").split(":")[1]) == [57.0, 57.0]
+    whole = numbers(line_with(text, "Whole run"))
+    assert whole[0] == round(4.0 * 8 / sum(seconds), 2) and whole[1] == 8
+    (run / "args.yaml").write_text(yaml.safe_dump({**TINY_VIT, "epochs": 20}))
+    assert "UNFINISHED: 8 of 20 epochs" in summarise(str(run))
+
+
+def test_summary_of_an_efficienttrain_run_has_its_phases(tmp_path):
+    from ToE.common.summary import summarise
+
+    # crop 24 px (9 patch tokens): 2 epochs keeping 5, 2 keeping 9; then 32 px, all 16 tokens
+    plan = [(24, 9, 5, 1.0), (24, 9, 5, 1.0), (24, 9, 9, 1.5), (24, 9, 9, 1.5), (32, 16, 16, 3.0), (32, 16, 16, 3.0)]
+    records = [_record(e, 1 if kept < patches else 2, kept, t, resolution=crop, patch_tokens=patches)
+               for e, (crop, patches, kept, t) in enumerate(plan)]
+    run = _write_run(tmp_path / "et", records, epochs=6, curriculum="et", **TINY_VIT)
+    rows = table_rows(summarise(str(run)))
+    assert [numbers(" ".join(row[:4])) for row in rows] == [[0, -1, 24, 9, 5], [2, -3, 24, 9, 9], [4, -5, 32, 16, 16]]
+    assert [row[5] for row in rows] == ["3.00x", "2.00x", "baseline"]
+    assert numbers(rows[0][6]) == [round(_analytic(16) / _analytic(5, patches=9), 2)]
+
+
+def test_summary_of_a_yolos_run_has_its_ap(tmp_path):
+    from ToE.common.summary import summarise
+
+    args = {"backbone_name": "vit_tiny_patch16_224", "backbone_kwargs": {}, "det_token_num": 4, "embed_dim": 32,
+            "depth": 2, "epochs": 3}
+    records = [{"epoch": e, "stage": e + 1, "patch_tokens": 16, "kept_tokens": kept, "epoch_seconds": t,
+                "test_AP": ap, "test_AP50": ap + 0.1, "test_AP75": ap + 0.05, "test_images": 300}
+               for e, (kept, t, ap) in enumerate([(8, 2.0, 0.1), (12, 3.0, 0.3), (16, 4.0, 0.2)])]
+    text = summarise(str(_write_run(tmp_path / "yolos", records, **args)))
+    assert numbers(line_with(text, "AP50")) == [300, 0.2, 50, 0.3, 75, 0.25, 0.3]
+    rows = {row[0]: row for row in table_rows(text)}
+    assert rows["1"][5] == "2.00x" and rows["3"][5] == "baseline"
+    special = dict(num_prefix_tokens=5)
+    assert numbers(rows["1"][6]) == [round(token_select.vit_step_flops(16, 32, 2, **special)
+                                           / token_select.vit_step_flops(16, 32, 2, kept_patches=8, **special), 2)]
+
+
+# ------------------------------------------------------------------------------------------------
+# end to end: the benches train through the real trainers
+# ------------------------------------------------------------------------------------------------
+@pytest.mark.e2e
+def test_accuracy_bench_trains_the_demo_recipe_and_resumes(tmp_path):
+    """Two configurations, one seed, 2 epochs each through ToE/deit/main.py --config demo.yaml."""
+    common = ["--configs", "full", "deit-uniform", "--seeds", "0", "--epochs", "2", "--threads", "1",
+              "--out", str(tmp_path), "--work-dir", str(tmp_path / "work")]
+    first = accuracy.main(common)
+    assert [(r["config"], r["seed"], r["epochs"]) for r in first["runs"]] == [("full", 0, 2), ("deit-uniform", 0, 2)]
+    for run in first["runs"]:
+        log = results.read_log(str(tmp_path / "work" / f"{run['config']}_seed0"))
+        assert run["acc1"] == log[-1]["test_acc1"] and run["time_s"] == pytest.approx(sum(
+            r["epoch_seconds"] for r in log))
+    assert first["lr"] == load_config(config_path("deit", "demo"))["lr"]
+    stored = (tmp_path / "accuracy_runs.jsonl").read_text()
+    again = accuracy.main([*common, "--resume"])  # nothing left to train: the same runs
+    assert (tmp_path / "accuracy_runs.jsonl").read_text() == stored and again["runs"] == first["runs"]
