@@ -490,11 +490,11 @@ def test_summary_of_a_yolos_run_has_its_ap(tmp_path):
 # ------------------------------------------------------------------------------------------------
 @pytest.mark.e2e
 def test_accuracy_bench_trains_the_demo_recipe_and_resumes(tmp_path):
-    """Two configurations, one seed, 2 epochs each through ToE/deit/main.py --config demo.yaml."""
-    common = ["--configs", "full", "deit-uniform", "--seeds", "0", "--epochs", "2", "--threads", "1",
+    """Two configurations, one seed, 3 epochs each through ToE/deit/main.py --config demo.yaml."""
+    common = ["--configs", "full", "deit-uniform", "--seeds", "0", "--epochs", "3", "--threads", "1",
               "--out", str(tmp_path), "--work-dir", str(tmp_path / "work")]
     first = accuracy.main(common)
-    assert [(r["config"], r["seed"], r["epochs"]) for r in first["runs"]] == [("full", 0, 2), ("deit-uniform", 0, 2)]
+    assert [(r["config"], r["seed"], r["epochs"]) for r in first["runs"]] == [("full", 0, 3), ("deit-uniform", 0, 3)]
     for run in first["runs"]:
         log = results.read_log(str(tmp_path / "work" / f"{run['config']}_seed0"))
         assert run["acc1"] == log[-1]["test_acc1"] and run["time_s"] == pytest.approx(sum(
