@@ -17,7 +17,7 @@ from __future__ import annotations
 import math
 import os
 import random
-from typing import Optional, Sequence, Tuple
+from typing import List, Optional, Sequence, Tuple
 
 import numpy as np
 import torch
@@ -107,33 +107,33 @@ def _warp_map(label_map: torch.Tensor, op_name: str, level_args: tuple) -> torch
 class LabelRandAugment:
     """timm's RandAugment (``--aa rand-...``) whose geometric ops warp the label map too.
 
-    The ops, their count, probability and magnitude noise are timm's (drawn as timm draws them);
-    Rotate, Shear and Translate also move the map (in map units: the map is square), so every map
-    cell stays with the image content it labels.
+    timm's own transform draws and applies the ops (count, probability, magnitude noise: all
+    timm's); each op's ``aug_fn`` is wrapped to note the level arguments it was called with, and
+    Rotate, Shear and Translate then move the map the same way (in map units: the map is square),
+    so every map cell stays with the image content it labels. Wrapping the public ``aug_fn`` of
+    each op, instead of copying timm's drawing code, keeps the draws timm's in every release.
     """
 
     def __init__(self, policy: str, img_size: int) -> None:
         hparams = dict(translate_const=int(img_size * 0.45), img_mean=tuple(round(255 * m) for m in
                                                                            IMAGENET_DEFAULT_MEAN))
         self.augment = fix_posterize(timm_aa.rand_augment_transform(policy, hparams))
+        self.applied: List[Tuple[str, tuple]] = []  # the geometric ops of the current call, in order
+        for op in self.augment.ops:
+            if op.name in GEOMETRIC_OPS:
+                op.aug_fn = self._noting(op.name, op.aug_fn)
+
+    def _noting(self, name: str, aug_fn):
+        def apply(image, *level_args, **kwargs):
+            self.applied.append((name, level_args))
+            return aug_fn(image, *level_args, **kwargs)
+        return apply
 
     def __call__(self, image: Image.Image, label_map: torch.Tensor) -> Tuple[Image.Image, torch.Tensor]:
-        augment = self.augment
-        ops = np.random.choice(augment.ops, augment.num_layers, replace=augment.choice_weights is None,
-                               p=augment.choice_weights)
-        for op in ops:
-            if op.prob < 1.0 and random.random() > op.prob:
-                continue
-            magnitude = op.magnitude
-            if op.magnitude_std == float("inf"):
-                magnitude = random.uniform(0, magnitude)
-            elif op.magnitude_std > 0:
-                magnitude = random.gauss(magnitude, op.magnitude_std)
-            magnitude = max(0.0, min(magnitude, op.magnitude_max or timm_aa._LEVEL_DENOM))
-            level_args = op.level_fn(magnitude, op.hparams) if op.level_fn is not None else ()
-            image = op.aug_fn(image, *level_args, **op.kwargs)
-            if op.name in GEOMETRIC_OPS:
-                label_map = _warp_map(label_map, op.name, level_args)
+        self.applied = []
+        image = self.augment(image)
+        for name, level_args in self.applied:
+            label_map = _warp_map(label_map, name, level_args)
         return image, label_map
 
 
