@@ -317,7 +317,9 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
     parser.add_argument("--configs", nargs="+", default=list(CONFIGS), choices=CONFIGS)
     parser.add_argument("--data", default=os.path.join(ROOT, "data", "digits"))
     parser.add_argument("--work", default=os.path.join(ROOT, "runs", "bench-efficienttrain"))
-    parser.add_argument("--runs", default=os.path.join(RESULTS, "efficienttrain_runs.jsonl"))
+    parser.add_argument("--out", default=RESULTS, help="folder of the results (default: bench/results; the figure "
+                        "goes to Figs/ there, into this folder otherwise)")
+    parser.add_argument("--runs", default=None, help="the runs' .jsonl (default: OUT/efficienttrain_runs.jsonl)")
     parser.add_argument("--cpu-time", action="store_true",
                         help="time steps in CPU seconds of this process, on 1 thread (for a busy shared host)")
     args = parser.parse_args(argv)
@@ -326,15 +328,16 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
         global CLOCK
         CLOCK = time.process_time
         torch.set_num_threads(1)
-    os.makedirs(RESULTS, exist_ok=True)
-    speed_path = os.path.join(RESULTS, "efficienttrain_speed.json")
+    os.makedirs(args.out, exist_ok=True)
+    args.runs = args.runs or os.path.join(args.out, "efficienttrain_runs.jsonl")
+    speed_path = os.path.join(args.out, "efficienttrain_speed.json")
     if args.what == "speed":
         with open(speed_path, "w") as handle:
             json.dump(measure_speed(args.epochs, args.steps, args.warmup, args.batch,
                                     recipe_file=args.config), handle, indent=1)
     elif args.what == "posembed":
         result = measure_posembed(args.steps, args.warmup, args.batch, recipe_file=args.config)
-        with open(os.path.join(RESULTS, "efficienttrain_posembed.json"), "w") as handle:
+        with open(os.path.join(args.out, "efficienttrain_posembed.json"), "w") as handle:
             json.dump(result, handle, indent=1)
         print(json.dumps({k: result[k] for k in ("median_s", "per_forward_over_resized", "load_before")}, indent=1))
         return
@@ -348,8 +351,9 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
 
         # seed-major, the order rotated per seed; runs of these epochs already in --runs are kept
         run_repeated(args.configs, args.seeds, run, args.runs, keep=lambda row: row["epochs"] == args.epochs)
-    print(render(args.runs, speed_path, os.path.join(RESULTS, f"efficienttrain_e{args.epochs}.md"),
-                 os.path.join(FIGS, f"efficienttrain_e{args.epochs}.png"), args.epochs, args.config))
+    figs = FIGS if os.path.abspath(args.out) == os.path.abspath(RESULTS) else args.out
+    print(render(args.runs, speed_path, os.path.join(args.out, f"efficienttrain_e{args.epochs}.md"),
+                 os.path.join(figs, f"efficienttrain_e{args.epochs}.png"), args.epochs, args.config))
 
 
 if __name__ == "__main__":
