@@ -152,6 +152,7 @@ def test_bad_policy_is_a_user_error():
         build_train_transform(24, auto_augment="rand-m9-zz1")
 
 
+@pytest.mark.e2e
 def test_one_epoch_with_the_default_recipe_completes(digits, capsys):
     """1 epoch of DeiT with the default augmentation (RandAugment, random erasing, mixup/cutmix, repeated aug).
 

@@ -10,12 +10,10 @@ from __future__ import annotations
 
 import bisect
 import copy
-import json
 import math
 import os
 import re
 import shlex
-import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -28,91 +26,10 @@ import yaml
 from PIL import Image
 
 import token_select
-
-ROOT = Path(__file__).resolve().parents[1]
-MAIN = ROOT / "ToE" / "deit" / "main.py"
-RUN_DIR = ROOT / "ToE" / "deit" / "run"
-
-CLASSES = 3
-TRAIN_PER_CLASS = 8
-VAL_PER_CLASS = (3, 3, 1)  # 7 validation images: odd, so 2 processes get unequal shards
-NUM_VAL = sum(VAL_PER_CLASS)
-MODEL = "vit_tiny_patch16_224"
-MODEL_KWARGS = {"embed_dim": 32, "depth": 2, "num_heads": 2}
-INPUT, PATCH = 16, 4
-NUM_PATCHES = (INPUT // PATCH) ** 2
-
-TINY = ["--model", MODEL, "--model-kwargs", *[f"{k}={v}" for k, v in MODEL_KWARGS.items()],
-        "--input-size", str(INPUT), "--patch-size", str(PATCH)]
-FAST = ["--device", "cpu", "--num_workers", "0", "--batch-size", "4", "--no-pin-mem", "--warmup-epochs", "0",
-        "--lr", "1e-3", "--unscale-lr"]
-PLAIN = ["--no-repeated-aug", "--aa", "none", "--reprob", "0", "--mixup", "0", "--cutmix", "0"]
-# Full DeiT recipe on top of FAST: RandAugment, random erasing, mixup/cutmix, repeated augmentation,
-# drop path, EMA (on by default) with a decay that makes it move within a few steps.
-RECIPE = ["--repeated-aug", "--aa", "rand-m9-mstd0.5-inc1", "--reprob", "0.25", "--mixup", "0.8", "--cutmix", "1.0",
-          "--drop-path", "0.1", "--model-ema-decay", "0.9"]
-# Stage 1 in epochs 0-1, stage 2 in epoch 2, stage 3 in epoch 3: epochs 1-2 and 3-4 differ.
-SCHEDULE = ["--expansion-step", "0", "2", "3", "--keep-rate", "0.5", "0.75", "1.0"]
-KEEP_RATE, INIT_RATE, MULTIPLE = [0.5, 0.75, 1.0], 0.25, 2
-
-
-def _env():
-    env = dict(os.environ)
-    env.update(OMP_NUM_THREADS="1", MKL_NUM_THREADS="1", TQDM_DISABLE="1")
-    env.pop("RANK", None)
-    env.pop("WORLD_SIZE", None)
-    env.pop("LOCAL_RANK", None)
-    return env
-
-
-def run_main(*args, timeout=240, cmd=None):
-    """Run ``ToE/deit/main.py`` with ``args`` from the repository root; return the CompletedProcess."""
-    cmd = cmd or [sys.executable, str(MAIN)]
-    return subprocess.run([*cmd, *map(str, args)], cwd=ROOT, env=_env(), capture_output=True, text=True,
-                          timeout=timeout, check=False)
-
-
-def ok(result):
-    assert result.returncode == 0, f"exit {result.returncode}\nstdout:\n{result.stdout}\nstderr:\n{result.stderr}"
-    return result
-
-
-def write_images(root: Path, seed: int = 0) -> Path:
-    """A tiny ImageNet-layout folder: class c is brighter by c, so the classes are learnable."""
-    rng = np.random.default_rng(seed)
-    for split, counts in (("train", [TRAIN_PER_CLASS] * CLASSES), ("val", VAL_PER_CLASS)):
-        for c, count in enumerate(counts):
-            folder = root / split / f"class{c}"
-            folder.mkdir(parents=True, exist_ok=True)
-            for i in range(count):
-                pixels = (rng.random((32, 32, 3)) * 90 + 80 * c).astype(np.uint8)
-                Image.fromarray(pixels).save(folder / f"{i}.png")
-    return root
-
-
-def read_log(out: Path):
-    return [json.loads(line) for line in (out / "log.txt").read_text().splitlines() if line.strip()]
-
-
-def load(path: Path):
-    return torch.load(path, map_location="cpu", weights_only=True)
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def assert_same_tensors(a: dict, b: dict, what: str):
-    assert a.keys() == b.keys(), what
-    for key, value in a.items():
-        assert torch.equal(value, b[key]), f"{what}: {key} differs"
-
-
-@pytest.fixture(scope="module")
-def data(tmp_path_factory):
-    return write_images(tmp_path_factory.mktemp("data"))
+from helpers import (CLASSES, FAST, INIT_RATE, INPUT, KEEP_RATE, MAIN, MODEL, MODEL_KWARGS, MULTIPLE, NUM_PATCHES,
+                     NUM_VAL, PATCH, PLAIN, RECIPE, ROOT, RUN_DIR, SCHEDULE, TINY, assert_same_tensors,
+                     assert_user_error, child_env, deit_run, free_port, load, ok, read_log, run_main, run_script,
+                     write_images)
 
 
 @pytest.fixture(scope="module")
@@ -125,6 +42,7 @@ def trained(data, tmp_path_factory):
 
 # -- training with ToE ------------------------------------------------------------------------
 
+@pytest.mark.e2e
 def test_training_with_toe_writes_logs_and_checkpoints(trained):
     out, result = trained
     records = read_log(out)
@@ -151,6 +69,7 @@ def test_training_with_toe_writes_logs_and_checkpoints(trained):
     assert "Traceback" not in result.stderr
 
 
+@pytest.mark.e2e
 def test_training_changes_the_weights_and_tensorboard_has_scalars(trained):
     out, _ = trained
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
@@ -170,6 +89,7 @@ def test_training_changes_the_weights_and_tensorboard_has_scalars(trained):
 
 # -- the checkpoint -------------------------------------------------------------------------
 
+@pytest.mark.e2e
 def test_checkpoint_loads_into_plain_timm_model_with_same_eval(trained, data):
     out, _ = trained
     checkpoint = load(out / "checkpoint.pth")
@@ -246,6 +166,7 @@ def _assert_resume_matches(straight: Path, resumed: Path):
             assert ra[key] == rb[key], (ra["epoch"], key)
 
 
+@pytest.mark.e2e
 def test_resume_equals_uninterrupted_run(trained, data, tmp_path):
     straight, _ = trained
     first = _interrupted(data, tmp_path, PLAIN)
@@ -255,6 +176,7 @@ def test_resume_equals_uninterrupted_run(trained, data, tmp_path):
     _assert_resume_matches(straight, tmp_path)
 
 
+@pytest.mark.e2e
 def test_resume_equals_uninterrupted_run_with_full_recipe(data, tmp_path):
     """Mixup, cutmix, RandAugment, random erasing, repeated augmentation, drop path and EMA."""
     straight, resumed = tmp_path / "straight", tmp_path / "resumed"
@@ -269,18 +191,6 @@ def test_resume_equals_uninterrupted_run_with_full_recipe(data, tmp_path):
 
 # -- user errors ------------------------------------------------------------------------------
 
-def assert_user_error(result, *needles):
-    """One line ``error: ...`` on stderr naming the problem, no traceback, exit code 2."""
-    lines = [line for line in result.stderr.splitlines() if line.strip()]
-    assert result.returncode == 2, f"exit {result.returncode}\n{result.stderr}"
-    assert "Traceback" not in result.stderr + result.stdout
-    assert len(lines) == 1, result.stderr
-    assert lines[0].startswith("error: "), lines[0]
-    for needle in needles:
-        assert str(needle) in lines[0], (needle, lines[0])
-    return lines[0]
-
-
 def error_run(data, *extra, out=None):
     args = ["--data-path", data, "--epochs", 1, *TINY, *FAST, *PLAIN, *SCHEDULE]
     if out is not None:
@@ -288,11 +198,13 @@ def error_run(data, *extra, out=None):
     return run_main(*args, *extra)
 
 
+@pytest.mark.e2e
 def test_error_missing_data_path(tmp_path):
     missing = tmp_path / "no_such_folder"
     assert_user_error(error_run(missing), str(missing), "does not exist")
 
 
+@pytest.mark.e2e
 def test_error_data_path_without_class_folders(tmp_path):
     (tmp_path / "train").mkdir()
     (tmp_path / "val").mkdir()
@@ -300,6 +212,7 @@ def test_error_data_path_without_class_folders(tmp_path):
     assert_user_error(error_run(tmp_path / "train"), "missing")  # a folder without train/ and val/
 
 
+@pytest.mark.e2e
 def test_error_empty_split(tmp_path):
     write_images(tmp_path)
     for image in (tmp_path / "val").rglob("*.png"):
@@ -307,6 +220,7 @@ def test_error_empty_split(tmp_path):
     assert_user_error(error_run(tmp_path), "val", "no images")
 
 
+@pytest.mark.e2e
 def test_error_unreadable_image_is_named(tmp_path):
     write_images(tmp_path)
     bad = tmp_path / "train" / "class1" / "broken.png"
@@ -314,39 +228,46 @@ def test_error_unreadable_image_is_named(tmp_path):
     assert_user_error(error_run(tmp_path, out=tmp_path / "out"), str(bad))
 
 
+@pytest.mark.e2e
 def test_error_bad_toe_schedule(data):
     result = run_main("--data-path", data, *TINY, *FAST, *PLAIN, "--expansion-step", "0", "1", "2",
                       "--keep-rate", "0.5", "0.4", "1.0")
     assert_user_error(result, "ToE schedule", "--keep-rate")
 
 
+@pytest.mark.e2e
 def test_error_odd_batch_with_mixup(data):
     assert_user_error(error_run(data, "--batch-size", "3", "--mixup", "0.8"), "even --batch-size")
 
 
+@pytest.mark.e2e
 def test_error_unknown_model(data):
     assert_user_error(error_run(data, "--model", "no_such_vit_model"), "no_such_vit_model")
     not_a_vit = run_main("--data-path", data, "--model", "test_resnet", "--input-size", INPUT, *FAST, *PLAIN)
     assert_user_error(not_a_vit, "test_resnet", "ViT")
 
 
+@pytest.mark.e2e
 def test_error_missing_resume_file(data, tmp_path):
     missing = tmp_path / "nothing.pth"
     assert_user_error(error_run(data, "--resume", missing), str(missing), "does not exist")
 
 
+@pytest.mark.e2e
 def test_error_corrupt_resume_file(data, tmp_path):
     corrupt = tmp_path / "checkpoint.pth"
     corrupt.write_bytes(np.random.default_rng(1).bytes(4096))
     assert_user_error(error_run(data, "--resume", corrupt), str(corrupt), "corrupt")
 
 
+@pytest.mark.e2e
 def test_error_unwritable_output_folder(data, tmp_path):
     regular = tmp_path / "a_file"
     regular.write_text("not a folder")
     assert_user_error(error_run(data, out=regular / "out"), str(regular / "out"), "output folder")
 
 
+@pytest.mark.e2e
 def test_non_finite_loss_stops_and_keeps_earlier_checkpoints(data, trained, tmp_path):
     """Resuming a run whose checkpoint holds a NaN weight: the first loss is NaN, training stops
     with a clear message and a non-zero exit, and the checkpoint in the folder is not replaced."""
@@ -368,15 +289,6 @@ def test_non_finite_loss_stops_and_keeps_earlier_checkpoints(data, trained, tmp_
     assert re.search(r"loss became nan or inf in epoch 2", result.stderr), result.stderr
     assert kept.read_bytes() == before
     assert not (out / "best_checkpoint.pth").exists()
-
-
-def deit_run(*argv):
-    """A DeiT ``Run`` built in this process (nothing trained yet)."""
-    from ToE.common.lifecycle import Run
-    from ToE.deit.main import parse_args
-    from ToE.deit.trainer import DeiTTask
-
-    return Run(parse_args([str(a) for a in argv]), DeiTTask)
 
 
 def test_a_non_finite_loss_stops_training_before_its_update(data):
@@ -431,6 +343,7 @@ runpy.run_path({main!r}, run_name="__main__")
 """
 
 
+@pytest.mark.e2e
 def test_two_process_gloo_run(data, tmp_path):
     """torchrun with 2 CPU processes: completes, both end with the same weights (also the saved
     ones), and distributed evaluation counts each of the 7 (odd) validation images exactly once."""
@@ -465,15 +378,6 @@ SCRIPTS = {"tiny": ("deit_tiny_patch16_224", 256), "small": ("deit_small_patch16
            "base": ("deit_base_patch16_224", 128)}
 
 
-def run_script(name, *args, cwd, **env):
-    environment = _env()
-    for key in ("NPROC", "NNODES", "NODE_RANK", "MASTER_ADDR", "MASTER_PORT", "DRY_RUN"):
-        environment.pop(key, None)
-    environment.update(PYTHON=sys.executable, CUDA_VISIBLE_DEVICES="", **env)
-    return subprocess.run(["bash", str(name), *map(str, args)], cwd=cwd, env=environment, capture_output=True,
-                          text=True, timeout=60, check=False)
-
-
 def flag(argv, name, count=1):
     i = argv.index(name)
     values = argv[i + 1:i + 1 + count]
@@ -481,6 +385,7 @@ def flag(argv, name, count=1):
 
 
 @pytest.mark.parametrize("size", ["tiny", "small", "base"])
+@pytest.mark.e2e
 def test_run_script_usage_without_data_and_output(size, tmp_path):
     script = RUN_DIR / f"imagenet_{size}_run1.sh"
     for args in ([], ["/data/imagenet"]):
@@ -501,6 +406,7 @@ def split_command(result):
 
 
 @pytest.mark.parametrize("size", ["tiny", "small", "base"])
+@pytest.mark.e2e
 def test_run_script_builds_the_published_command(size, tmp_path):
     from ToE.deit.main import parse_args
 
@@ -521,6 +427,7 @@ def test_run_script_builds_the_published_command(size, tmp_path):
     assert args.opt == "adamw" and args.sched == "cosine" and args.mixup == 0.8 and args.model_ema
 
 
+@pytest.mark.e2e
 def test_run_script_environment_and_any_cwd(tmp_path):
     script = RUN_DIR / "imagenet_small_run1.sh"
     result = run_script(script, "d a t a", "out", "--model-kwargs", "drop_rate=0.1", cwd=tmp_path, DRY_RUN="1",
@@ -546,11 +453,13 @@ def test_run_script_environment_and_any_cwd(tmp_path):
     assert bad.returncode == 2 and "NPROC" in bad.stderr
 
 
+@pytest.mark.e2e
 def test_run_script_missing_data_folder_is_one_line(tmp_path):
     result = run_script(RUN_DIR / "imagenet_base_run1.sh", tmp_path / "nope", tmp_path / "out", cwd=tmp_path)
     assert_user_error(result, str(tmp_path / "nope"))
 
 
+@pytest.mark.e2e
 def test_run_script_really_trains(data, tmp_path):
     """The script itself (no dry run) from another folder, with the tiny model passed through."""
     out = tmp_path / "out"
@@ -564,9 +473,10 @@ def test_run_script_really_trains(data, tmp_path):
 
 # -- run summary and embedded data ------------------------------------------------------------
 
+@pytest.mark.e2e
 def test_summary_reports_each_stage_against_its_flop_prediction(trained):
     out, _ = trained
-    result = ok(subprocess.run([sys.executable, "-m", "ToE.common.summary", str(out)], cwd=ROOT, env=_env(),
+    result = ok(subprocess.run([sys.executable, "-m", "ToE.common.summary", str(out)], cwd=ROOT, env=child_env(),
                                capture_output=True, text=True, timeout=120))
     rows = [line for line in result.stdout.splitlines() if re.match(r"\| \d ", line)]
     kept = token_select.kept_tokens_per_stage(NUM_PATCHES, KEEP_RATE, INIT_RATE, MULTIPLE)
@@ -622,6 +532,7 @@ def test_distillation_loss_variants():
     assert soft(images, (cls, teacher(images).detach()), targets).abs().item() < 1e-6
 
 
+@pytest.mark.e2e
 def test_distilled_deit_trains_with_a_teacher_from_disk(data, tmp_path):
     teacher = timm.create_model("test_resnet", pretrained=False, num_classes=CLASSES)
     torch.save(teacher.state_dict(), tmp_path / "teacher.pth")
@@ -682,6 +593,7 @@ def test_sparse_eval_reduces_the_model_and_its_ema_in_evaluation(data):
         assert model.token_select.last_index.shape == (2, 1 + 8)
 
 
+@pytest.mark.e2e
 def test_eval_sparse_eval_end_to_end(trained, data, tmp_path):
     """``--eval --sparse-eval --resume CKPT`` evaluates with the tokens of the checkpoint's stage."""
     out, _ = trained

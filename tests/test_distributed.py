@@ -14,8 +14,8 @@ import time
 
 import pytest
 import torch
-from test_deit import (FAST, MAIN, PLAIN, TINY, assert_same_tensors, assert_user_error, free_port, load, ok,
-                       read_log, run_main, write_images)
+from helpers import (FAST, MAIN, PLAIN, TINY, assert_same_tensors, assert_user_error, deit_run, free_port, load, ok,
+                     read_log, run_main, write_images)
 
 # a traceback frame in the project's code (torchrun's own report names main.py, that is fine)
 OUR_TRACEBACK = re.compile(r'File "[^"]*ToE/(common|deit)/')
@@ -26,11 +26,6 @@ STAGES = ["--expansion-step", "0", "1", "2", "--keep-rate", "0.5", "0.75", "1.0"
 def torchrun(nproc: int = 2):
     return [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(nproc),
             "--master_addr", "127.0.0.1", "--master_port", str(free_port()), str(MAIN)]
-
-
-@pytest.fixture(scope="module")
-def data(tmp_path_factory):
-    return write_images(tmp_path_factory.mktemp("data"))
 
 
 def args(data, out, epochs=3, *extra):
@@ -53,6 +48,7 @@ def copy_run(source, target):
     return target
 
 
+@pytest.mark.e2e
 def test_two_process_resume_equals_the_uninterrupted_run(two_process_runs, data, tmp_path):
     straight, stopped = two_process_runs
     resumed = copy_run(stopped, tmp_path / "resumed")
@@ -65,6 +61,7 @@ def test_two_process_resume_equals_the_uninterrupted_run(two_process_runs, data,
     assert b["world_size"] == 2 and set(b["rng"]) == {"0", "1"}
 
 
+@pytest.mark.e2e
 def test_resume_on_another_process_count_warns_and_gives_each_process_its_own_stream(two_process_runs, data,
                                                                                      tmp_path):
     _, stopped = two_process_runs
@@ -84,9 +81,8 @@ def test_resume_on_another_process_count_warns_and_gives_each_process_its_own_st
     assert not torch.equal(rng["0"]["torch"], rng["1"]["torch"])
 
 
+@pytest.mark.e2e
 def test_ema_resumed_from_a_checkpoint_without_one_starts_from_its_weights(data, tmp_path):
-    from test_deit import deit_run
-
     out = tmp_path / "no_ema"
     ok(run_main(*args(data, out, 3, "--stop-after-epochs", 1, "--no-model-ema")))
     checkpoint = load(out / "checkpoint.pth")
@@ -95,6 +91,7 @@ def test_ema_resumed_from_a_checkpoint_without_one_starts_from_its_weights(data,
     assert_same_tensors(run.model_ema.module.state_dict(), checkpoint["model"], "EMA vs loaded weights")
 
 
+@pytest.mark.e2e
 def test_error_inside_a_dataloader_worker_is_one_line(data, tmp_path):
     bad_data = write_images(tmp_path / "data")
     bad = bad_data / "train" / "class2" / "broken.png"
@@ -103,6 +100,7 @@ def test_error_inside_a_dataloader_worker_is_one_line(data, tmp_path):
     assert_user_error(result, str(bad))
 
 
+@pytest.mark.e2e
 def test_failure_on_one_of_two_processes_ends_both_with_one_message(data, tmp_path):
     """A bad image lands in one process's shard: that process names it, the other ends too
     (torchrun stops it, or it loses its peer and exits quietly), promptly."""
@@ -117,6 +115,7 @@ def test_failure_on_one_of_two_processes_ends_both_with_one_message(data, tmp_pa
     assert not OUR_TRACEBACK.search(result.stderr), "a process printed a traceback of ours"
 
 
+@pytest.mark.e2e
 def test_non_finite_loss_on_two_processes_stops_both_once(two_process_runs, data, tmp_path):
     _, stopped = two_process_runs
     out = copy_run(stopped, tmp_path / "poisoned")
@@ -134,8 +133,6 @@ def test_non_finite_loss_on_two_processes_stops_both_once(two_process_runs, data
 def test_bf16_autocast_step_on_the_cpu(data):
     """--amp-dtype bfloat16 runs the mixed-precision path on the CPU: blocks compute in bf16,
     the operator still keeps the scheduled tokens, the loss is finite."""
-    from test_deit import deit_run
-
     trainer = deit_run("--data-path", data, "--epochs", 3, *TINY, *FAST, *PLAIN, *STAGES, "--amp-dtype", "bfloat16",
                        "--no-model-ema")
     seen = []

@@ -4,27 +4,23 @@ and the user errors. Synthetic tensors and a 24-image folder; CPU only."""
 
 from __future__ import annotations
 
-import json
 import math
-import os
-import subprocess
 import sys
-from pathlib import Path
 
 import numpy as np
 import pytest
 import timm
 import torch
 import torch.nn.functional as F
-from PIL import Image
 from timm.layers import resample_abs_pos_embed
 
+import helpers
 import token_select
+from helpers import ROOT, ok, read_log
 from ToE.EfficientTrain.curriculum import (Segment, aa_policy, check_crop, freq_crop, plan_curriculum, scaled_crop,
                                            segment_at)
 from ToE.common.errors import UserError
 
-ROOT = Path(__file__).resolve().parents[1]
 MAIN = ROOT / "ToE" / "EfficientTrain" / "main.py"
 TINY = ["--model", "vit_tiny_patch16_224", "--model-kwargs", "embed_dim=32", "depth=2", "num_heads=2",
         "--input-size", "32", "--patch-size", "4"]
@@ -38,40 +34,11 @@ TOE = ["--epochs", "5", "--expansion-step", "0", "2", "4", "--keep-rate", "0.6",
        "--initialization-keep-rate", "0.3", "--initialization", "uniform"]
 
 
-def _env():
-    env = dict(os.environ)
-    env.update(OMP_NUM_THREADS="1", MKL_NUM_THREADS="1", TQDM_DISABLE="1")
-    for key in ("RANK", "WORLD_SIZE", "LOCAL_RANK"):
-        env.pop(key, None)
-    return env
-
-
 def run_main(*args):
-    return subprocess.run([sys.executable, str(MAIN), *map(str, args)], cwd=ROOT, env=_env(), capture_output=True,
-                          text=True, timeout=240, check=False)
+    return helpers.run_main(*args, cmd=[sys.executable, str(MAIN)])
 
 
-def ok(result):
-    assert result.returncode == 0, f"exit {result.returncode}\n{result.stdout}\n{result.stderr}"
-    return result
-
-
-def read_log(out: Path):
-    return [json.loads(line) for line in (out / "log.txt").read_text().splitlines() if line.strip()]
-
-
-@pytest.fixture(scope="module")
-def data(tmp_path_factory):
-    """3 classes x 8 train images, 7 val images, 32 px; class c is brighter by c."""
-    root = tmp_path_factory.mktemp("data")
-    rng = np.random.default_rng(0)
-    for split, counts in (("train", [8, 8, 8]), ("val", [3, 3, 1])):
-        for c, count in enumerate(counts):
-            folder = root / split / f"class{c}"
-            folder.mkdir(parents=True)
-            for i in range(count):
-                Image.fromarray((rng.random((32, 32, 3)) * 90 + 80 * c).astype(np.uint8)).save(folder / f"{i}.png")
-    return root
+# The ``data`` fixture (conftest.py): 3 classes x 8 train images, 7 val images, 32 px; class c is brighter by c.
 
 
 # ---------------------------------------------------------------------------------------------
@@ -273,6 +240,7 @@ def test_published_lr_at_imagenet_scale():
     assert optimizer.param_groups[0]["lr"] == 4e-3
 
 
+@pytest.mark.e2e
 def test_lr_per_update_in_training_follows_one_uninterrupted_curve(data):
     run = _run(data, "--warmup-lr", "1e-6", "--min-lr", "1e-5")
     trainer = run.task
@@ -324,6 +292,7 @@ def test_accumulation_equals_one_large_batch(data):
 # ---------------------------------------------------------------------------------------------
 # End to end: 5-epoch curriculum, resumed after epoch 2 across a resolution change; user errors
 # ---------------------------------------------------------------------------------------------
+@pytest.mark.e2e
 def test_resumed_curriculum_equals_uninterrupted_one(data, tmp_path):
     flags = [*TINY, *FAST, *RECIPE, *TOE, "--data-path", data]
     straight, split = tmp_path / "straight", tmp_path / "split"

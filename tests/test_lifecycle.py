@@ -16,15 +16,13 @@ nothing depends on timing.
 
 from __future__ import annotations
 
-import os
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 import torch
-
-ROOT = Path(__file__).resolve().parents[1]
+from helpers import ROOT, child_env, load, run_script, write_coco, write_images
 
 CLASSIFY_FAST = ["--device", "cpu", "--num_workers", "0", "--no-pin-mem", "--lr", "1e-3", "--log-interval", "1"]
 TRAINERS = {
@@ -119,20 +117,10 @@ def trained(name: str) -> int:
     return TRAINERS[name].get("trained", TRAINERS[name]["epochs"])
 
 
-def _env():
-    env = dict(os.environ, OMP_NUM_THREADS="1", MKL_NUM_THREADS="1", TQDM_DISABLE="1")
-    for key in ("RANK", "WORLD_SIZE", "LOCAL_RANK"):
-        env.pop(key, None)
-    return env
-
-
 @pytest.fixture(scope="module")
 def datasets(tmp_path_factory):
-    from test_deit import write_images
-    from test_yolos import _write_coco
-
     coco = tmp_path_factory.mktemp("coco")
-    _write_coco(str(coco))
+    write_coco(str(coco))
     return {"images": write_images(tmp_path_factory.mktemp("images")), "coco": coco}
 
 
@@ -156,17 +144,13 @@ class Trainer:
             command = [*launcher, str(script)]
         if not launcher:
             command = [sys.executable, *command]
-        return subprocess.run([*command, *self.argv(out, *extra)], cwd=ROOT, env=_env(), capture_output=True,
+        return subprocess.run([*command, *self.argv(out, *extra)], cwd=ROOT, env=child_env(), capture_output=True,
                               text=True, timeout=300, check=False)
 
 
 def ok(result):
     assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-3000:]
     return result
-
-
-def load(path):
-    return torch.load(path, map_location="cpu", weights_only=True)
 
 
 def assert_same_weights(a, b, what):
@@ -196,6 +180,7 @@ def straight(datasets, tmp_path_factory):
 
 
 @pytest.mark.parametrize("name", NAMES)
+@pytest.mark.e2e
 def test_user_errors_are_one_line(name, datasets, tmp_path):
     trainer = Trainer(name, datasets, tmp_path)
     for extra, needle in ((["--keep-rate", "0.5", "1.0"], "bad ToE schedule"),
@@ -210,6 +195,7 @@ def test_user_errors_are_one_line(name, datasets, tmp_path):
 
 
 @pytest.mark.parametrize("name", NAMES)
+@pytest.mark.e2e
 def test_two_epochs_then_auto_resume_equals_the_straight_run(name, datasets, straight, tmp_path):
     trainer, out = Trainer(name, datasets, tmp_path), tmp_path / "out"
     ok(trainer.run(out, "--stop-after-epochs", 2, "--auto-resume"))
@@ -222,6 +208,7 @@ def test_two_epochs_then_auto_resume_equals_the_straight_run(name, datasets, str
 
 
 @pytest.mark.parametrize("name", NAMES)
+@pytest.mark.e2e
 def test_sigterm_mid_epoch_then_auto_resume_equals_the_straight_run(name, datasets, straight, tmp_path):
     trainer, out = Trainer(name, datasets, tmp_path), tmp_path / "out"
     stopped = trainer.run(out, "--auto-resume", mode="signal", when=TRAINERS[name]["sigterm_at"])
@@ -241,6 +228,7 @@ def test_sigterm_mid_epoch_then_auto_resume_equals_the_straight_run(name, datase
 
 
 @pytest.mark.parametrize("name", NAMES)
+@pytest.mark.e2e
 def test_kill_9_while_writing_a_checkpoint_keeps_the_last_one(name, datasets, straight, tmp_path):
     trainer, out = Trainer(name, datasets, tmp_path), tmp_path / "out"
     killed = trainer.run(out, mode="kill", when=2)  # dies writing epoch 1's checkpoint
@@ -251,6 +239,7 @@ def test_kill_9_while_writing_a_checkpoint_keeps_the_last_one(name, datasets, st
 
 
 @pytest.mark.parametrize("name", NAMES)
+@pytest.mark.e2e
 def test_a_folder_holding_another_run_is_refused(name, datasets, tmp_path):
     trainer, out = Trainer(name, datasets, tmp_path), tmp_path / "out"
     out.mkdir()
@@ -261,6 +250,7 @@ def test_a_folder_holding_another_run_is_refused(name, datasets, tmp_path):
 
 
 @pytest.mark.parametrize("name", NAMES)
+@pytest.mark.e2e
 def test_two_processes_whose_collectives_refuse_cpu_tensors(name, datasets, tmp_path):
     """As under NCCL: every reduction of training and evaluation goes through the helper that moves
     CPU tensors to the process's GPU; a direct dist.all_reduce of a CPU tensor fails this run."""
@@ -280,6 +270,7 @@ def _free_port() -> int:
         return sock.getsockname()[1]
 
 
+@pytest.mark.e2e
 def test_nodes_that_found_different_checkpoints_are_refused_in_one_line(datasets, straight, tmp_path):
     """Node-local output folders: one node holds checkpoint.pth (epoch 0), the other none. Without
     the agreement, one would resume at epoch 1 and the other start at 0, out of step."""
@@ -291,7 +282,7 @@ def test_nodes_that_found_different_checkpoints_are_refused_in_one_line(datasets
     launches = [subprocess.Popen([sys.executable, "-m", "torch.distributed.run", "--nnodes", "2", "--nproc_per_node",
                                   "1", "--rdzv-backend", "c10d", "--rdzv-endpoint", endpoint, "--rdzv-id", "nodes",
                                   str(ROOT / TRAINERS["deit"]["main"]), *trainer.argv(folder, "--auto-resume")],
-                                 cwd=ROOT, env={**_env(), "GLOO_SOCKET_IFNAME": "lo"}, stdout=subprocess.PIPE,
+                                 cwd=ROOT, env={**child_env(), "GLOO_SOCKET_IFNAME": "lo"}, stdout=subprocess.PIPE,
                                  stderr=subprocess.PIPE, text=True) for folder in folders]
     errors = "".join(launch.communicate(timeout=240)[1] for launch in launches)
     assert all(launch.returncode != 0 for launch in launches)
@@ -339,6 +330,7 @@ def test_an_fp16_resume_of_a_checkpoint_without_loss_scale_starts_a_fresh_one(ca
     assert "float16 starts a fresh loss scale" in capsys.readouterr().out
 
 
+@pytest.mark.e2e
 def test_yolos_trains_in_bf16_on_the_cpu(datasets):
     """--amp-dtype bfloat16: the detector's blocks compute in bf16 under autocast (the lifecycle's
     AMP, the same as classification's), the operator still keeps the scheduled tokens."""
@@ -370,6 +362,7 @@ IDENTITY_CHANGES = {  # a flag of each trainer's own that changes what the run c
 
 
 @pytest.mark.parametrize("name", NAMES)
+@pytest.mark.e2e
 def test_resume_with_any_flag_that_changes_the_run_is_refused(name, datasets, straight, tmp_path):
     """Every flag that changes what a run computes is part of its identity (the seed too), not a
     hand-kept list per trainer: resuming with another value would bend the run in silence."""
@@ -389,6 +382,7 @@ def test_resume_with_any_flag_that_changes_the_run_is_refused(name, datasets, st
 
 
 @pytest.mark.parametrize("name", ["deit", "lvvit", "et"])
+@pytest.mark.e2e
 def test_an_augmentation_policy_timm_would_half_ignore_is_refused(name, datasets, tmp_path):
     """timm passes over a part of --aa without a digit in silence: rand-zz trained RandAugment at
     magnitude 10, rand-m9-zz at 9 with zz dropped."""
@@ -398,27 +392,25 @@ def test_an_augmentation_policy_timm_would_half_ignore_is_refused(name, datasets
         assert result.returncode == 2 and "timm would skip" in result.stderr and "Traceback" not in result.stderr
 
 
+@pytest.mark.e2e
 def test_launchers_do_not_turn_overwrite_into_a_resume(tmp_path):
     """The run scripts add --auto-resume, which would continue the old run that --overwrite asked
     to replace; Slurm would delete the run at every requeue."""
-    from test_deit import run_script
-
     script = ROOT / "ToE" / "deit" / "run" / "imagenet_small_run1.sh"
     plain = run_script(script, "/data/imagenet", "runs/x", cwd=tmp_path, DRY_RUN="1")
     fresh = run_script(script, "/data/imagenet", "runs/x", "--overwrite", cwd=tmp_path, DRY_RUN="1")
     assert "--auto-resume" in plain.stdout.split()
     assert "--overwrite" in fresh.stdout.split() and "--auto-resume" not in fresh.stdout.split()
     slurm = subprocess.run(["bash", str(ROOT / "run" / "slurm.sh"), str(ROOT / "ToE" / "deit" / "main.py"),
-                            "--output_dir", "x", "--overwrite"], env={**_env(), "DRY_RUN": "1"}, capture_output=True,
-                           text=True, timeout=60)
+                            "--output_dir", "x", "--overwrite"], env={**child_env(), "DRY_RUN": "1"},
+                           capture_output=True, text=True, timeout=60)
     assert slurm.returncode == 2 and "--overwrite in a requeued job" in slurm.stderr
 
 
+@pytest.mark.e2e
 def test_lvvit_run_scripts_run_on_a_cpu(tmp_path):
     """The published recipe asked for fp16 (--apex-amp), which a CPU cannot run; the scripts leave
     the precision to --amp-dtype auto (off on a CPU), and their command parses."""
-    from test_deit import run_script
-
     from ToE.lvvit.main import parse_args
 
     for size in ("small", "medium"):

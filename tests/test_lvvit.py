@@ -5,12 +5,8 @@ main.py end to end (resume, user errors). CPU only; end-to-end runs use a 2-bloc
 
 from __future__ import annotations
 
-import json
 import math
-import os
-import subprocess
 import sys
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -19,13 +15,13 @@ import torch
 from PIL import Image
 
 import token_select
+from helpers import ROOT, assert_user_error, load, ok, read_log, run_main
 import ToE.lvvit  # noqa: F401  (registers the models)
 from ToE.lvvit.labels import (TokenLabelTargets, crop_boxes, encode_label_map, label_path, load_label_map,
                               save_label_map)
 from ToE.lvvit.loss import TokenLabelLoss
 from ToE.lvvit.model import mixtoken_box, swap_box
 
-ROOT = Path(__file__).resolve().parents[1]
 MAIN = ROOT / "ToE" / "lvvit" / "main.py"
 CLASSES, TRAIN_PER_CLASS, VAL_PER_CLASS, MAP = 3, 8, 2, 8
 TINY = ["--model", "lvvit_digits", "--model-kwargs", "embed_dim=32", "depth=2", "num_heads=2", "stem_dim=8",
@@ -241,32 +237,9 @@ def test_labelled_translate_moves_the_map_with_the_image():
 
 
 # -- generator ------------------------------------------------------------------------------------
-def _env():
-    env = dict(os.environ)
-    env.update(OMP_NUM_THREADS="1", MKL_NUM_THREADS="1", TQDM_DISABLE="1")
-    for key in ("RANK", "WORLD_SIZE", "LOCAL_RANK"):
-        env.pop(key, None)
-    return env
-
-
 def run(*args, module=None, timeout=240):
     cmd = [sys.executable, "-m", module] if module else [sys.executable, str(MAIN)]
-    return subprocess.run([*cmd, *map(str, args)], cwd=ROOT, env=_env(), capture_output=True, text=True,
-                          timeout=timeout, check=False)
-
-
-def ok(result):
-    assert result.returncode == 0, f"exit {result.returncode}\nstdout:\n{result.stdout}\nstderr:\n{result.stderr}"
-    return result
-
-
-def assert_user_error(result, *needles):
-    lines = [line for line in result.stderr.splitlines() if line.strip()]
-    assert result.returncode == 2, f"exit {result.returncode}\n{result.stderr}"
-    assert "Traceback" not in result.stderr + result.stdout
-    assert len(lines) == 1 and lines[0].startswith("error: "), result.stderr
-    for needle in needles:
-        assert str(needle) in lines[0], (needle, lines[0])
+    return run_main(*args, timeout=timeout, cmd=cmd)
 
 
 @pytest.fixture(scope="module")
@@ -287,6 +260,7 @@ def data(tmp_path_factory):
     return root, labels
 
 
+@pytest.mark.e2e
 def test_generator_writes_the_published_format(data, tmp_path):
     root, _ = data
     checkpoint = tmp_path / "teacher.pth"
@@ -327,6 +301,7 @@ def test_generator_writes_the_published_format(data, tmp_path):
     assert torch.load(out / "class0" / "0.pt", weights_only=True).shape == (2, 5, 10, 10)
 
 
+@pytest.mark.e2e
 def test_images_that_would_share_a_label_file_are_refused(data, tmp_path):
     """img.0.png and img.1.png share the label file img.pt: the generator would write it twice (and
     count two files) and training would read one image's labels for both."""
@@ -349,6 +324,7 @@ def test_images_that_would_share_a_label_file_are_refused(data, tmp_path):
 
 
 @pytest.mark.parametrize("damage", ["size", "truncated"])
+@pytest.mark.e2e
 def test_every_label_file_is_checked_before_training(data, tmp_path, damage):
     """A label map of another size, or a truncated file, that is not the first one was met mid-epoch."""
     import shutil
@@ -369,20 +345,13 @@ def test_every_label_file_is_checked_before_training(data, tmp_path, damage):
 
 
 # -- main.py end to end ---------------------------------------------------------------------------
-def read_log(out: Path):
-    return [json.loads(line) for line in (out / "log.txt").read_text().splitlines() if line.strip()]
-
-
-def load(path: Path):
-    return torch.load(path, map_location="cpu", weights_only=True)
-
-
 def _common(data, out):
     root, labels = data
     return ["--data-path", root, "--output_dir", out, "--epochs", 3, *TINY, *FAST, *SCHEDULE, "--token-label",
             "--token-label-data", labels, "--token-label-size", 4]
 
 
+@pytest.mark.e2e
 def test_resume_2_plus_2_equals_4_straight(data, tmp_path):
     straight, resumed = tmp_path / "straight", tmp_path / "resumed"
     result = ok(run(*_common(data, straight)))
@@ -406,6 +375,7 @@ def test_resume_2_plus_2_equals_4_straight(data, tmp_path):
     assert len(log) == 4 and log[2]["lr"] > 1e-5 and log[3]["lr"] == pytest.approx(1e-5)
 
 
+@pytest.mark.e2e
 def test_error_missing_label_file(data, tmp_path):
     root, labels = data
     partial = tmp_path / "labels"
@@ -420,6 +390,7 @@ def test_error_missing_label_file(data, tmp_path):
     assert not (tmp_path / "out" / "checkpoint.pth").exists()
 
 
+@pytest.mark.e2e
 def test_error_wrong_label_size_and_dtype(data, tmp_path):
     args = _common(data, tmp_path / "out")
     args[args.index("--token-label-size") + 1] = 14
@@ -464,6 +435,7 @@ def test_recipe_defaults_and_published_flag_names():
     assert (args.dense_weight, args.cls_weight, args.model_ema) == (0.5, 2.0, False)
 
 
+@pytest.mark.e2e
 def test_error_token_label_without_data_and_unknown_model(data, tmp_path):
     root, _ = data
     args = ["--data-path", root, "--epochs", 2, *TINY, *FAST, "--token-label"]
@@ -473,6 +445,7 @@ def test_error_token_label_without_data_and_unknown_model(data, tmp_path):
     assert_user_error(run(*args), "is not an LV-ViT")
 
 
+@pytest.mark.e2e
 def test_token_label_flags_that_would_be_ignored_are_refused(data, tmp_path):
     """--token-label-data without --token-label trained on class labels alone and said nothing;
     a non-RandAugment --aa with token labels failed mid-run."""
@@ -487,6 +460,7 @@ def test_token_label_flags_that_would_be_ignored_are_refused(data, tmp_path):
 @pytest.mark.parametrize("name, kwargs", [
     ("vit_tiny_patch16_224", ["img_size=32", "patch_size=4", "embed_dim=32", "depth=1", "num_heads=2"]),
     ("lvvit_digits", ["embed_dim=32", "depth=1", "num_heads=2", "stem_dim=8"])])
+@pytest.mark.e2e
 def test_vit_and_lvvit_teachers_write_labels(data, tmp_path, name, kwargs):
     """The README promises ViT and LV-ViT teachers: a ViT needed its sizes (--model-kwargs), an
     LV-ViT's features came as a tuple and failed with a traceback."""

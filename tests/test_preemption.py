@@ -11,15 +11,10 @@ import sys
 
 import pytest
 import torch
-from test_deit import (FAST, MAIN, RECIPE, ROOT, TINY, _env, assert_same_tensors, assert_user_error, free_port, load,
-                       ok, run_main, write_images)
+from helpers import (FAST, MAIN, RECIPE, ROOT, TINY, assert_same_tensors, assert_user_error, child_env, free_port,
+                     load, ok, run_main)
 
 STAGES = ["--expansion-step", "0", "1", "2", "--keep-rate", "0.5", "0.75", "1.0"]
-
-
-@pytest.fixture(scope="module")
-def data(tmp_path_factory):
-    return write_images(tmp_path_factory.mktemp("data"))
 
 
 def args(data, out, *extra):
@@ -36,6 +31,7 @@ def straight(data, tmp_path_factory):
     return load(out / "checkpoint.pth")
 
 
+@pytest.mark.e2e
 def test_time_limit_stops_with_a_checkpoint_and_the_run_continues_exactly(data, straight, tmp_path):
     out = tmp_path / "out"
     stopped = run_main(*args(data, out, "--auto-resume", "--time-limit", "0.05"))
@@ -45,6 +41,7 @@ def test_time_limit_stops_with_a_checkpoint_and_the_run_continues_exactly(data, 
     assert_same_tensors(straight["model"], load(out / "checkpoint.pth")["model"], "straight vs time-limited")
 
 
+@pytest.mark.e2e
 def test_auto_resume_refuses_a_checkpoint_of_other_flags(data, straight, tmp_path):
     out = tmp_path / "out"
     out.mkdir()
@@ -63,6 +60,7 @@ def test_time_limit_formats(text, seconds):
     assert parse_duration(text) == seconds
 
 
+@pytest.mark.e2e
 def test_two_loopback_nodes_equal_one_node_with_two_processes(data, tmp_path):
     """torchrun --nnodes 2 with c10d rendezvous on 127.0.0.1, one gloo process per "node", against
     torchrun --nproc_per_node 2 on one node: the same final weights."""
@@ -80,7 +78,7 @@ def test_two_loopback_nodes_equal_one_node_with_two_processes(data, tmp_path):
         command = [sys.executable, "-m", "torch.distributed.run", "--nnodes", "2", "--nproc_per_node", "1",
                    "--rdzv-backend", "c10d", "--rdzv-endpoint", endpoint, "--rdzv-id", "toe-test",
                    str(MAIN), *map(str, common), "--output_dir", str(two_nodes)]
-        env = {**_env(), "GLOO_SOCKET_IFNAME": "lo"}
+        env = {**child_env(), "GLOO_SOCKET_IFNAME": "lo"}
         launches.append(subprocess.Popen(command, cwd=ROOT, env=env, stdout=subprocess.PIPE,
                                          stderr=subprocess.PIPE, text=True))
     for launch in launches:
@@ -103,6 +101,7 @@ FAKE_SLURM = {
 }
 
 
+@pytest.mark.e2e
 def test_slurm_script_checkpoints_on_usr1_requeues_and_the_next_start_continues(data, tmp_path):
     import signal
     import time
@@ -112,7 +111,7 @@ def test_slurm_script_checkpoints_on_usr1_requeues_and_the_next_start_continues(
     for name, text in FAKE_SLURM.items():
         (bin_dir / name).write_text(text)
         (bin_dir / name).chmod(0o755)
-    env = {**_env(), "PATH": f"{bin_dir}:{os.environ['PATH']}", "FAKE_SLURM_DIR": str(tmp_path),
+    env = {**child_env(), "PATH": f"{bin_dir}:{os.environ['PATH']}", "FAKE_SLURM_DIR": str(tmp_path),
            "SLURM_JOB_ID": "7", "SLURM_NNODES": "1", "GPUS_PER_NODE": "1", "MASTER_PORT": str(free_port()),
            "PYTHON": sys.executable, "SLURM_SUBMIT_DIR": str(ROOT)}
     out = tmp_path / "out"

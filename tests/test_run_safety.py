@@ -14,13 +14,8 @@ import sys
 
 import pytest
 import torch
-from test_deit import (FAST, MAIN, NUM_PATCHES, PLAIN, ROOT, SCHEDULE, TINY, _env, assert_user_error, load, ok,
-                       read_log, run_main, write_images)
-
-
-@pytest.fixture(scope="module")
-def data(tmp_path_factory):
-    return write_images(tmp_path_factory.mktemp("data"))
+from helpers import (FAST, MAIN, NUM_PATCHES, PLAIN, ROOT, SCHEDULE, TINY, assert_user_error, child_env, load, ok,
+                     read_log, run_main, write_images)
 
 
 @pytest.fixture(scope="module")
@@ -99,6 +94,7 @@ def test_models_toe_cannot_reduce_are_refused_by_name(data, capsys, model, needl
 
 # -- nothing already written is lost -----------------------------------------------------------
 
+@pytest.mark.e2e
 def test_new_run_cannot_overwrite_another_runs_checkpoint(data, two_epochs, tmp_path, capsys):
     out = tmp_path / "out"
     out.mkdir()
@@ -117,11 +113,12 @@ def test_new_run_cannot_overwrite_another_runs_checkpoint(data, two_epochs, tmp_
     assert load(out / "checkpoint.pth")["epoch"] == 0
 
 
+@pytest.mark.e2e
 def test_demo_never_deletes_a_folder_it_did_not_create(tmp_path):
     user_folder = tmp_path / "my_results"
     user_folder.mkdir()
     (user_folder / "thesis.tex").write_text("months of work")
-    env = {**_env(), "DEMO_OUT": str(user_folder), "DEMO_EPOCHS": "3"}
+    env = {**child_env(), "DEMO_OUT": str(user_folder), "DEMO_EPOCHS": "3"}
     result = subprocess.run(["bash", str(ROOT / "run" / "demo.sh")], cwd=ROOT, env=env, capture_output=True,
                             text=True, timeout=120)
     assert result.returncode == 2, result.stderr
@@ -132,6 +129,7 @@ def test_demo_never_deletes_a_folder_it_did_not_create(tmp_path):
     assert unknown.returncode == 2 and "unknown trainer 'detr'" in unknown.stderr
 
 
+@pytest.mark.e2e
 def test_kill_between_log_and_checkpoint_does_not_duplicate_the_epoch(data, two_epochs, tmp_path):
     """Epoch 2 logged (log.txt and TensorBoard), then killed before its checkpoint: the resume
     trains epoch 2 again, and the log and TensorBoard hold it once."""
@@ -186,6 +184,7 @@ def test_ctrl_c_says_what_was_saved(data, tmp_path, capsys, monkeypatch, with_ou
 
 # -- resume does what the user meant -----------------------------------------------------------
 
+@pytest.mark.e2e
 def test_resume_with_more_epochs_extends_the_cosine_schedule(data, two_epochs, tmp_path):
     """2 epochs planned and done; resumed with --epochs 4: epoch 2 trains at the cosine over 4
     epochs, not at the minimum learning rate of the finished 2-epoch cycle."""
@@ -205,6 +204,7 @@ def test_resume_with_more_epochs_extends_the_cosine_schedule(data, two_epochs, t
     assert read_log(out)[0]["lr"] == pytest.approx(expected, rel=1e-9)
 
 
+@pytest.mark.e2e
 def test_resume_refusals_name_the_stored_and_the_given_value(data, two_epochs, tmp_path, capsys):
     checkpoint = two_epochs / "checkpoint.pth"
     line = cli_error(capsys, *base(data, epochs=2), "--resume", checkpoint)
@@ -234,6 +234,7 @@ def test_resume_refusals_name_the_stored_and_the_given_value(data, two_epochs, t
     assert "3 classes" in line and "4" in line
 
 
+@pytest.mark.e2e
 def test_eval_sparse_eval_uses_the_checkpoints_own_schedule(data, two_epochs, capsys):
     """The checkpoint ended in epoch 1, stage 1 of its stages at 0 2 3 with --keep-rate 0.5 0.75
     1.0: 8 of 16 tokens. The command line's own schedule would put epoch 1 in a full-token stage."""
@@ -249,10 +250,11 @@ def test_eval_sparse_eval_uses_the_checkpoints_own_schedule(data, two_epochs, ca
 # -- the run summary on damaged or unfinished folders -----------------------------------------
 
 def summary(folder):
-    return subprocess.run([sys.executable, "-m", "ToE.common.summary", str(folder)], cwd=ROOT, env=_env(),
+    return subprocess.run([sys.executable, "-m", "ToE.common.summary", str(folder)], cwd=ROOT, env=child_env(),
                           capture_output=True, text=True, timeout=120)
 
 
+@pytest.mark.e2e
 def test_summary_of_damaged_or_unfinished_run_folders(data, two_epochs, tmp_path):
     assert_user_error(summary(tmp_path / "missing"), "does not exist")
     empty = tmp_path / "empty"
@@ -274,6 +276,7 @@ def test_summary_of_damaged_or_unfinished_run_folders(data, two_epochs, tmp_path
     assert "UNFINISHED: 2 of 5 epochs" in result.stdout
 
 
+@pytest.mark.e2e
 def test_check_only_checks_and_trains_nothing(data, tmp_path):
     out = tmp_path / "out"
     result = ok(run_main(*base(data), "--output_dir", out, "--check-only"))
@@ -282,10 +285,11 @@ def test_check_only_checks_and_trains_nothing(data, tmp_path):
     assert MAIN.exists()
 
 
+@pytest.mark.e2e
 def test_run_script_with_several_processes_reports_a_flag_error_once(data, tmp_path):
     """NPROC=2: the script checks the flags in one process before torchrun starts, so a mistake
     is one line, not one per process plus torchrun's traceback."""
-    env = {**_env(), "NPROC": "2", "PYTHON": sys.executable, "CUDA_VISIBLE_DEVICES": ""}
+    env = {**child_env(), "NPROC": "2", "PYTHON": sys.executable, "CUDA_VISIBLE_DEVICES": ""}
     result = subprocess.run(["bash", str(ROOT / "ToE" / "deit" / "run" / "imagenet_tiny_run1.sh"), str(data),
                              str(tmp_path / "out"), "--epochs", "0"], cwd=ROOT, env=env, capture_output=True,
                             text=True, timeout=120)

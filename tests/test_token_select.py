@@ -402,12 +402,15 @@ def test_expansion_plan_split_over_repetition_steps():
 # ---------------------------------------------------------------------------------------------
 timm = pytest.importorskip("timm")
 
+# The published models at 224 px take seconds each on a CPU: they run in the end-to-end tier (-m e2e).
+FULL_SIZE = pytest.mark.e2e
 TIMM_CASES = [
-    ("deit_tiny_patch16_224", {}, 1),
-    ("deit3_small_patch16_224", {}, 1),
-    ("deit_tiny_distilled_patch16_224", {}, 2),
-    ("test_vit", {}, 1),
-    ("vit_tiny_patch16_224", dict(embed_dim=96, depth=6, num_heads=3, img_size=32, patch_size=4), 1),
+    pytest.param("deit_tiny_patch16_224", {}, 1, marks=FULL_SIZE, id="deit_tiny_patch16_224"),
+    pytest.param("deit3_small_patch16_224", {}, 1, marks=FULL_SIZE, id="deit3_small_patch16_224"),
+    pytest.param("deit_tiny_distilled_patch16_224", {}, 2, marks=FULL_SIZE, id="deit_tiny_distilled_patch16_224"),
+    pytest.param("test_vit", {}, 1, id="test_vit"),
+    pytest.param("vit_tiny_patch16_224", dict(embed_dim=96, depth=6, num_heads=3, img_size=32, patch_size=4), 1,
+                 id="vit_tiny_patch16_224"),
 ]
 
 
@@ -415,7 +418,7 @@ def _image_size(model):
     return model.patch_embed.img_size
 
 
-@pytest.mark.parametrize("name,kwargs,prefix", TIMM_CASES, ids=[c[0] for c in TIMM_CASES])
+@pytest.mark.parametrize("name,kwargs,prefix", TIMM_CASES)
 def test_timm_attach_parity(name, kwargs, prefix):
     torch.manual_seed(0)
     plain = timm.create_model(name, pretrained=False, **kwargs)

@@ -19,6 +19,7 @@ import torch.nn.functional as F
 from PIL import Image
 
 import token_select
+from helpers import write_coco
 from ToE.yolos.data import CocoDetection, Normalize, RandomSizeCrop, collate, load_coco, yolos_size
 from ToE.yolos.evaluation import evaluate, score_detections, to_coco_results
 from ToE.yolos.loss import HungarianMatcher, SetCriterion
@@ -255,36 +256,10 @@ def test_num_boxes_is_clamped_at_one():
 # ---------------------------------------------------------------------------------------------
 # Data and evaluation
 # ---------------------------------------------------------------------------------------------
-def _write_coco(root, splits=(("train", 8), ("val", 4)), size=(32, 40), seed=0):
-    """Canvases with 1-2 bright squares each (category 1 or 2); image 'train' 0 has no box."""
-    rng = np.random.RandomState(seed)
-    os.makedirs(os.path.join(root, "annotations"), exist_ok=True)
-    for split, count in splits:
-        os.makedirs(os.path.join(root, f"{split}2017"), exist_ok=True)
-        images, anns = [], []
-        for image_id in range(1, count + 1):
-            pixels = rng.randint(0, 30, size=(size[0], size[1], 3)).astype(np.uint8)
-            for _ in range(0 if image_id == 1 and split == "train" else rng.randint(1, 3)):
-                w, h = rng.randint(6, 14, size=2)
-                x, y = rng.randint(0, size[1] - w), rng.randint(0, size[0] - h)
-                category = int(rng.randint(1, 3))
-                pixels[y:y + h, x:x + w] = 120 * category
-                anns.append({"id": len(anns) + 1, "image_id": image_id, "category_id": category,
-                             "bbox": [float(x), float(y), float(w), float(h)], "area": float(w * h), "iscrowd": 0})
-            name = f"{image_id:04d}.png"
-            Image.fromarray(pixels).save(os.path.join(root, f"{split}2017", name))
-            images.append({"id": image_id, "file_name": name, "width": size[1], "height": size[0]})
-        data = {"images": images, "annotations": anns,
-                "categories": [{"id": 1, "name": "a"}, {"id": 2, "name": "b"}]}
-        with open(os.path.join(root, "annotations", f"instances_{split}2017.json"), "w") as handle:
-            json.dump(data, handle)
-    return str(root)
-
-
 def test_ground_truth_fed_back_as_predictions_gives_ap_one(tmp_path):
     """GT boxes -> model-shaped outputs (normalised cxcywh, sure logits) -> postprocess -> COCO
     results -> COCOeval: AP 1.0 (an error in any scaling or format would lower it)."""
-    root = _write_coco(tmp_path / "coco")
+    root = write_coco(tmp_path / "coco")
     dataset = CocoDetection(root, "val", Normalize())
     queries, classes = 4, dataset.num_classes
     results = []
@@ -362,7 +337,7 @@ def _run(argv, capsys):
 
 @pytest.fixture(scope="module")
 def coco_root(tmp_path_factory):
-    return _write_coco(tmp_path_factory.mktemp("coco"))
+    return write_coco(tmp_path_factory.mktemp("coco"))
 
 
 def _broken(tmp_path, coco_root, edit):
@@ -466,6 +441,7 @@ def straight_run(coco_root, tmp_path_factory):
     return out
 
 
+@pytest.mark.e2e
 def test_resume_equals_an_uninterrupted_run(coco_root, straight_run, tmp_path, capsys):
     """3 epochs straight (stages 0, 1 with mid tables and batch 2, 2) vs 1 epoch, then a resume."""
     out = tmp_path / "resumed"
@@ -495,6 +471,7 @@ def _eval_json_and_rescore(coco_root, checkpoint, results, capsys, extra=()):
     return printed, evaluator.stats[0], json.loads(results.read_text())
 
 
+@pytest.mark.e2e
 def test_eval_json_scores_the_same_ap_with_pycocotools(coco_root, straight_run, capsys):
     printed, rescored, detections = _eval_json_and_rescore(coco_root, straight_run / "checkpoint.pth",
                                                            straight_run / "dets.json", capsys)
@@ -503,6 +480,7 @@ def test_eval_json_scores_the_same_ap_with_pycocotools(coco_root, straight_run, 
 
 
 @pytest.mark.parametrize("batch", [1, 4])
+@pytest.mark.e2e
 def test_toe_training_with_mid_tables_at_batch_size_then_eval_json(coco_root, tmp_path, capsys, batch):
     """End to end at batch 1 and 4 (batch 2: the resume test): epoch 1 trains in ToE stage 1 with
     mid-layer tables on multi-scale batches; --eval at that batch size writes a json whose
@@ -537,6 +515,7 @@ def test_evaluate_batch_size_does_not_matter_without_padding(coco_root):
     assert scores[0] == scores[1]
 
 
+@pytest.mark.e2e
 def test_auto_resume_of_a_finished_run_does_nothing(coco_root, straight_run, capsys):
     """The run scripts add --auto-resume: the same command again on a finished run changes nothing."""
     before = (straight_run / "checkpoint.pth").stat().st_mtime_ns
@@ -546,6 +525,7 @@ def test_auto_resume_of_a_finished_run_does_nothing(coco_root, straight_run, cap
 
 
 @pytest.mark.parametrize("tool", ["ToE.yolos.summary", "ToE.yolos.figure"])
+@pytest.mark.e2e
 def test_summary_and_figure_of_a_missing_or_empty_run_are_one_line(tool, tmp_path):
     import subprocess
     import sys
@@ -558,6 +538,7 @@ def test_summary_and_figure_of_a_missing_or_empty_run_are_one_line(tool, tmp_pat
         assert result.returncode == 2 and len(lines) == 1 and lines[0].startswith("error: ") and str(folder) in lines[0]
 
 
+@pytest.mark.e2e
 def test_eval_sparse_eval_follows_the_checkpoints_own_schedule(coco_root, straight_run, tmp_path, capsys):
     """--eval --sparse-eval reduces as the checkpoint's last epoch did by ITS schedule (steps 1 2 3:
     epoch 2 is stage 2), not by the schedule flags given now (steps 0 5 6 would make it stage 1)."""
@@ -569,6 +550,7 @@ def test_eval_sparse_eval_follows_the_checkpoints_own_schedule(coco_root, straig
     assert "sparse evaluation: ToE stage 2" in out
 
 
+@pytest.mark.e2e
 def test_results_json_into_a_new_folder_is_written(coco_root, straight_run, tmp_path, capsys):
     """The detections of a whole evaluation were lost to a missing folder at the very end."""
     target = tmp_path / "new" / "folder" / "detections.json"
