@@ -37,7 +37,8 @@ def get_args_parser() -> argparse.ArgumentParser:
     for option, (dest, kind) in ALIASES.items():
         # a second flag with the same destination and check (argparse's public way to spell a flag twice);
         # SUPPRESS: it sets no default of its own
-        parser.add_argument(option, dest=dest, type=kind, default=argparse.SUPPRESS, help=f"same as --{dest.replace('_', '-')}")
+        parser.add_argument(option, dest=dest, type=kind, default=argparse.SUPPRESS,
+                            help=f"same as --{dest.replace('_', '-')}")
     lv = parser.add_argument_group("LV-ViT and token labelling")
     lv.add_argument("--token-label", action="store_true",
                     help="train every patch token against the dense teacher labels of --token-label-data")

@@ -82,8 +82,8 @@ class DetectionTask:
         if args.crop_size[0] > args.crop_size[1]:
             raise UserError(f"--crop-size {args.crop_size[0]} {args.crop_size[1]} must be MIN MAX with MIN <= MAX")
         if args.warmup_epochs >= args.epochs and not args.eval:
-            return [f"--warmup-epochs {args.warmup_epochs} is as long as the run (--epochs {args.epochs}): the learning "
-                    "rate never leaves the warmup (fine for a smoke test; lower --warmup-epochs otherwise)"]
+            return [f"--warmup-epochs {args.warmup_epochs} is as long as the run (--epochs {args.epochs}): the "
+                    "learning rate never leaves the warmup (fine for a smoke test; lower --warmup-epochs otherwise)"]
         return []
 
     def __init__(self, args: argparse.Namespace, run) -> None:
