@@ -304,6 +304,9 @@ def add_classification_args(parser: argparse.ArgumentParser) -> None:
     run = parser.add_argument_group("data and run")
     run.add_argument("--data-path", default="data/digits",
                      help="folder with train/<class>/ and val/<class>/ (default: data/digits)")
+    run.add_argument("--data-backend", default="torch", choices=["torch", "dali"],
+                     help="torch: PIL decoding and timm's transforms in DataLoader workers; dali: NVIDIA DALI decodes and "
+                          "augments (on the GPU when there is one; optional extra nvidia-dali-cuda120) (default: torch)")
     run.add_argument("--dist-eval", action=argparse.BooleanOptionalAction, default=True,
                      help="split evaluation over the processes, each image exactly once (default: on)")
     run.add_argument("--num_workers", "--num-workers", default=8, type=non_negative_int,

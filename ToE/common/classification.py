@@ -17,6 +17,7 @@ from __future__ import annotations
 import argparse
 from typing import Any, Dict, List, Optional, Tuple
 
+import numpy as np
 import timm
 import torch
 import torch.nn.functional as F
@@ -33,7 +34,7 @@ from ToE.common.args import check_training_flags
 from ToE.common.data import check_images, train_val_folders
 from ToE.common.distributed import all_reduce_sum
 from ToE.common.errors import UserError
-from ToE.common.lifecycle import ConstantPlan, EpochPlan, autocast, epoch_loader, to_device
+from ToE.common.lifecycle import ConstantPlan, EpochPlan, SkipFirst, autocast, epoch_loader, to_device
 from ToE.common.transforms import build_eval_transform, build_train_transform
 
 # timm's VisionTransformer and its distilled subclass (and LV-ViT): blocks that see tokens only
@@ -99,6 +100,11 @@ class ClassificationTask:
         if not timm.is_model(args.model):
             raise UserError(f"unknown model {args.model!r}. Pick a timm ViT name, e.g. deit_small_patch16_224 "
                             "(list them with: python -c \"import timm; print(timm.list_models('deit*'))\")")
+        if args.data_backend == "dali":
+            from ToE.common import dali
+
+            dali.require_dali()
+            dali.rand_augment_args(args.aa)  # a policy DALI cannot run is refused before any work
         return check_training_flags(args)
 
     def __init__(self, args: argparse.Namespace, run) -> None:
@@ -112,8 +118,14 @@ class ClassificationTask:
         # evaluation: each process takes every world_size-th image, so each is counted once
         env = self.env
         val_indices = range(env.rank, len(self.val_set), env.world_size) if args.dist_eval else range(len(self.val_set))
-        self.val_loader = DataLoader(Subset(self.val_set, list(val_indices)), batch_size=int(1.5 * args.batch_size),
-                                     shuffle=False, **self._loader_kwargs())
+        if args.data_backend == "dali":
+            from ToE.common import dali
+
+            self.val_loader = dali.eval_loader(self.val_set.samples, val_indices, int(1.5 * args.batch_size),
+                                               args.input_size, args.crop_pct, self.device, args.num_workers)
+        else:
+            self.val_loader = DataLoader(Subset(self.val_set, list(val_indices)),
+                                         batch_size=int(1.5 * args.batch_size), shuffle=False, **self._loader_kwargs())
         # more than one resolution: one full-resolution position table, interpolated per forward
         extra = {"dynamic_img_size": True} if self.plan(0).crop not in (None, args.input_size) else {}
         self.model = self.build_model(**extra)
@@ -268,7 +280,7 @@ class ClassificationTask:
         """This epoch's batches (the plan's batch, augmentation and view) without the first ``skip``."""
         args = self.args
         policy = plan.aa or args.aa
-        if policy != self.policy:  # a curriculum changed the augmentation magnitude
+        if policy != self.policy and args.data_backend == "torch":  # a curriculum changed the magnitude
             self.train_set.transform = self.train_transform(args.input_size, policy)
             self.policy = policy
         self.view = plan.view
@@ -289,7 +301,20 @@ class ClassificationTask:
             # PatchDropout keeps int(P * (1 - prob)) tokens: aim between two integers
             self.model.patch_drop.prob = 0.0 if kept >= self.num_patches else 1.0 - (kept + 0.5) / self.num_patches
             self.random_kept = kept
+        if args.data_backend == "dali":
+            return self._dali_loader(epoch, plan, skip, policy)
         return epoch_loader(self.train_set, self.train_sampler, epoch, plan, skip, **self._loader_kwargs())
+
+    def _dali_loader(self, epoch: int, plan: EpochPlan, skip: int, policy: str):
+        """The DALI batches of ``epoch``: the torch path's sampler order and skip; augmentation seeded
+        from the run's seed, this process's rank and the epoch (so an epoch boundary resumes exactly)."""
+        from ToE.common import dali
+
+        self.train_sampler.set_epoch(epoch)
+        order = list(SkipFirst(self.train_sampler, skip * plan.batch) if skip else self.train_sampler)
+        seed = int(np.random.SeedSequence([self.args.seed, self.env.rank, epoch]).generate_state(1)[0])
+        return dali.train_loader(self.train_set.samples, order, plan.batch, self.args.input_size, self.args, policy,
+                                 self.device, seed)
 
     def train_step(self, model: torch.nn.Module, batch) -> Tuple[torch.Tensor, Dict[str, Any], int]:
         images, targets = batch

@@ -1,0 +1,141 @@
+"""--data-backend dali: the DALI input pipeline (CPU backend here; the GPU's in run/gpu_check.sh)."""
+
+from __future__ import annotations
+
+import sys
+
+import numpy as np
+import pytest
+import torch
+from helpers import FAST, MAIN, SCHEDULE, TINY, load, ok, run_main
+from PIL import Image
+
+from timm.utils import random_seed as seed_everything
+
+from ToE.common.errors import UserError
+
+pytest.importorskip("nvidia.dali")
+
+from ToE.common import dali  # noqa: E402
+from ToE.common.data import train_val_folders  # noqa: E402
+from ToE.common.transforms import build_eval_transform  # noqa: E402
+
+
+@pytest.mark.parametrize("policy, expected", [
+    ("rand-m9-mstd0.5-inc1", {"n": 2, "m": 9, "num_magnitude_bins": 11, "monotonic_mag": True}),
+    ("rand-m7-n3", {"n": 3, "m": 7, "num_magnitude_bins": 11, "monotonic_mag": False}),
+    ("rand-m10", {"n": 2, "m": 10, "num_magnitude_bins": 11, "monotonic_mag": False}),
+    ("none", None),
+])
+def test_timm_policy_maps_onto_dali_rand_augment(policy, expected):
+    assert dali.rand_augment_args(policy) == expected
+
+
+@pytest.mark.parametrize("policy", ["augmix-m5", "original", "rand-m9.5", "rand-m12"])
+def test_policies_dali_cannot_run_are_refused(policy):
+    with pytest.raises(UserError, match="DALI backend"):
+        dali.rand_augment_args(policy)
+
+
+def test_eval_batches_equal_the_torch_path_in_order_and_nearly_in_pixels(data):
+    """Same images, same order, same class indices as the torch path; resize kernels differ a little."""
+    _, val = train_val_folders(str(data), None, build_eval_transform(16, interpolation="bicubic", crop_pct=0.875))
+    loader = dali.eval_loader(val.samples, range(len(val)), 3, 16, 0.875, torch.device("cpu"), 1)
+    assert len(loader) == 3  # 7 images: 3 + 3 + 1, the last batch kept
+    images, targets = zip(*loader)
+    images, targets = torch.cat(images), torch.cat(targets)
+    assert targets.tolist() == [label for _, label in val.samples]
+    expected = torch.stack([val[i][0] for i in range(len(val))])
+    assert images.shape == expected.shape == (7, 3, 16, 16)
+    assert (images - expected).abs().mean() < 0.15, (images - expected).abs().mean()
+
+
+def test_train_batches_follow_the_sampler_order_with_the_recipes_augmentation(data):
+    train, _ = train_val_folders(str(data))
+    args = pytest.importorskip("ToE.deit.main").parse_args(["--aa", "rand-m9-mstd0.5-inc1", "--reprob", "0.25"])
+    order = [5, 0, 17, 3, 9, 22, 1, 8]
+    loader = dali.train_loader(train.samples, order, 4, 16, args, args.aa, torch.device("cpu"), seed=1)
+    seed_everything(0)  # random erasing draws from Python's and torch's generators (the run restores both)
+    batches = list(loader)
+    assert [b[1].tolist() for b in batches] == [[train.samples[i][1] for i in order[:4]],
+                                                [train.samples[i][1] for i in order[4:]]]
+    assert batches[0][0].shape == (4, 3, 16, 16) and batches[0][0].dtype == torch.float32
+    seed_everything(0)
+    again = [b[0] for b in dali.train_loader(train.samples, order, 4, 16, args, args.aa, torch.device("cpu"), seed=1)]
+    seed_everything(0)
+    other = [b[0] for b in dali.train_loader(train.samples, order, 4, 16, args, args.aa, torch.device("cpu"), seed=2)]
+    assert all(torch.equal(a, b[0]) for a, b in zip(again, batches))  # a seed fixes the augmentation
+    assert not torch.equal(other[0], batches[0][0])
+
+
+def test_unreadable_file_is_named(tmp_path, data):
+    train, _ = train_val_folders(str(data))
+    bad = tmp_path / "broken.png"
+    bad.write_bytes(b"not an image at all")
+    samples = list(train.samples[:3]) + [(str(bad), 0)]
+    args = pytest.importorskip("ToE.deit.main").parse_args(["--aa", "none"])
+    with pytest.raises(UserError, match="broken.png"):
+        list(dali.train_loader(samples, range(4), 4, 16, args, "none", torch.device("cpu"), seed=0))
+
+
+def test_lvvit_refuses_dali_in_one_line(data, capsys):
+    from ToE.lvvit.main import cli
+
+    with pytest.raises(SystemExit):
+        cli(["--data-path", str(data), "--data-backend", "dali", "--check-only", "--device", "cpu"])
+    err = capsys.readouterr().err.strip()
+    assert "LV-ViT keeps the torch input path" in err and len(err.splitlines()) == 1
+
+
+@pytest.mark.e2e
+def test_deit_with_dali_resumes_at_epoch_boundaries_exactly(data, tmp_path):
+    """2 + 2 epochs equal 4 with --data-backend dali (RandAugment, erasing, mixup: the full recipe)."""
+    flags = ["--data-path", data, *TINY, *FAST, *SCHEDULE, "--data-backend", "dali", "--aa", "rand-m9-mstd0.5-inc1",
+             "--reprob", "0.25", "--mixup", "0.8", "--cutmix", "1.0", "--no-repeated-aug", "--model-ema-decay", "0.9"]
+    ok(run_main(*flags, "--epochs", 4, "--output_dir", tmp_path / "straight"))
+    ok(run_main(*flags, "--epochs", 4, "--stop-after-epochs", 2, "--output_dir", tmp_path / "split"))
+    ok(run_main(*flags, "--epochs", 4, "--auto-resume", "--output_dir", tmp_path / "split"))
+    a, b = load(tmp_path / "straight" / "checkpoint.pth"), load(tmp_path / "split" / "checkpoint.pth")
+    for key in a["model"]:
+        assert torch.equal(a["model"][key], b["model"][key]), key
+
+
+@pytest.mark.e2e
+def test_efficienttrain_with_dali_follows_the_curriculum(tmp_path):
+    """The plan's magnitude reaches DALI's RandAugment, its low-pass view the batch, across a resolution change."""
+    from helpers import write_images
+
+    images = write_images(tmp_path / "images32")
+    for path in (images / "train").rglob("*.png"):  # 32 px images for 24 -> 32 px segments
+        Image.fromarray(np.asarray(Image.open(path).resize((32, 32)))).save(path)
+    result = ok(run_main(
+        "--data-path", images, "--model", "vit_tiny_patch16_224", "--model-kwargs", "embed_dim=32", "depth=2",
+        "num_heads=2", "--input-size", "32", "--patch-size", "4", "--device", "cpu", "--num_workers", "0",
+        "--batch-size", "4", "--global-batch", "8", "--no-pin-mem", "--epochs", "5", "--warmup-epochs", "1",
+        "--unscale-lr", "--no-repeated-aug", "--aa", "rand-m9-mstd0.5-inc1", "--data-backend", "dali",
+        "--expansion-step", "0", "2", "4", "--keep-rate", "0.6", "0.8", "1.0", "--output_dir", tmp_path / "et",
+        cmd=[sys.executable, str(MAIN.parents[1] / "EfficientTrain" / "main.py")]))
+    assert "24 px" in result.stdout and "32 px" in result.stdout and "rand-m1-" in result.stdout
+
+
+def test_missing_dali_is_one_line(data, monkeypatch, capsys):
+    import builtins
+
+    real_import = builtins.__import__
+
+    def no_dali(name, *args, **kwargs):
+        if name.startswith("nvidia.dali") or name == "nvidia":
+            raise ImportError(name)
+        return real_import(name, *args, **kwargs)
+
+    monkeypatch.setattr(builtins, "__import__", no_dali)
+    with pytest.raises(UserError, match="pip install nvidia-dali-cuda120"):
+        dali.require_dali()
+
+
+def test_unknown_backend_is_refused(data, capsys):
+    from ToE.deit.main import cli
+
+    with pytest.raises(SystemExit):
+        cli(["--data-path", str(data), "--data-backend", "pil", "--check-only"])
+    assert "--data-backend" in capsys.readouterr().err
