@@ -57,7 +57,6 @@ def base(data, epochs=4):
     (["--opt", "adamx"], ["--opt adamx", "unknown optimizer"]),
     (["--sched", "cosin"], ["--sched cosin", "cosine"]),
     (["--aa", "rand-x9"], ["--aa rand-x9"]),
-    (["--warmup-epochs", "4"], ["--warmup-epochs 4", "as long as the run"]),
     (["--stop-after-epochs", "0"], ["--stop-after-epochs", "not 0"]),
     (["--start_epoch", "4"], ["--start_epoch 4", "nothing to train"]),
     (["--eval"], ["--eval", "--resume"]),
@@ -74,9 +73,11 @@ def test_bad_flag_value_is_one_line_before_any_work(data, capsys, flags, needles
 def test_stage_the_run_never_reaches_is_a_warning(data, capsys):
     from ToE.deit.main import cli
 
-    cli([str(a) for a in base(data, epochs=1)])  # stages at 0, 2, 3: two are past the end
+    cli([str(a) for a in base(data, epochs=1)] + ["--warmup-epochs", "1"])  # stages at 0, 2, 3: two are past the end
     out = capsys.readouterr().out
     assert "warning: ToE stages starting at epochs [2, 3] are never reached in 1 epochs" in out
+    # "--epochs 1" is the smoke test of any recipe (timm, DeiT): a warmup as long as the run is a warning
+    assert "warning: --warmup-epochs 1 is as long as the run (--epochs 1)" in out
     assert "nothing will be saved" in out  # no --output_dir: said at the start
 
 
