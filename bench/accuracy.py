@@ -185,14 +185,14 @@ def format_markdown(results: Dict[str, object]) -> str:
 
 
 def run_command(name: str, seed: int, epochs: int, out_dir: str, data_path: str,
-                config: Optional[str] = None, batch_size: Optional[int] = None, lr: Optional[float] = None,
+                recipe_file: Optional[str] = None, batch_size: Optional[int] = None, lr: Optional[float] = None,
                 trainer_args: Sequence[str] = ()) -> List[str]:
     """The DeiT command of one run: the recipe file (default: the demo's), then the run's own flags;
     the batch size and lr are the recipe's unless given."""
     overrides = ["--data-path", data_path, "--output_dir", out_dir, "--epochs", epochs, "--seed", seed,
                  *(["--batch-size", batch_size] if batch_size is not None else []),
                  *(["--lr", lr] if lr is not None else []), *config_args(name, epochs), "--overwrite", *trainer_args]
-    return trainer_command("deit", config, *overrides)
+    return trainer_command("deit", recipe_file, *overrides)
 
 
 def run_one(name: str, seed: int, args, data_path: str, log=print) -> Dict[str, object]:

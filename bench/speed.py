@@ -63,7 +63,6 @@ MODELS: Dict[str, tuple] = {
     # transformer and the stem's patch projection, not the stem's three 112 x 112 convolutions.
     "lvvit_s": ("lvvit_s", {}, 224, 32),
 }
-CHOICES = sorted([*MODELS, "demo"])
 
 
 def model_spec(name: str, recipe_file: str = DEMO) -> tuple:
@@ -343,8 +342,8 @@ def format_markdown(results: Dict[str, object]) -> str:
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m bench.speed", description=__doc__.split("\n\n")[0],
                                      formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    parser.add_argument("--models", nargs="+", default=["deit_tiny", "deit_small", "demo"], choices=CHOICES,
-                        help="models to measure (demo: the model of --config)")
+    parser.add_argument("--models", nargs="+", default=["deit_tiny", "deit_small", "demo"],
+                        choices=sorted([*MODELS, "demo"]), help="models to measure (demo: the model of --config)")
     parser.add_argument("--config", default=DEMO, help="the recipe file of the demo model (default: the DeiT demo's)")
     parser.add_argument("--batch-size", type=int, default=None,
                         help="batch size for every model (default: 32 at 224 px, 64 for the demo)")

@@ -57,7 +57,6 @@ MODELS: Dict[str, Detector] = {
     "yolos_ti": Detector("deit_tiny_patch16_224", {}, (512, 672), 2, 100, (800, 1333), None),
     "yolos_s": Detector("deit_small_patch16_224", {}, (512, 672), 1, 100, (512, 864), (512, 864)),
 }
-CHOICES = sorted([*MODELS, "demo"])
 DEMO_BATCH = 16  # the timed batch of the demo model (its recipe trains with 8 per step)
 
 
@@ -169,7 +168,7 @@ def format_markdown(results: Dict[str, object]) -> str:
 
 def main(argv: Optional[Sequence[str]] = None) -> Dict[str, object]:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--models", nargs="+", default=["demo"], choices=CHOICES,
+    parser.add_argument("--models", nargs="+", default=["demo"], choices=sorted([*MODELS, "demo"]),
                         help="detectors to measure (demo: the model of --config)")
     parser.add_argument("--config", default=DEMO, help="the recipe file of the demo model (default: the YOLOS demo's)")
     parser.add_argument("--render", action="store_true", help="measure nothing: rewrite the .md from the .json")
