@@ -17,8 +17,7 @@ import torch
 from ToE.common.config import config_path, load_config, recipe_command
 from ToE.common.results import rotated
 
-__all__ = ["describe_machine", "git_commit", "rotated", "demo_config", "recipe", "trainer_command", "run_trainer",
-           "derived_recipe"]
+__all__ = ["describe_machine", "git_commit", "rotated", "demo_config", "recipe", "trainer_command", "run_trainer"]
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -96,15 +95,3 @@ def run_trainer(command: Sequence[str], out_dir: str, threads: Optional[int] = N
         raise RuntimeError(f"trainer failed (exit {completed.returncode}): {' '.join(command)}\n"
                            + completed.stdout[-3000:])
     return wall
-
-
-def derived_recipe(recipe_file: str, path: str, **changes: object) -> str:
-    """Write ``recipe_file`` with ``changes`` to ``path`` (a run's own file, for a change no flag can
-    make, such as switching off a store_true flag the recipe sets); return ``path``."""
-    import yaml
-
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    with open(path, "w") as handle:
-        handle.write(f"# {os.path.relpath(recipe_file, ROOT)} with {changes} (written by bench/)\n")
-        yaml.safe_dump({**load_config(recipe_file), **changes}, handle, sort_keys=False)
-    return path

@@ -25,19 +25,18 @@ import os
 import sys
 from typing import Dict, List, Optional, Sequence
 
-from bench.common import demo_config, derived_recipe, describe_machine, recipe, run_trainer, trainer_command
+from bench.common import demo_config, describe_machine, recipe, run_trainer, trainer_command
 from ToE.common.config import demo_epoch_flags
 from ToE.common.digits import build_digits
 from ToE.common.results import mean_se, paired_by_seed, run_numbers, run_repeated
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 DEMO = demo_config("lvvit")
-# name -> flags after the recipe's; toe_no_tl switches off the recipe's store_true token_label in a
-# file of its own (no flag turns it off)
+# name -> flags after the recipe's
 CONFIGS: Dict[str, List[str]] = {
     "toe_tl": [],
     "full_tl": ["--expansion-step", "0", "--keep-rate", "1.0", "--initialization-keep-rate", "0.2"],
-    "toe_no_tl": [],
+    "toe_no_tl": ["--no-token-label"],
     "toe_tl_kept": ["--dense-loss", "kept"],
 }
 WITHOUT_TOKEN_LABELS = ("toe_no_tl",)
@@ -46,10 +45,9 @@ WITHOUT_TOKEN_LABELS = ("toe_no_tl",)
 def run_command(name: str, seed: int, epochs: int, labels: str, out: str, recipe_file: str = DEMO) -> List[str]:
     """The LV-ViT command of one run: the recipe file, its length, the labels and the configuration."""
     recipe_file = recipe_file or DEMO
-    if name in WITHOUT_TOKEN_LABELS:
-        recipe_file = derived_recipe(recipe_file, os.path.join(out + "_recipe.yaml"), token_label=False)
+    label_data = [] if name in WITHOUT_TOKEN_LABELS else ["--token-label-data", labels]
     return trainer_command("lvvit", recipe_file, *demo_epoch_flags("lvvit", epochs, recipe_file),
-                           "--data-path", os.path.join(ROOT, "data", "digits"), "--token-label-data", labels,
+                           "--data-path", os.path.join(ROOT, "data", "digits"), *label_data,
                            *CONFIGS[name], "--seed", seed, "--output_dir", out, "--overwrite")
 
 

@@ -92,7 +92,7 @@ def test_lvvit_defaults_are_its_published_recipe_file_and_the_published_aliases_
     args = parse("lvvit", [])
     recipe = load_config(config_path("lvvit", "imagenet_small"))
     assert {key: getattr(args, key) for key in recipe} == recipe
-    assert (args.model, args.epochs, args.cooldown_epochs, args.lr, args.unscale_lr) == ("lvvit_s", 300, 10, 1.6e-3, True)
+    assert (args.model, args.epochs, args.cooldown_epochs, args.lr) == ("lvvit_s", 300, 10, 1.6e-3)
     args = parse("lvvit", ["-b", "32", "--img-size", "192", "--apex-amp", "--no-model-ema"])
     assert (args.batch_size, args.input_size, args.amp_dtype, args.model_ema) == (32, 192, "float16", False)
     args = parse("lvvit", ["-c", config_path("lvvit", "imagenet_medium")])

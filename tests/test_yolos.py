@@ -524,7 +524,7 @@ def test_auto_resume_of_a_finished_run_does_nothing(coco_root, straight_run, cap
     assert (straight_run / "checkpoint.pth").stat().st_mtime_ns == before
 
 
-@pytest.mark.parametrize("tool", ["ToE.yolos.summary", "ToE.yolos.figure"])
+@pytest.mark.parametrize("tool", ["ToE.common.summary", "ToE.yolos.figure"])
 @pytest.mark.e2e
 def test_summary_and_figure_of_a_missing_or_empty_run_are_one_line(tool, tmp_path):
     import subprocess

@@ -223,7 +223,8 @@ def check_training_flags(args: argparse.Namespace) -> List[str]:
     if args.warmup_epochs >= args.epochs:
         # a warning, as in timm and DeiT: "--epochs 1" is the usual smoke test of any recipe
         warnings.append(f"--warmup-epochs {args.warmup_epochs} is as long as the run (--epochs {args.epochs}): the "
-                        "learning rate never leaves the warmup (fine for a smoke test; lower --warmup-epochs otherwise)")
+                        "learning rate never leaves the warmup (fine for a smoke test; lower --warmup-epochs "
+                        "otherwise)")
     if args.start_epoch >= args.epochs:
         raise UserError(f"--start_epoch {args.start_epoch} is not below --epochs {args.epochs}: nothing to train")
     if args.scale[0] > args.scale[1] or args.scale[0] == 0:
@@ -305,8 +306,9 @@ def add_classification_args(parser: argparse.ArgumentParser) -> None:
     run.add_argument("--data-path", default="data/digits",
                      help="folder with train/<class>/ and val/<class>/ (default: data/digits)")
     run.add_argument("--data-backend", default="torch", choices=["torch", "dali"],
-                     help="torch: PIL decoding and timm's transforms in DataLoader workers; dali: NVIDIA DALI decodes and "
-                          "augments (on the GPU when there is one; optional extra nvidia-dali-cuda120) (default: torch)")
+                     help="torch: PIL decoding and timm's transforms in DataLoader workers; dali: NVIDIA DALI "
+                          "decodes and augments (on the GPU when there is one; optional extra nvidia-dali-cuda120) "
+                          "(default: torch)")
     run.add_argument("--dist-eval", action=argparse.BooleanOptionalAction, default=True,
                      help="split evaluation over the processes, each image exactly once (default: on)")
     run.add_argument("--num_workers", "--num-workers", default=8, type=non_negative_int,

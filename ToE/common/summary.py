@@ -68,7 +68,8 @@ def model_dims(args: Dict, output_dir: str) -> Dict:
 
 def run_status(args: Dict, records: List[Dict], output_dir: str) -> str:
     """"N epochs", or UNFINISHED with how to continue."""
-    planned = int(args.get("epochs", len(records)))
+    # run_epochs: what the run trains (e.g. --epochs + --cooldown-epochs); older runs wrote it as epochs
+    planned = int(args.get("run_epochs", args.get("epochs", len(records))))
     done = int(records[-1]["epoch"]) + 1
     return f"{len(records)} epochs" if done >= planned else \
         f"UNFINISHED: {done} of {planned} epochs (continue with --resume {output_dir}/checkpoint.pth)"

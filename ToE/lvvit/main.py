@@ -40,7 +40,7 @@ def get_args_parser() -> argparse.ArgumentParser:
         parser.add_argument(option, dest=dest, type=kind, default=argparse.SUPPRESS,
                             help=f"same as --{dest.replace('_', '-')}")
     lv = parser.add_argument_group("LV-ViT and token labelling")
-    lv.add_argument("--token-label", action="store_true",
+    lv.add_argument("--token-label", action=argparse.BooleanOptionalAction, default=False,
                     help="train every patch token against the dense teacher labels of --token-label-data")
     lv.add_argument("--token-label-data", default="", help="label folder <dir>/<class>/<stem>.pt (published format)")
     lv.add_argument("--token-label-size", type=positive_int, default=14,

@@ -23,8 +23,8 @@ class LVViTTask(ClassificationTask):
     @staticmethod
     def check_flags(args) -> List[str]:
         if args.data_backend == "dali":
-            raise UserError("--data-backend dali: LV-ViT keeps the torch input path, because its token-label maps follow "
-                            "every crop, flip and RandAugment op of the image. Leave --data-backend out")
+            raise UserError("--data-backend dali: LV-ViT keeps the torch input path, because its token-label maps "
+                            "follow every crop, flip and RandAugment op of the image. Leave --data-backend out")
         warnings = ClassificationTask.check_flags(args)
         if args.token_label_data and not args.token_label:
             raise UserError(f"--token-label-data {args.token_label_data} is read only with --token-label: without it "
