@@ -1,0 +1,816 @@
+"""Every CUDA path of an install, checked in minutes: ``bash run/gpu_check.sh`` (or
+``python -m ToE.common.gpu_check``).
+
+Each check asserts; a failed check says what went wrong, the command exits 1, and a table of
+the checks (pass / fail / skip, seconds) ends the output. The report is ``OUT/gpu_check.json``
+(``--out DIR`` or ``$TOE_GPU_CHECK_OUT``, else a new temporary folder), the speed table also
+``OUT/speed.json``. On a GPU the whole run takes a few minutes; without one the same checks run
+on the CPU at small sizes (what needs CUDA is skipped and named) and the output says
+"CUDA was not exercised: no GPU visible", so CI runs it and it cannot rot.
+
+    operator      TokenSelect on CUDA equals the CPU for every distance under bf16 and fp16 autocast
+    no_host_sync  20 training steps under torch.cuda.set_sync_debug_mode("error")
+    deit_amp      DeiT in bf16 with EMA; DeiT in fp16 (GradScaler), --stop-after-epochs, --auto-resume
+    lvvit         LV-ViT with token labels from a tiny generated teacher
+    efficienttrain  EfficientTrain across a resolution change, torch and DALI input
+    yolos         YOLOS training and --eval on a tiny COCO layout
+    nccl          a one-process NCCL (CPU: gloo) process group and DDP through training and evaluation
+    sigusr1       SIGUSR1 mid-epoch: exit 3 with a mid-epoch checkpoint, --auto-resume finishes the run
+    speed         deit_small at 224 px, bf16, CUDA events: a stage-1 ToE step against a full-token step
+
+Each trainer check runs the real ``main.py`` in a subprocess with a 2-block, 32-wide ViT on a few
+generated images for 1-3 epochs.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import random
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+import traceback
+from pathlib import Path
+from typing import Any, Callable, Dict, List, Optional
+
+import numpy as np
+import torch
+
+ROOT = Path(__file__).resolve().parents[2]
+NO_CUDA = "CUDA was not exercised: no GPU visible"
+
+# -- the tiny recipes --------------------------------------------------------------------------------
+TINY_VIT = ["--model", "vit_tiny_patch16_224", "--model-kwargs", "embed_dim=32", "depth=2", "num_heads=2"]
+# 24 train images (3 classes x 8), batch 4: 6 steps an epoch; stage 1 (keep 0.5) in epoch 0, 2 in 1, 3 in 2
+DEIT = [*TINY_VIT, "--input-size", "16", "--patch-size", "4", "--num_workers", "0", "--batch-size", "4",
+        "--warmup-epochs", "0", "--lr", "1e-3", "--unscale-lr", "--aa", "rand-m9-mstd0.5-inc1", "--mixup", "0.8",
+        "--cutmix", "1.0", "--model-ema-decay", "0.9", "--expansion-step", "0", "1", "2",
+        "--keep-rate", "0.5", "0.75", "1.0"]
+LVVIT = ["--model", "lvvit_digits", "--model-kwargs", "embed_dim=32", "depth=2", "num_heads=2", "stem_dim=8",
+         "--img-size", "16", "--patch-size", "4", "--crop-pct", "1.0", "--num_workers", "0", "-b", "4",
+         "--warmup-epochs", "0", "--cooldown-epochs", "0", "--lr", "1e-3", "--model-ema-decay", "0.9",
+         "--expansion-step", "0", "1", "--keep-rate", "0.5", "1.0", "--initialization-keep-rate", "0.25"]
+# two curriculum segments: epoch 0 at 24 px (a 6 x 6 grid, low-pass view), epoch 1 at the full 32 px
+ET = [*TINY_VIT, "--input-size", "32", "--patch-size", "4", "--num_workers", "0", "--batch-size", "4",
+      "--global-batch", "8", "--warmup-epochs", "0", "--lr", "1e-3", "--unscale-lr", "--no-repeated-aug",
+      "--aa", "rand-m9-mstd0.5-inc1", "--model-ema-decay", "0.9", "--curriculum", "table", "--segments", "1:24:1",
+      "2:32:9", "--expansion-step", "0", "1", "--keep-rate", "0.5", "1.0", "--initialization-keep-rate", "0.25",
+      "--initialization", "uniform"]
+YOLOS = ["--backbone_name", "vit_tiny_patch16_224", "--backbone-kwargs", "img_size=32", "patch_size=8",
+         "embed_dim=32", "depth=3", "num_heads=2", "--det_token_num", "5", "--init_pe_size", "32", "32",
+         "--mid_pe_size", "32", "32", "--scales", "24", "32", "40", "--max-size", "56", "--select-scales", "24", "32",
+         "--crop-size", "16", "24", "--eval_size", "32", "--num_workers", "0", "--batch_size", "2", "--lr", "1e-3",
+         "--expansion-step", "0", "1", "--seed", "0"]
+MAINS = {"deit": "ToE/deit/main.py", "lvvit": "ToE/lvvit/main.py", "et": "ToE/EfficientTrain/main.py",
+         "yolos": "ToE/yolos/main.py"}
+
+# Operator tolerances (outputs; the kept indices must be equal). The selection is computed in
+# float32 with autocast off on both devices, and the inputs below make it exact (see
+# check_operator), so CUDA and CPU keep the same tokens. The merged means are rounded to the
+# input's dtype once: at most half a unit in the last place, i.e. 2^-9 relative for bfloat16 (8
+# significant bits) and 2^-12 for float16 (11 bits); the tolerances allow 2-4 such units, for a
+# mean computed in another order. float32 and float64 agree to their own rounding.
+TOLERANCE = {torch.bfloat16: 1e-2, torch.float16: 1e-3, torch.float32: 1e-5, torch.float64: 1e-12}
+
+
+class CheckFailed(AssertionError):
+    """A check's assertion, with what went wrong."""
+
+
+class Skipped(Exception):
+    """A check that cannot run on this machine (the reason is reported)."""
+
+
+def expect(condition: bool, message: str) -> None:
+    if not condition:
+        raise CheckFailed(message)
+
+
+# -- data ------------------------------------------------------------------------------------------
+def write_images(root: Path, seed: int = 0) -> Path:
+    """A tiny ImageNet layout: 3 classes x 8 train images, 7 val images, 32 px PNGs; class c is brighter."""
+    from PIL import Image
+
+    rng = np.random.default_rng(seed)
+    for split, counts in (("train", (8, 8, 8)), ("val", (3, 3, 1))):
+        for c, count in enumerate(counts):
+            folder = root / split / f"class{c}"
+            folder.mkdir(parents=True, exist_ok=True)
+            for i in range(count):
+                Image.fromarray((rng.random((32, 32, 3)) * 90 + 80 * c).astype(np.uint8)).save(folder / f"{i}.png")
+    return root
+
+
+def write_coco(root: Path, seed: int = 0) -> Path:
+    """A tiny COCO layout: 8 train / 4 val canvases of 32 x 40 px with 1-2 bright squares (category 1 or 2)."""
+    from PIL import Image
+
+    rng = np.random.RandomState(seed)
+    (root / "annotations").mkdir(parents=True, exist_ok=True)
+    for split, count in (("train", 8), ("val", 4)):
+        (root / f"{split}2017").mkdir(exist_ok=True)
+        images, anns = [], []
+        for image_id in range(1, count + 1):
+            pixels = rng.randint(0, 30, size=(32, 40, 3)).astype(np.uint8)
+            for _ in range(rng.randint(1, 3)):
+                w, h = rng.randint(6, 14, size=2)
+                x, y = rng.randint(0, 40 - w), rng.randint(0, 32 - h)
+                category = int(rng.randint(1, 3))
+                pixels[y:y + h, x:x + w] = 120 * category
+                anns.append({"id": len(anns) + 1, "image_id": image_id, "category_id": category,
+                             "bbox": [float(x), float(y), float(w), float(h)], "area": float(w * h), "iscrowd": 0})
+            name = f"{image_id:04d}.png"
+            Image.fromarray(pixels).save(root / f"{split}2017" / name)
+            images.append({"id": image_id, "file_name": name, "width": 40, "height": 32})
+        (root / "annotations" / f"instances_{split}2017.json").write_text(json.dumps(
+            {"images": images, "annotations": anns, "categories": [{"id": 1, "name": "a"}, {"id": 2, "name": "b"}]}))
+    return root
+
+
+# -- the context the checks share ------------------------------------------------------------------
+class Context:
+    def __init__(self, out: Path, quick: bool) -> None:
+        self.out, self.quick = out, quick
+        self.cuda = torch.cuda.is_available()
+        self.device = torch.device("cuda", 0) if self.cuda else torch.device("cpu")
+        self.dev_flag = "cuda" if self.cuda else "cpu"
+        self._images: Optional[Path] = None
+        self._coco: Optional[Path] = None
+        self.speed: Optional[Dict[str, Any]] = None
+
+    @property
+    def images(self) -> Path:
+        if self._images is None:
+            self._images = write_images(self.out / "data" / "images")
+        return self._images
+
+    @property
+    def coco(self) -> Path:
+        if self._coco is None:
+            self._coco = write_coco(self.out / "data" / "coco")
+        return self._coco
+
+    def folder(self, name: str) -> Path:
+        path = self.out / "runs" / name
+        if path.exists():
+            shutil.rmtree(path)
+        path.mkdir(parents=True)
+        return path
+
+    def env(self) -> Dict[str, str]:
+        env = dict(os.environ)
+        env.update(TQDM_DISABLE="1", PYTHONPATH=str(ROOT) + os.pathsep + env.get("PYTHONPATH", ""))
+        env.setdefault("OMP_NUM_THREADS", "1" if not self.cuda else "4")
+        for key in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT"):
+            env.pop(key, None)
+        return env
+
+    def run(self, command: List[Any], name: str, expect_rc: int = 0, timeout: int = 300) -> subprocess.CompletedProcess:
+        """Run ``command`` from the repository root; its output goes to OUT/logs/NAME.log; a
+        return code other than ``expect_rc`` fails the check with the end of its output."""
+        command = [str(part) for part in command]
+        started = time.perf_counter()
+        try:
+            result = subprocess.run(command, cwd=ROOT, env=self.env(), capture_output=True, text=True,
+                                    timeout=timeout, check=False)
+        except subprocess.TimeoutExpired as error:
+            raise CheckFailed(f"{name}: did not finish within {timeout} s: {' '.join(command)}") from error
+        log = self.out / "logs" / f"{name}.log"
+        log.parent.mkdir(parents=True, exist_ok=True)
+        log.write_text(f"$ {' '.join(command)}\n# exit {result.returncode}, {time.perf_counter() - started:.1f} s\n"
+                       f"## stdout\n{result.stdout}\n## stderr\n{result.stderr}")
+        if result.returncode != expect_rc:
+            tail = "\n".join((result.stdout + result.stderr).strip().splitlines()[-25:])
+            raise CheckFailed(f"{name}: exit code {result.returncode}, expected {expect_rc} (full output: {log}); "
+                              f"command: {' '.join(command)}\n{tail}")
+        return result
+
+    def main(self, trainer: str, *args, name: str, expect_rc: int = 0, launcher=None) -> subprocess.CompletedProcess:
+        command = [*(launcher or [sys.executable]), str(ROOT / MAINS[trainer]), *args]
+        return self.run(command, name, expect_rc)
+
+
+def load(path: Path) -> Dict[str, Any]:
+    expect(path.is_file(), f"{path} was not written")
+    return torch.load(path, map_location="cpu", weights_only=True)
+
+
+def read_log(out: Path) -> List[Dict[str, Any]]:
+    path = out / "log.txt"
+    expect(path.is_file(), f"{path} was not written")
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+def finite_weights(state: Dict[str, torch.Tensor], what: str) -> None:
+    bad = [key for key, value in state.items() if value.is_floating_point() and not torch.isfinite(value).all()]
+    expect(not bad, f"{what}: non-finite values in {bad[:5]}")
+
+
+def check_epochs(out: Path, epochs: int, what: str) -> List[Dict[str, Any]]:
+    """The run in ``out`` finished ``epochs`` epochs: checkpoint epoch, log records, finite losses and weights."""
+    checkpoint = load(out / "checkpoint.pth")
+    expect(checkpoint["epoch"] == epochs - 1, f"{what}: checkpoint epoch {checkpoint['epoch']}, expected {epochs - 1}")
+    expect("position" not in checkpoint, f"{what}: the final checkpoint still holds a mid-epoch position")
+    finite_weights(checkpoint["model"], f"{what}: model")
+    log = read_log(out)
+    expect([r["epoch"] for r in log] == list(range(epochs)),
+           f"{what}: log.txt has epochs {[r['epoch'] for r in log]}, expected 0..{epochs - 1}")
+    losses = [r.get("train_loss") for r in log]
+    expect(all(isinstance(v, float) and np.isfinite(v) for v in losses), f"{what}: train losses {losses}")
+    return log
+
+
+def on_device(result: subprocess.CompletedProcess, ctx: Context, what: str) -> None:
+    """The trainer said it ran on the expected device ("N process(es) on cuda")."""
+    expect(f"process(es) on {ctx.device.type}" in result.stdout,
+           f"{what}: the run did not say it trained on {ctx.device.type}:\n{result.stdout[-1500:]}")
+
+
+# -- 1. the operator ---------------------------------------------------------------------------------
+def _autocast(device_type: str, dtype: torch.dtype):
+    return torch.autocast(device_type=device_type, dtype=dtype)
+
+
+def _cpu_autocast_supports(dtype: torch.dtype) -> bool:
+    """Whether CPU autocast computes in ``dtype`` (bf16 always; fp16 in recent torch releases)."""
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        try:
+            with torch.autocast("cpu", dtype=dtype):
+                a = torch.ones(4, 4)
+                return (a @ a).dtype == dtype
+        except (RuntimeError, AssertionError):
+            return False
+
+
+def _select(x: torch.Tensor, distance: str, autocast_dtype: Optional[torch.dtype]):
+    """The operator's stage-1 selection of ``x`` (leaf copy, so its gradient is returned too)."""
+    import token_select
+
+    toe = token_select.TokenSelect(expansion_step=[0, 1], keep_rate=[0.5, 1.0], initialization_keep_rate=0.25,
+                                   distance=distance, num_prefix_tokens=1)
+    toe.update_current_stage(0)
+    x = x.detach().clone().requires_grad_(True)
+    weight = torch.linspace(-1.0, 1.0, x.shape[-1], device=x.device, dtype=torch.float32)
+    context = _autocast(x.device.type, autocast_dtype) if autocast_dtype is not None else torch.autocast(
+        x.device.type, enabled=False)
+    with context:
+        out, index = toe.token_select(x)
+    (out.float() * weight).sum().backward()
+    return out.detach(), index, x.grad.detach()
+
+
+def check_operator(ctx: Context) -> Dict[str, Any]:
+    """CUDA against CPU for cosine, manhattan and euclidean, under bf16 and fp16 autocast, with
+    float32 input (what a block returns under autocast) and input in the autocast dtype.
+
+    Inputs: tokens of +-1 entries in 64 channels. Every token then has norm 8, so the cosine's
+    normalised entries (+-1/8), their products and sums, the L1 and squared L2 distances are exact
+    in float32 (and TF32) whatever the summation order, and both devices compute the same
+    similarities bit for bit. Ties are then exact too; the stable sort and argmax (first maximum,
+    documented on both devices) break them alike, so the kept indices must be equal. A second case
+    with Gaussian tokens in float64 checks realistic values (CUDA and CPU round in float64 only at
+    1e-16, far below the gaps between similarities)."""
+    generator = torch.Generator().manual_seed(0)
+    batch, tokens, channels = 4, 1 + 196, 64  # a class token and a 14 x 14 grid (deit_small at 224 px)
+    signs = torch.randint(0, 2, (batch, tokens, channels), generator=generator).float() * 2 - 1
+    gaussian = torch.randn(batch, tokens, channels, generator=generator, dtype=torch.float64)
+    cpu_half = _cpu_autocast_supports(torch.float16)
+    rows = []
+    for distance in ("cosine", "manhattan", "euclidean"):
+        cases = [(signs, amp, input_dtype) for amp in (torch.bfloat16, torch.float16)
+                 for input_dtype in (torch.float32, amp)] + [(gaussian, None, torch.float64)]
+        for data, amp, input_dtype in cases:
+            x = data.to(input_dtype)
+            what = f"{distance}, autocast {str(amp).replace('torch.', '') if amp else 'off'}, input " \
+                   f"{str(input_dtype).replace('torch.', '')}"
+            # the CPU reference: the same autocast where the CPU has it, else float32 (same input values)
+            cpu_amp = amp if amp is None or amp == torch.bfloat16 or cpu_half else None
+            ref_out, ref_index, ref_grad = _select(x, distance, cpu_amp)
+            expect(ref_index is not None and ref_index.shape == (batch, 1 + 98),
+                   f"operator {what}: the CPU kept {None if ref_index is None else tuple(ref_index.shape)}, "
+                   "expected (4, 99)")
+            # sanity of the reference itself: the CPU in float64 keeps the same tokens
+            exact_out, exact_index, _ = _select(x.to(torch.float64), distance, None)
+            expect(torch.equal(ref_index, exact_index), f"operator {what}: the CPU's kept indices differ from float64")
+            tolerance = TOLERANCE[input_dtype]
+            expect(torch.allclose(ref_out.double(), exact_out, rtol=tolerance, atol=tolerance),
+                   f"operator {what}: CPU output differs from float64 by "
+                   f"{(ref_out.double() - exact_out).abs().max():.3g} (tolerance {tolerance:g})")
+            row = {"case": what, "cpu_reference": "autocast " + str(cpu_amp).replace("torch.", "")
+                   if cpu_amp else "float32 (no CPU autocast for this dtype)" if amp else "float64"}
+            if ctx.cuda:
+                out, index, grad = _select(x.to(ctx.device), distance, amp)
+                expect(out.dtype == ref_out.dtype, f"operator {what}: CUDA output dtype {out.dtype}, CPU {ref_out.dtype}")
+                expect(torch.equal(index.cpu(), ref_index),
+                       f"operator {what}: CUDA kept other tokens than the CPU "
+                       f"({(index.cpu() != ref_index).sum().item()} of {index.numel()} positions differ)")
+                tolerance = TOLERANCE[input_dtype]
+                difference = (out.cpu().double() - ref_out.double()).abs().max().item()
+                expect(torch.allclose(out.cpu().double(), ref_out.double(), rtol=tolerance, atol=tolerance),
+                       f"operator {what}: CUDA output differs from the CPU by {difference:.3g} (tolerance {tolerance:g})")
+                grad_difference = (grad.cpu().double() - ref_grad.double()).abs().max().item()
+                expect(torch.allclose(grad.cpu().double(), ref_grad.double(), rtol=tolerance, atol=tolerance),
+                       f"operator {what}: CUDA gradient differs from the CPU by {grad_difference:.3g}")
+                row.update(max_output_difference=difference, max_grad_difference=grad_difference)
+            rows.append(row)
+    return {"cases": len(rows), "cpu_float16_autocast": cpu_half, "rows": rows,
+            "compared": "CUDA vs CPU" if ctx.cuda else "CPU vs float64 only"}
+
+
+# -- 2. no host sync in the training step ---------------------------------------------------------
+def _find_sync(error: BaseException) -> str:
+    """The innermost frame of the project (or the deepest) where a synchronizing call was made."""
+    frames = traceback.extract_tb(error.__traceback__)
+    ours = [f for f in frames if str(ROOT) in f.filename and "gpu_check" not in f.filename]
+    frame = (ours or frames)[-1]
+    return f"{frame.filename}:{frame.lineno} ({frame.line})"
+
+
+def check_no_host_sync(ctx: Context) -> Dict[str, Any]:
+    """20 steps of the lifecycle's step loop (``Run._train_steps``: the task's ``train_step`` under
+    bf16 autocast, backward, AdamW, EMA, ToE in stage 1) under ``torch.cuda.set_sync_debug_mode("error")``.
+    ``--log-interval`` is larger than the steps, so the loop's deliberate reads (loss, stop check)
+    do not fall inside; its end-of-pass reductions (after the last step) run with the mode off."""
+    from ToE.common.lifecycle import Run
+    from ToE.deit.main import parse_args
+    from ToE.deit.trainer import DeiTTask
+
+    warmup, steps = 5, 20
+    args = parse_args(["--data-path", str(ctx.images), *DEIT, "--device", ctx.dev_flag, "--amp-dtype", "bfloat16",
+                       "--log-interval", "1000000", "--epochs", "3"])
+    torch.manual_seed(0)
+    run = Run(args, DeiTTask)
+    task = run.task
+    stage = run.toe.update_current_stage(0)
+    expect(run.toe.reducing, f"the operator does not reduce in stage {stage}")
+    plan = task.plan(0)
+    batches: List[Any] = []
+    epoch = 0
+    while len(batches) < warmup + steps:  # the batches are read before the steps: only the step is measured
+        batches += list(task.train_loader(epoch, plan, 0))
+        epoch += 1
+    full = task.num_patches
+    run._train_steps(0, plan, batches[:warmup], 0, None)  # lazy set-up: optimizer state, caches, kernels
+    calls = [0]
+    step = task.train_step
+
+    def counted(model, batch):
+        calls[0] += 1
+        return step(model, batch)
+
+    task.train_step = counted
+    stop_check = run._stop_if_non_finite
+    armed = [False]
+
+    def disarm_then_check(non_finite, epoch):  # the loop's first deliberate sync after the last step
+        if ctx.cuda:
+            torch.cuda.set_sync_debug_mode(0)
+        armed[0] = False
+        return stop_check(non_finite, epoch)
+
+    run._stop_if_non_finite = disarm_then_check
+    detail: Dict[str, Any] = {"steps": steps, "amp": "bfloat16"}
+    try:
+        if ctx.cuda:
+            # the detector works here: a deliberate sync under "error" raises
+            torch.cuda.set_sync_debug_mode("error")
+            try:
+                torch.ones(1, device=ctx.device).item()
+                raise CheckFailed("torch.cuda.set_sync_debug_mode('error') did not catch a deliberate .item()")
+            except RuntimeError:
+                pass
+            expect(torch.cuda.get_sync_debug_mode() == 2, "the sync debug mode is not 'error'")
+        armed[0] = True
+        try:
+            stats = run._train_steps(0, plan, batches[warmup:warmup + steps], 0, None)
+        except RuntimeError as error:
+            if armed[0] and "synchroniz" in str(error):
+                raise CheckFailed(f"a host sync inside the training step (after {calls[0]} armed steps) at "
+                                  f"{_find_sync(error)}: {str(error).splitlines()[0]}") from error
+            raise
+    finally:
+        if ctx.cuda:
+            torch.cuda.set_sync_debug_mode(0)
+        task.train_step, run._stop_if_non_finite = step, stop_check
+    expect(calls[0] == steps, f"{calls[0]} training steps ran, expected {steps}")
+    expect(np.isfinite(stats["train_loss"]), f"train loss {stats['train_loss']}")
+    expect(stats["kept_tokens"] < full, f"stage 1 kept {stats['kept_tokens']} of {full} patch tokens")
+    detail.update(kept_tokens=stats["kept_tokens"], patch_tokens=full,
+                  sync_debug_mode="error" if ctx.cuda else "not available on the CPU (steps ran unchecked)")
+    if not ctx.cuda:
+        detail["note"] = "the 20 steps ran on the CPU without the sync detector (a CUDA feature)"
+    return detail
+
+
+# -- 3. DeiT: bf16 + EMA; fp16 + GradScaler, stopped and continued ----------------------------------
+def check_deit_amp(ctx: Context) -> Dict[str, Any]:
+    data, dev = ctx.images, ["--device", ctx.dev_flag]
+    out = ctx.folder("deit_bf16_ema")
+    result = ctx.main("deit", "--data-path", data, "--output_dir", out, *DEIT, *dev, "--epochs", "2",
+                      "--amp-dtype", "bfloat16", "--model-ema", name="deit_bf16_ema")
+    on_device(result, ctx, "DeiT bf16")
+    log = check_epochs(out, 2, "DeiT bf16 + EMA")
+    checkpoint = load(out / "checkpoint.pth")
+    expect(checkpoint.get("model_ema") is not None, "DeiT bf16: no EMA weights in the checkpoint")
+    finite_weights(checkpoint["model_ema"], "DeiT bf16: EMA")
+    expect(all("ema_acc1" in r for r in log), "DeiT bf16: the log has no EMA accuracy")
+    detail: Dict[str, Any] = {"bf16_ema": "2 epochs, EMA evaluated"}
+
+    # fp16 with GradScaler (CUDA only; the CPU runs the same stop/resume in bf16)
+    amp = "float16" if ctx.cuda else "bfloat16"
+    out = ctx.folder(f"deit_{amp}_resume")
+    flags = ["--data-path", data, "--output_dir", out, *DEIT, *dev, "--epochs", "3", "--amp-dtype", amp]
+    ctx.main("deit", *flags, "--stop-after-epochs", "1", "--auto-resume", name=f"deit_{amp}_first")
+    first = load(out / "checkpoint.pth")
+    expect(first["epoch"] == 0, f"DeiT {amp}: --stop-after-epochs 1 left a checkpoint of epoch {first['epoch']}")
+    if ctx.cuda:
+        expect(bool(first.get("scaler")) and "scale" in first["scaler"],
+               f"DeiT float16: the checkpoint holds no GradScaler state ({first.get('scaler')!r})")
+    result = ctx.main("deit", *flags, "--auto-resume", name=f"deit_{amp}_resumed")
+    on_device(result, ctx, f"DeiT {amp} resumed")
+    check_epochs(out, 3, f"DeiT {amp} stopped and resumed")
+    last = load(out / "checkpoint.pth")
+    if ctx.cuda:
+        scale = float(last["scaler"]["scale"])
+        expect(np.isfinite(scale) and scale > 0, f"DeiT float16: loss scale {scale}")
+        detail["float16_loss_scale"] = scale
+    detail["stop_resume"] = f"{amp}: 1 epoch, then --auto-resume to epoch 3"
+    if not ctx.cuda:
+        detail["note"] = "float16 autocast with GradScaler needs CUDA: the stop/resume ran in bfloat16"
+    return detail
+
+
+# -- 4. LV-ViT with token labels -------------------------------------------------------------------
+def check_lvvit(ctx: Context) -> Dict[str, Any]:
+    work = ctx.folder("lvvit")
+    teacher = work / "teacher.pth"
+    import timm
+
+    import ToE.lvvit  # noqa: F401  (registers digits_cnn and the LV-ViT models)
+
+    torch.manual_seed(0)
+    torch.save(timm.create_model("digits_cnn", num_classes=3).state_dict(), teacher)
+    labels = work / "labels"
+    result = ctx.run([sys.executable, "-m", "ToE.lvvit.generate_label", "--model", "digits_cnn", "--checkpoint",
+                      teacher, "--data-path", ctx.images, "--out", labels, "--img-size", "32", "-b", "8",
+                      "--device", ctx.dev_flag, "--num-workers", "0"], "lvvit_generate_label")
+    expect("wrote 24 token-label files" in result.stdout, f"generate_label: {result.stdout[-800:]}")
+    out = work / "out"
+    result = ctx.main("lvvit", "--data-path", ctx.images, "--output_dir", out, *LVVIT, "--device", ctx.dev_flag,
+                      "--epochs", "2", "--token-label", "--token-label-data", labels, "--token-label-size", "4",
+                      name="lvvit_train")
+    on_device(result, ctx, "LV-ViT")
+    log = check_epochs(out, 2, "LV-ViT with token labels")
+    kept = [r["kept_tokens"] for r in log]
+    expect(kept[0] < kept[-1] == 16, f"LV-ViT kept tokens per epoch {kept}, expected fewer than 16, then 16")
+    return {"labels": 24, "kept_tokens": kept, "amp": "auto (bf16 on Ampere and later)" if ctx.cuda else "off"}
+
+
+# -- 5. EfficientTrain across a resolution change ---------------------------------------------------
+def _dali_importable() -> bool:
+    try:
+        import nvidia.dali  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+def check_efficienttrain(ctx: Context) -> Dict[str, Any]:
+    backends = ["torch"] + (["dali"] if _dali_importable() else [])
+    detail: Dict[str, Any] = {}
+    for backend in backends:
+        out = ctx.folder(f"et_{backend}")
+        result = ctx.main("et", "--data-path", ctx.images, "--output_dir", out, *ET, "--device", ctx.dev_flag,
+                          "--epochs", "2", "--data-backend", backend, name=f"et_{backend}")
+        on_device(result, ctx, f"EfficientTrain ({backend})")
+        log = check_epochs(out, 2, f"EfficientTrain ({backend})")
+        resolutions = [r.get("resolution") for r in log]
+        expect(resolutions == [24, 32], f"EfficientTrain ({backend}): resolutions {resolutions}, expected [24, 32]")
+        expect("24 px" in result.stdout and "32 px" in result.stdout,
+               f"EfficientTrain ({backend}) did not announce both segments:\n{result.stdout[-1500:]}")
+        detail[backend] = {"resolutions": resolutions, "kept_tokens": [r["kept_tokens"] for r in log],
+                           "decoder": ("mixed (GPU)" if ctx.cuda else "cpu") if backend == "dali" else "PIL"}
+    if "dali" not in backends:
+        detail["note"] = "DALI is not importable (pip install nvidia-dali-cuda120): only the torch input ran"
+    return detail
+
+
+# -- 6. YOLOS training and evaluation ---------------------------------------------------------------
+def check_yolos(ctx: Context) -> Dict[str, Any]:
+    out = ctx.folder("yolos")
+    flags = ["--coco_path", ctx.coco, *YOLOS, "--device", ctx.dev_flag]
+    result = ctx.main("yolos", *flags, "--output_dir", out, "--epochs", "2", name="yolos_train")
+    on_device(result, ctx, "YOLOS")
+    log = check_epochs(out, 2, "YOLOS")
+    aps = [r.get("test_AP") for r in log]
+    expect(all(isinstance(ap, float) and 0.0 <= ap <= 1.0 for ap in aps), f"YOLOS test AP per epoch {aps}")
+    result = ctx.main("yolos", *flags, "--eval", "--resume", out / "checkpoint.pth", name="yolos_eval")
+    expect("AP " in result.stdout and "AP50" in result.stdout, f"YOLOS --eval printed no AP:\n{result.stdout[-1500:]}")
+    line = next(line for line in result.stdout.splitlines() if line.startswith("AP "))
+    return {"train_AP": aps, "eval": line.strip()}
+
+
+# -- 7. a process group (NCCL on a GPU) through training and evaluation -------------------------------
+# torchrun --nproc_per_node 1 gives WORLD_SIZE=1, for which init_distributed starts no process
+# group (ToE/common/distributed.py: only when world_size > 1). This wrapper starts the group
+# with the backend init_distributed would pick (NCCL on a GPU, gloo on the CPU; the device set
+# first, as init_distributed does per rank) and makes the run treat itself as distributed, so
+# DDP, the reductions, the barrier and all_gather_object of the checkpoint go through it.
+DIST_WRAPPER = """
+import os, runpy, sys
+sys.path.insert(0, {root!r})
+import torch
+import torch.distributed as dist
+from ToE.common import distributed
+
+use_cuda = torch.cuda.is_available()
+if use_cuda:
+    torch.cuda.set_device(int(os.environ["LOCAL_RANK"]))
+dist.init_process_group(backend="nccl" if use_cuda else "gloo")
+print(f"gpu_check: process group {{dist.get_backend()}}, world size {{dist.get_world_size()}}", flush=True)
+distributed.DistEnv.distributed = property(lambda self: dist.is_available() and dist.is_initialized())
+main = os.path.join({root!r}, {main!r})
+sys.argv = [main] + sys.argv[1:]
+runpy.run_path(main, run_name="__main__")
+"""
+
+
+def check_nccl(ctx: Context) -> Dict[str, Any]:
+    work = ctx.folder("nccl")
+    wrapper = work / "dist_wrapper.py"
+    wrapper.write_text(DIST_WRAPPER.format(root=str(ROOT), main=MAINS["deit"]))
+    out = work / "out"
+    torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "1", str(wrapper)]
+    result = ctx.run([*torchrun, "--data-path", ctx.images, "--output_dir", out, *DEIT, "--device", ctx.dev_flag,
+                      "--epochs", "2", "--log-interval", "2"], "nccl_train")
+    backend = "nccl" if ctx.cuda else "gloo"
+    expect(f"gpu_check: process group {backend}, world size 1" in result.stdout,
+           f"the process group was not {backend}:\n{result.stdout[-1500:]}")
+    on_device(result, ctx, f"{backend} run")
+    log = check_epochs(out, 2, f"one-process {backend} run")
+    expect(all(r.get("test_acc1") is not None for r in log), f"{backend}: no evaluation in the log")
+    checkpoint = load(out / "checkpoint.pth")
+    expect(checkpoint.get("world_size") == 1 and "0" in checkpoint.get("rng", {}),
+           f"{backend}: checkpoint world_size {checkpoint.get('world_size')}, rng keys {list(checkpoint.get('rng', {}))}")
+    # the weights are the model's own (no DDP "module." prefix): they load into a plain model
+    expect(not any(key.startswith("module.") for key in checkpoint["model"]), f"{backend}: DDP prefix in the weights")
+    return {"backend": backend, "ddp": True, "epochs": 2, "test_acc1": [r["test_acc1"] for r in log]}
+
+
+# -- 8. SIGUSR1 mid-epoch, then --auto-resume ---------------------------------------------------------
+SIGNAL_WRAPPER = """
+import os, runpy, signal, sys
+sys.path.insert(0, {root!r})
+from ToE.common.lifecycle import Run
+
+steps, calls = Run._train_steps, [0]
+
+def train_steps(self, *args):
+    step = self.task.train_step
+
+    def counted(model, batch):
+        calls[0] += 1
+        if calls[0] == {when}:
+            os.kill(os.getpid(), signal.SIGUSR1)
+        return step(model, batch)
+    self.task.train_step = counted
+    try:
+        return steps(self, *args)
+    finally:
+        self.task.train_step = step
+Run._train_steps = train_steps
+main = os.path.join({root!r}, {main!r})
+sys.argv = [main] + sys.argv[1:]
+runpy.run_path(main, run_name="__main__")
+"""
+
+
+def check_sigusr1(ctx: Context) -> Dict[str, Any]:
+    work = ctx.folder("sigusr1")
+    wrapper = work / "signal_wrapper.py"
+    wrapper.write_text(SIGNAL_WRAPPER.format(root=str(ROOT), main=MAINS["deit"], when=9))  # epoch 1, step 3 of 6
+    out = work / "out"
+    flags = ["--data-path", ctx.images, "--output_dir", out, *DEIT, "--device", ctx.dev_flag, "--epochs", "3",
+             "--log-interval", "1", "--auto-resume"]
+    stopped = ctx.run([sys.executable, wrapper, *flags], "sigusr1_stopped", expect_rc=3)
+    expect("SIGUSR1 received in epoch 1 after step" in stopped.stderr,
+           f"the stop message does not name SIGUSR1 in epoch 1:\n{stopped.stderr[-1500:]}")
+    checkpoint = load(out / "checkpoint.pth")
+    position = checkpoint.get("position")
+    expect(position is not None and position["epoch"] == 1 and position["step"] > 0,
+           f"the mid-epoch checkpoint holds position {position}, expected epoch 1 and a step > 0")
+    expect([r["epoch"] for r in read_log(out)] == [0], "the log after the stop should hold epoch 0 only")
+    result = ctx.run([sys.executable, MAINS["deit"], *flags], "sigusr1_resumed")
+    on_device(result, ctx, "resumed run")
+    check_epochs(out, 3, "SIGUSR1 + --auto-resume")
+    return {"stopped_at": {"epoch": position["epoch"], "step": position["step"]}, "exit_code": 3, "resumed_to": 3}
+
+
+# -- 9. the speed table -------------------------------------------------------------------------------
+def _timer(device: torch.device):
+    """``time(fn, repeats)``: milliseconds per call; CUDA events on a GPU, perf_counter on the CPU."""
+
+    def time_it(fn: Callable[[], Any], repeats: int) -> float:
+        if device.type == "cuda":
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            torch.cuda.synchronize(device)
+            start.record()
+            for _ in range(repeats):
+                fn()
+            end.record()
+            end.synchronize()
+            return start.elapsed_time(end) / repeats
+        started = time.perf_counter()
+        for _ in range(repeats):
+            fn()
+        return (time.perf_counter() - started) * 1000.0 / repeats
+
+    return time_it
+
+
+def check_speed(ctx: Context) -> Dict[str, Any]:
+    """One training step (forward + backward + AdamW, bf16 autocast) of deit_small_patch16_224 at
+    224 px with ToE in stage 1 (keep rate 0.5, seeds 0.25, k = 2) against a full-token step; the
+    operator's own forward + backward on the block-0 output as a share of the stage-1 step.
+    On the CPU: a 2-block deit_small at 32 px with 4 px patches (64 patch tokens), batch 4, float32."""
+    import timm
+
+    import token_select
+
+    device = ctx.device
+    if ctx.cuda:
+        name, kwargs, size, batch, amp, warmup, repeats = "deit_small_patch16_224", {}, 224, 64, torch.bfloat16, 5, 20
+    else:
+        name, kwargs, size, batch, amp, warmup, repeats = ("deit_small_patch16_224",
+                                                          {"img_size": 32, "patch_size": 4, "depth": 2}, 32, 4,
+                                                          None, 1, 2)
+    if ctx.quick:
+        warmup, repeats = 1, 2
+    torch.manual_seed(0)
+    model = timm.create_model(name, pretrained=False, num_classes=1000, **kwargs).to(device).train()
+    toe = token_select.attach(model, token_select.TokenSelect(expansion_step=[0, 1], keep_rate=[0.5, 1.0],
+                                                              initialization_keep_rate=0.25))
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4)
+    images = torch.randn(batch, 3, size, size, device=device)
+    labels = torch.randint(0, 1000, (batch,), device=device)
+    amp_context = (lambda: torch.autocast(device.type, dtype=amp)) if amp is not None else (
+        lambda: torch.autocast(device.type, enabled=False))
+
+    def step() -> None:
+        with amp_context():
+            loss = torch.nn.functional.cross_entropy(model(images), labels)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+
+    time_it = _timer(device)
+    results: Dict[str, float] = {}
+    for config, epoch in (("full", 1), ("stage1", 0), ("full", 1), ("stage1", 0)):  # twice, interleaved
+        toe.update_current_stage(epoch)
+        time_it(step, warmup)
+        results.setdefault(config, float("inf"))
+        results[config] = min(results[config], time_it(step, repeats))
+    toe.update_current_stage(0)
+    num_patches = model.patch_embed.num_patches
+    kept = toe.kept_patch_tokens(num_patches)
+    # the operator alone, on the block-0 output of these images, forward + backward
+    with torch.no_grad(), amp_context():
+        block0 = model.blocks[0](model.norm_pre(model._pos_embed(model.patch_embed(images))))
+    block0 = block0.detach().requires_grad_(True)
+
+    def operator_step() -> None:
+        with amp_context():
+            out, _ = toe.token_select(block0)
+        out.float().sum().backward()
+
+    time_it(operator_step, warmup)
+    operator_ms = time_it(operator_step, repeats)
+    expect(all(np.isfinite(v) and v > 0 for v in results.values()), f"step times {results}")
+    table = {"model": name, "model_kwargs": kwargs, "input": size, "batch": batch,
+             "amp": str(amp).replace("torch.", "") if amp else "float32", "timer": "CUDA events" if ctx.cuda else
+             "perf_counter", "device": torch.cuda.get_device_name(device) if ctx.cuda else "cpu",
+             "patch_tokens": num_patches, "stage1_kept_tokens": kept, "repeats": repeats,
+             "full_step_ms": results["full"], "stage1_step_ms": results["stage1"],
+             "stage1_speedup": results["full"] / results["stage1"], "operator_ms": operator_ms,
+             "operator_share_of_stage1": operator_ms / results["stage1"]}
+    path = ctx.out / "speed.json"
+    path.write_text(json.dumps(table, indent=2))
+    ctx.speed = table
+    print(f"  speed ({table['device']}, {name} {kwargs or ''} at {size} px, batch {batch}, {table['amp']}, "
+          f"{table['timer']}):")
+    print(f"    full-token step   {table['full_step_ms']:9.2f} ms")
+    print(f"    stage-1 step      {table['stage1_step_ms']:9.2f} ms   ({kept} of {num_patches} patch tokens, "
+          f"{table['stage1_speedup']:.2f}x)")
+    print(f"    operator fwd+bwd  {operator_ms:9.2f} ms   ({100 * table['operator_share_of_stage1']:.1f} % of the "
+          f"stage-1 step)")
+    print(f"    written to {path}")
+    return {"json": str(path), **{k: table[k] for k in ("full_step_ms", "stage1_step_ms", "stage1_speedup",
+                                                         "operator_share_of_stage1")}}
+
+
+# -- the runner ---------------------------------------------------------------------------------------
+CHECKS: Dict[str, Callable[[Context], Dict[str, Any]]] = {
+    "operator": check_operator,
+    "no_host_sync": check_no_host_sync,
+    "deit_amp": check_deit_amp,
+    "lvvit": check_lvvit,
+    "efficienttrain": check_efficienttrain,
+    "yolos": check_yolos,
+    "nccl": check_nccl,
+    "sigusr1": check_sigusr1,
+    "speed": check_speed,
+}
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description="Check every CUDA path of this install (CPU stand-ins without a GPU)")
+    parser.add_argument("--out", default=os.environ.get("TOE_GPU_CHECK_OUT", ""),
+                        help="folder for the runs, logs and the JSON report (default: $TOE_GPU_CHECK_OUT, else a "
+                             "new temporary folder)")
+    parser.add_argument("--only", nargs="+", default=None, metavar="NAME", choices=list(CHECKS),
+                        help=f"run only these checks ({', '.join(CHECKS)})")
+    parser.add_argument("--skip", nargs="+", default=[], metavar="NAME", choices=list(CHECKS),
+                        help="leave these checks out")
+    parser.add_argument("--quick", action="store_true", help="fewer timing repeats in the speed check")
+    parser.add_argument("--list", action="store_true", help="list the checks and exit")
+    return parser.parse_args(argv)
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    if args.list:
+        for name, fn in CHECKS.items():
+            print(f"{name:15s} {(fn.__doc__ or '').strip().splitlines()[0] if fn.__doc__ else ''}")
+        return 0
+    out = Path(args.out) if args.out else Path(tempfile.mkdtemp(prefix="toe_gpu_check_"))
+    out.mkdir(parents=True, exist_ok=True)
+    out = out.resolve()
+    ctx = Context(out, args.quick)
+    random.seed(0)
+    names = [n for n in (args.only or list(CHECKS)) if n not in args.skip]
+    if ctx.cuda:
+        props = torch.cuda.get_device_properties(0)
+        print(f"gpu_check: {torch.cuda.device_count()} GPU(s) visible; checking on {props.name} "
+              f"({props.total_memory / 2 ** 30:.0f} GiB), torch {torch.__version__}, CUDA {torch.version.cuda}")
+    else:
+        print(f"gpu_check: no GPU visible; the checks run on the CPU (torch {torch.__version__})")
+    print(f"gpu_check: outputs in {out}", flush=True)
+    report: Dict[str, Any] = {"cuda": ctx.cuda, "device": torch.cuda.get_device_name(0) if ctx.cuda else "cpu",
+                              "torch": torch.__version__, "cuda_version": torch.version.cuda, "out": str(out),
+                              "checks": []}
+    started_all = time.perf_counter()
+    for name in names:
+        print(f"[....] {name}", flush=True)
+        started = time.perf_counter()
+        entry: Dict[str, Any] = {"name": name}
+        try:
+            entry["detail"] = CHECKS[name](ctx)
+            entry["status"] = "passed"
+        except Skipped as reason:
+            entry["status"], entry["message"] = "skipped", str(reason)
+        except Exception as error:  # noqa: BLE001 - every failure is reported, the other checks still run
+            entry["status"] = "failed"
+            entry["message"] = str(error) if isinstance(error, CheckFailed) else \
+                f"{error.__class__.__name__}: {error}\n{traceback.format_exc()}"
+        finally:
+            if ctx.cuda:
+                torch.cuda.set_sync_debug_mode(0)
+        entry["seconds"] = round(time.perf_counter() - started, 2)
+        report["checks"].append(entry)
+        mark = {"passed": "PASS", "failed": "FAIL", "skipped": "SKIP"}[entry["status"]]
+        print(f"[{mark}] {name} ({entry['seconds']:.1f} s)", flush=True)
+        if entry["status"] == "failed":
+            print("       " + entry["message"].replace("\n", "\n       "), flush=True)
+        if isinstance(entry.get("detail"), dict) and entry["detail"].get("note"):
+            print(f"       note: {entry['detail']['note']}", flush=True)
+    report["seconds"] = round(time.perf_counter() - started_all, 2)
+    report["speed"] = ctx.speed
+    failed = [c["name"] for c in report["checks"] if c["status"] == "failed"]
+    report["passed"] = not failed
+    report["cuda_exercised"] = ctx.cuda
+    path = out / "gpu_check.json"
+    path.write_text(json.dumps(report, indent=2, default=str))
+
+    print("\ncheck            result   seconds")
+    for entry in report["checks"]:
+        print(f"{entry['name']:16s} {entry['status']:8s} {entry['seconds']:7.1f}")
+    print(f"{'total':16s} {'passed' if not failed else 'FAILED':8s} {report['seconds']:7.1f}")
+    print(f"report: {path}")
+    if not ctx.cuda:
+        print(NO_CUDA)
+    if failed:
+        print(f"gpu_check FAILED: {', '.join(failed)}")
+        return 1
+    print("gpu_check passed" + (" on " + report["device"] if ctx.cuda else " (CPU only)"))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
