@@ -17,7 +17,9 @@ Contents:
 - ``TokenSelect``: the operator, with the published interface (``expansion_step``,
   ``keep_rate``, ``initialization_keep_rate``, ``expansion_multiple_stage``, ``distance``,
   ``update_current_stage(epoch)``, ``token_select(x) -> (x, index)``, ``sparse_inference``).
-- ``attach(model, token_select)``: puts the operator after block 0 of an unmodified timm ViT.
+- ``attach(model, token_select)``: puts the operator after block 0 of an unmodified ViT: timm's
+  ``VisionTransformer``, torchvision's ``VisionTransformer`` or a Hugging Face transformers ViT,
+  DeiT, Dinov2 (with or without registers) or CLIP vision model (``placement`` says where).
 - Pure arithmetic shared by the trainers, the tests and the FLOP calculator:
   ``stage_of_epoch``, ``expansion_plan``, ``kept_tokens_per_stage``, ``vit_step_flops``,
   ``schedule_flops`` and ``ideal_speedup``.
@@ -29,8 +31,9 @@ from __future__ import annotations
 
 import bisect
 import contextlib
+import inspect
 import math
-from typing import Dict, List, Optional, Sequence, Tuple
+from typing import Dict, List, NamedTuple, Optional, Sequence, Tuple
 
 import torch
 from torch import nn
@@ -39,6 +42,8 @@ __all__ = [
     "TokenSelect",
     "attach",
     "detach",
+    "placement",
+    "Placement",
     "stage_of_epoch",
     "expansion_plan",
     "kept_tokens_per_stage",
@@ -494,59 +499,196 @@ class TokenSelect(nn.Module):
 
 
 # ---------------------------------------------------------------------------------------------
-# Attaching to an unmodified timm VisionTransformer
+# Attaching to an unmodified model: timm, torchvision and Hugging Face transformers ViTs
 # ---------------------------------------------------------------------------------------------
+class Placement(NamedTuple):
+    """Where ToE goes in one model: everything ``attach`` needs to know about its family."""
+
+    family: str                               # "timm", "torchvision" or "transformers:<model_type>"
+    blocks: Sequence[nn.Module]               # the transformer blocks, in order
+    num_prefix_tokens: int                    # class/distillation/register tokens in front
+    grid_size: Optional[Tuple[int, int]]      # (H, W) patch grid, for initialization="uniform"
+    mask_args: Tuple[str, ...]                # block arguments that carry an attention mask
+
+
+def _pair(value) -> Tuple[int, int]:
+    if isinstance(value, (tuple, list)):
+        return int(value[0]), int(value[1])
+    return int(value), int(value)
+
+
+def _patch_grid(image_size, patch_size) -> Tuple[int, int]:
+    (height, width), (patch_h, patch_w) = _pair(image_size), _pair(patch_size)
+    return height // patch_h, width // patch_w
+
+
+def _attribute_path(obj, path: str):
+    for name in path.split("."):
+        obj = getattr(obj, name, None)
+        if obj is None:
+            return None
+    return obj
+
+
+# Hugging Face transformers, by ``config.model_type``: where the blocks are (paths tried under the
+# model's base model, then under the model; the first is transformers >= 5, the next 4.x), and
+# how many prefix tokens the embeddings put in front of the patches (read from the config).
+# Their layers return a tensor (>= 5) or a tuple (hidden_states, ...) (4.x); the hook takes both.
+_HF_FAMILIES = {
+    "vit": (("layers", "encoder.layer"), lambda config: 1),
+    "deit": (("layers", "encoder.layer"), lambda config: 2),  # class + distillation token
+    "dinov2": (("encoder.layer",), lambda config: 1),
+    "dinov2_with_registers": (("encoder.layer",), lambda config: 1 + int(config.num_register_tokens)),
+    "clip_vision_model": (("encoder.layers", "vision_model.encoder.layers"), lambda config: 1),
+    "clip": (("vision_model.encoder.layers",), lambda config: 1),  # CLIPModel: its vision tower
+}
+# Heads that put every token back on the patch grid: they cannot take a reduced sequence.
+_HF_GRID_HEADS = ("MaskedImageModeling", "Backbone")
+
+
+def _is_torchvision_vit(model: nn.Module) -> bool:
+    """torchvision.models.VisionTransformer or a subclass (checked without importing torchvision)."""
+    return any(cls.__name__ == "VisionTransformer" and cls.__module__.startswith("torchvision.")
+               for cls in type(model).__mro__)
+
+
+def placement(model: nn.Module, token_select: Optional[TokenSelect] = None) -> Placement:
+    """The blocks, prefix-token count and patch grid of a supported model (see ``attach``).
+
+    One table for every family: timm (``model.blocks``), torchvision (``model.encoder.layers``,
+    a class token) and the Hugging Face families of ``_HF_FAMILIES``. Raises ``ValueError``
+    naming the model for anything else.
+    """
+    # timm VisionTransformer (and anything else with timm's layout): unchanged since the first release
+    blocks = getattr(model, "blocks", None)
+    if blocks is not None:
+        default_prefix = token_select.num_prefix_tokens if token_select is not None else 1
+        grid = getattr(getattr(model, "patch_embed", None), "grid_size", None)
+        return Placement("timm", blocks, int(getattr(model, "num_prefix_tokens", default_prefix)),
+                         tuple(int(g) for g in grid) if grid is not None else None, ("attn_mask",))
+    # torchvision: class token first; the position embedding is added in encoder.forward
+    if _is_torchvision_vit(model):
+        return Placement("torchvision", model.encoder.layers, 1,
+                         _patch_grid(model.image_size, model.patch_size), ())
+    config = getattr(model, "config", None)
+    model_type = getattr(config, "model_type", None)
+    if model_type is not None:
+        name = type(model).__name__
+        if any(head in name for head in _HF_GRID_HEADS):
+            raise ValueError(f"ToE cannot be attached to {name}: its head puts every token back on the patch "
+                             f"grid, which a reduced sequence does not fill; attach it to the encoder model")
+        if model_type not in _HF_FAMILIES:
+            raise ValueError(f"ToE has no placement for the transformers model type {model_type!r} ({name}); "
+                             f"supported: {', '.join(sorted(_HF_FAMILIES))}")
+        paths, prefix = _HF_FAMILIES[model_type]
+        vision_config = getattr(config, "vision_config", None) if model_type == "clip" else config
+        roots = [getattr(model, "base_model", model), model]
+        for root in roots:
+            for path in paths:
+                blocks = _attribute_path(root, path)
+                if blocks is not None:
+                    return Placement(f"transformers:{model_type}", blocks, prefix(vision_config),
+                                     _patch_grid(vision_config.image_size, vision_config.patch_size),
+                                     ("attention_mask", "causal_attention_mask"))
+        raise ValueError(f"ToE found no transformer layers in {name} (looked for {', '.join(paths)}); "
+                         f"this transformers version lays the model out differently")
+    raise ValueError(f"attach supports timm's VisionTransformer (model.blocks), torchvision's VisionTransformer "
+                     f"and the Hugging Face ViT, DeiT, Dinov2 and CLIP vision models; got {type(model).__name__}")
+
+
+def _mask_positions(block: nn.Module, names: Sequence[str]) -> Tuple[Tuple[str, int], ...]:
+    """(name, positional index or -1) of each mask argument of ``block.forward``."""
+    try:
+        parameters = inspect.signature(block.forward).parameters.values()
+    except (TypeError, ValueError):
+        parameters = []
+    positional = [p.name for p in parameters
+                  if p.kind in (inspect.Parameter.POSITIONAL_ONLY, inspect.Parameter.POSITIONAL_OR_KEYWORD)]
+    return tuple((name, positional.index(name) if name in positional else -1) for name in names)
+
+
 def _after_first_block(module: nn.Module, args, kwargs, output):
-    """Forward hook on blocks[0]: replace its output by the reduced sequence."""
+    """Forward hook on the first block: replace its output by the reduced sequence.
+
+    The block's output is a tensor (timm, torchvision, transformers >= 5) or a tuple whose first
+    element is the hidden states (transformers 4.x); the rest of a tuple passes unchanged.
+    """
     token_select = module._toe_token_select
-    if kwargs.get("attn_mask") is not None and token_select.reducing:
-        # The mask is shaped for the full sequence and would not fit the reduced one.
-        raise ValueError("ToE cannot reduce tokens of a forward pass given an attn_mask; "
-                         "call it without a mask or put the operator in eval mode")
+    for name, position in module._toe_mask_args:
+        mask = kwargs.get(name)
+        if mask is None and 0 <= position < len(args):
+            mask = args[position]
+        if mask is not None and token_select.reducing:
+            # The mask is shaped for the full sequence and would not fit the reduced one.
+            raise ValueError(f"ToE cannot reduce tokens of a forward pass given an {name}; "
+                             f"call it without a mask or put the operator in eval mode")
+    if isinstance(output, (tuple, list)):
+        reduced, _ = token_select.token_select(output[0])
+        return type(output)([reduced, *output[1:]]) if isinstance(output, list) else (reduced, *output[1:])
     reduced, _ = token_select.token_select(output)
     return reduced
 
 
 def attach(model: nn.Module, token_select: Optional[TokenSelect] = None, block_index: int = 0) -> TokenSelect:
-    """Put ``token_select`` after ``model.blocks[block_index]`` of a timm ``VisionTransformer``.
+    """Put ``token_select`` after transformer block ``block_index`` of an unmodified ViT.
 
-    A forward hook on the block replaces its output, so nothing of timm's forward is copied,
+    Supported families (``placement`` finds the blocks, the prefix-token count and the patch grid):
+
+    - timm ``VisionTransformer`` (``deit_*``, ``vit_*``, ``deit3_*``, distilled DeiTs): ``model.blocks``,
+      prefix ``model.num_prefix_tokens``, grid ``model.patch_embed.grid_size``;
+    - torchvision ``torchvision.models.VisionTransformer`` (``vit_b_16`` ...): ``model.encoder.layers``,
+      1 prefix token (class);
+    - Hugging Face transformers (4.x and 5.x): ``ViTModel``/``ViTForImageClassification`` (1),
+      ``DeiTModel``/``DeiTForImageClassification``/``DeiTForImageClassificationWithTeacher``
+      (2: class + distillation), ``Dinov2Model``/``Dinov2ForImageClassification`` (1),
+      ``Dinov2WithRegistersModel``/``...ForImageClassification`` (1 + ``num_register_tokens``),
+      ``CLIPVisionModel``/``CLIPVisionModelWithProjection``/``CLIPForImageClassification``/
+      ``CLIPModel``'s vision tower (1); grid ``config.image_size // config.patch_size``. Masked
+      image modelling heads and ``*Backbone`` models are refused (they need every token).
+
+    A forward hook on the block replaces its output, so nothing of the model's forward is copied,
     the model keeps its class and its state_dict keys (the operator has no parameters or
-    buffers), and it also acts under timm's gradient checkpointing (the checkpointed segments
-    call the blocks as modules, and the selection is deterministic, so recomputation agrees).
-    In eval mode the hook returns the block's output unchanged: the model is bit-identical to
-    the unattached one. Sets ``model.token_select``; ``token_select.last_index`` holds the
-    index of the last reduction (None when it did not reduce). Returns the operator.
+    buffers), and it also acts under gradient checkpointing (timm's segments and transformers'
+    ``GradientCheckpointingLayer`` call the blocks as modules, and the selection is deterministic,
+    so recomputation agrees). In eval mode the hook returns the block's output unchanged: the
+    model is bit-identical to the unattached one. A reducing pass given an attention mask
+    (timm's ``attn_mask``, transformers' ``attention_mask``) is refused with a ``ValueError``.
+    Sets ``model.token_select`` and ``token_select.num_prefix_tokens`` (and ``grid_size`` when
+    unset); ``token_select.last_index`` holds the index of the last reduction (None when it did
+    not reduce). Returns the operator.
     """
     if token_select is None:
         token_select = TokenSelect()
-    blocks = getattr(model, "blocks", None)
-    if blocks is None or len(blocks) <= block_index:
-        raise ValueError(f"attach needs a model with at least {block_index + 1} blocks in model.blocks "
-                         f"(a timm VisionTransformer); got {type(model).__name__}")
+    where = placement(model, token_select)
+    if len(where.blocks) <= block_index:
+        if where.family == "timm":
+            raise ValueError(f"attach needs a model with at least {block_index + 1} blocks in model.blocks "
+                             f"(a timm VisionTransformer); got {type(model).__name__}")
+        raise ValueError(f"attach needs at least {block_index + 1} transformer blocks; "
+                         f"{type(model).__name__} has {len(where.blocks)}")
     if getattr(model, "_toe_hook", None) is not None:
         detach(model)
-    token_select.num_prefix_tokens = int(getattr(model, "num_prefix_tokens", token_select.num_prefix_tokens))
-    patch_embed = getattr(model, "patch_embed", None)
-    grid = getattr(patch_embed, "grid_size", None)
-    if token_select.grid_size is None and grid is not None:
-        token_select.grid_size = tuple(int(g) for g in grid)
-    block = blocks[block_index]
-    # A plain attribute on the block (not a submodule) so blocks[0]'s state_dict is unchanged;
+    token_select.num_prefix_tokens = where.num_prefix_tokens
+    if token_select.grid_size is None and where.grid_size is not None:
+        token_select.grid_size = where.grid_size
+    block = where.blocks[block_index]
+    # Plain attributes on the block (not a submodule) so the block's state_dict is unchanged;
     # the operator is registered once, as model.token_select, to follow train()/eval()/to().
     object.__setattr__(block, "_toe_token_select", token_select)
+    object.__setattr__(block, "_toe_mask_args", _mask_positions(block, where.mask_args))
     model.token_select = token_select
     object.__setattr__(model, "_toe_hook", (block, block.register_forward_hook(_after_first_block, with_kwargs=True)))
     return token_select
 
 
 def detach(model: nn.Module) -> None:
-    """Remove an operator put on by ``attach``; the model is the plain timm model again."""
+    """Remove an operator put on by ``attach``; the model is the plain model again."""
     hook = getattr(model, "_toe_hook", None)
     if hook is None:
         return
     block, handle = hook
     handle.remove()
     object.__delattr__(block, "_toe_token_select")
+    object.__delattr__(block, "_toe_mask_args")
     object.__delattr__(model, "_toe_hook")
     del model.token_select
