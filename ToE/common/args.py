@@ -227,6 +227,9 @@ def check_training_flags(args: argparse.Namespace) -> List[str]:
                         "otherwise)")
     if args.start_epoch >= args.epochs:
         raise UserError(f"--start_epoch {args.start_epoch} is not below --epochs {args.epochs}: nothing to train")
+    if args.vpt and not args.finetune:
+        raise UserError(f"--vpt {args.vpt} tunes prompts for a trained backbone: pass it with --finetune FILE (a "
+                        "random backbone would stay random)")
     if args.scale[0] > args.scale[1] or args.scale[0] == 0:
         raise UserError(f"--scale {args.scale[0]} {args.scale[1]} must be a range MIN MAX with 0 < MIN <= MAX <= 1")
     unreached = [step for step in args.expansion_step if step >= args.epochs + args.cooldown_epochs]
@@ -251,6 +254,16 @@ def add_classification_args(parser: argparse.ArgumentParser) -> None:
     model.add_argument("--input-size", default=224, type=positive_int, help="image side in pixels (default: 224)")
     model.add_argument("--patch-size", default=None, type=positive_int,
                        help="patch side in pixels (default: the model's)")
+    model.add_argument("--finetune", default="", metavar="FILE",
+                       help="start from these weights (this project's checkpoint.pth, a timm state dict or DeiT's "
+                            ".pth, on disk): a head of another class count is dropped, the position table resampled "
+                            "to the new grid (default: from scratch)")
+    model.add_argument("--vpt", default=None, choices=["shallow", "deep"],
+                       help="Visual Prompt Tuning of the --finetune backbone: it is frozen, prompt tokens (before "
+                            "block 0, or at every block with deep) and the head train; ToE reduces only the patch "
+                            "tokens (default: off)")
+    model.add_argument("--prompt-tokens", type=positive_int, default=10,
+                       help="prompt tokens per set with --vpt (default: 10)")
     model.add_argument("--drop", type=unit_interval_open, default=0.0, help="dropout rate (default: 0)")
     model.add_argument("--drop-path", type=unit_interval_open, default=0.1, help="drop path rate (default: 0.1)")
     model.add_argument("--model-ema", action=argparse.BooleanOptionalAction, default=True,

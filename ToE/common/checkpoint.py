@@ -103,3 +103,18 @@ def check_resume_args(path: str, stored: Dict[str, Any], given: Dict[str, Any], 
             raise UserError(f"resume file {path} was trained with {flag_name(key)} {_shown(before)}, this run gives "
                             f"{flag_name(key)} {_shown(now)}. Resume with the flags it was trained with, or start a "
                             "new run in another --output_dir")
+
+
+def trained_state(model: torch.nn.Module) -> Dict[str, torch.Tensor]:
+    """What a checkpoint stores of ``model``: its state dict without the frozen parameters (all of it
+    when everything trains; the prompts and the head of a VPT run, which load onto the backbone it
+    was tuned from)."""
+    frozen = {name for name, parameter in model.named_parameters() if not parameter.requires_grad}
+    return {key: value for key, value in model.state_dict().items() if key not in frozen}
+
+
+def frozen_checksum(model: torch.nn.Module) -> float:
+    """A fingerprint of the frozen weights (their sum in float64; 0.0 when nothing is frozen): stored
+    with a checkpoint, so that it is not resumed or evaluated on another backbone."""
+    with torch.no_grad():
+        return float(sum(p.double().sum().item() for p in model.parameters() if not p.requires_grad))

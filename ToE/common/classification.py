@@ -34,6 +34,8 @@ from ToE.common.args import check_training_flags
 from ToE.common.data import check_images, train_val_folders
 from ToE.common.distributed import all_reduce_sum
 from ToE.common.errors import UserError
+from ToE.common.pretrained import finetune
+from ToE.common.vpt import add_prompts, freeze_backbone
 from ToE.common.lifecycle import ConstantPlan, EpochPlan, SkipFirst, autocast, epoch_loader, to_device
 from ToE.common.transforms import build_eval_transform, build_train_transform
 
@@ -92,7 +94,7 @@ class ClassificationTask:
     """Model, data, loss and optimizer of one classification run; the lifecycle drives it."""
 
     best_metric = "acc1"
-    weights_must_match = ("model", "model_kwargs", "patch_size")
+    weights_must_match = ("model", "model_kwargs", "patch_size", "vpt", "prompt_tokens")
     misfit = ("the model", "Resume with the --model and --model-kwargs it was trained with")
 
     @staticmethod
@@ -151,7 +153,8 @@ class ClassificationTask:
         self.updates_per_epoch = updates if self.plan.per_update else None
         self.lr_scheduler = self.build_scheduler()
         self.clip_grad = args.clip_grad
-        self.ema_decay = args.model_ema_decay if args.model_ema else None
+        # VPT trains a few tokens and a head on a frozen backbone: no average of the weights
+        self.ema_decay = args.model_ema_decay if args.model_ema and not args.vpt else None
         self.view = None  # the current plan's device-side view of the images
         self.announced = None  # the plan last announced (a curriculum says when it changes)
         self.policy = args.aa  # the RandAugment policy the training transform was built with
@@ -187,7 +190,19 @@ class ClassificationTask:
                             "Pick a timm ViT (e.g. deit_small_patch16_224) and check --model-kwargs/--patch-size"
                             ) from None
         self._check_model(model)
+        if args.finetune:
+            for note in finetune(model, args.finetune):
+                if self.env.is_main:
+                    print(f"note: {note}", flush=True)
+        if args.vpt:
+            if getattr(model, "global_pool", "token") != "token":
+                raise UserError(f"--vpt: model {args.model} pools by {model.global_pool!r}, which would average the "
+                                "prompts in. Pick a class-token model (deit_*, vit_* with the default pool)")
+            add_prompts(model, args.prompt_tokens, deep=args.vpt == "deep")
+            freeze_backbone(model)
         token_select.attach(model, self.toe)
+        if args.vpt:  # the prompts are prefix tokens for the operator: passed through, never merged or dropped
+            self.toe.num_prefix_tokens += args.prompt_tokens
         if args.token_drop == "random":
             # the baseline: PatchDropout keeps a random subset of the patch tokens before block 0, as
             # many as ToE keeps after block 0 (the operator stays attached only to count them)

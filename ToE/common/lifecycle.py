@@ -42,7 +42,8 @@ from timm.utils import ModelEmaV3
 from tqdm import tqdm
 
 from ToE.common.args import TOE_KEYS, build_token_select
-from ToE.common.checkpoint import (check_resume_args, load_checkpoint, rng_state, save_checkpoint, seed_everything,
+from ToE.common.checkpoint import (check_resume_args, frozen_checksum, load_checkpoint, rng_state, save_checkpoint,
+                                   seed_everything, trained_state,
                                    set_rng_state)
 from ToE.common.distributed import all_reduce_sum, barrier, cleanup, gather_ints, init_distributed
 from ToE.common.errors import Preempted, TrainingInterrupted, TrainingStopped, UserError
@@ -57,6 +58,7 @@ NOT_IDENTITY = frozenset({
     "config", "output_dir", "resume", "auto_resume", "overwrite", "check_only", "eval", "epochs", "start_epoch",
     "stop_after_epochs", "time_limit", "log_interval", "device", "amp_dtype", "num_workers", "pin_mem", "dist_eval",
     "eval_batch_size", "results_json", "data_path", "teacher_path", "token_label_data", "init_checkpoint", "model_ema",
+    "finetune", "data_backend",
 })
 AMP_DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": None}
 
@@ -230,11 +232,17 @@ class Run:
         if stored_classes is not None and stored_classes != task.num_classes:
             raise UserError(f"resume file {path} has {stored_classes} classes, the data in {args.data_path} has "
                             f"{task.num_classes}. Resume with the data set it was trained on")
+        frozen = {name for name, parameter in task.model.named_parameters() if not parameter.requires_grad}
         try:
-            task.model.load_state_dict(checkpoint["model"])
+            missing, unexpected = task.model.load_state_dict(checkpoint["model"], strict=not frozen)
+            if set(missing) - frozen or unexpected:
+                raise RuntimeError(f"missing {sorted(set(missing) - frozen)[:3]}, unexpected {unexpected[:3]}")
         except (KeyError, RuntimeError) as error:
             raise UserError(f"resume file {path} does not fit {task.misfit[0]} ({error.__class__.__name__}). "
                             f"{task.misfit[1]}") from None
+        if frozen and checkpoint.get("frozen_checksum") != frozen_checksum(task.model):
+            raise UserError(f"resume file {path} was tuned on other frozen weights than those of --finetune "
+                            f"{getattr(args, 'finetune', '')}. Pass the backbone it was tuned from")
         epoch = int(checkpoint.get("epoch", 0))
         if args.eval:
             self.toe.update_current_stage(epoch)
@@ -533,7 +541,8 @@ class Run:
         started = time.monotonic()
         env, task = self.env, self.task
         state = {
-            "model": task.model.state_dict(),
+            "model": trained_state(task.model),  # frozen weights (VPT's backbone) come from --finetune
+            "frozen_checksum": frozen_checksum(task.model),
             "optimizer": task.optimizer.state_dict(),
             # for reference only (DeiT's layout): a resume rebuilds the schedule from the flags
             "lr_scheduler": task.lr_scheduler.state_dict() if task.lr_scheduler is not None else None,

@@ -220,21 +220,9 @@ def load_init_checkpoint(backbone: nn.Module, path: str) -> None:
     Accepts a published DeiT file (``{"model": ...}``), a plain timm state dict, or this project's
     DeiT ``checkpoint.pth``. A distillation token and its position row are dropped.
     """
-    import os
+    from ToE.common.pretrained import read_vit_weights
 
-    if not os.path.isfile(path):
-        raise UserError(f"init checkpoint {path} does not exist. Pass --init-checkpoint (alias --pre_trained) "
-                        "with a DeiT/timm classification checkpoint, or leave it out to start from scratch")
-    try:
-        state = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as error:  # truncated or foreign files raise several types
-        raise UserError(f"init checkpoint {path} is corrupt or not a torch checkpoint "
-                        f"({error.__class__.__name__}). Pass a DeiT/timm state dict") from None
-    if isinstance(state, dict) and isinstance(state.get("model"), dict):
-        state = state["model"]
-    if not isinstance(state, dict) or "pos_embed" not in state:
-        raise UserError(f"init checkpoint {path} holds no ViT weights (no pos_embed). Pass a DeiT/timm ViT "
-                        "classification checkpoint")
+    state = read_vit_weights(path, "--init-checkpoint")
     if "norm.weight" not in state and "fc_norm.weight" in state:  # an average-pooling classifier (timm:
         # fc_norm after the pooling, no norm before it): its fc_norm normalises the tokens here
         state["norm.weight"], state["norm.bias"] = state.pop("fc_norm.weight"), state.pop("fc_norm.bias")
