@@ -160,3 +160,18 @@ def test_vpt_needs_finetune(data, capsys):
     with pytest.raises(SystemExit):
         cli(["--data-path", str(data), "--vpt", "shallow", "--check-only"])
     assert "--finetune" in capsys.readouterr().err
+
+
+def test_shifted_digits_are_the_plain_digits_turned_inverted_and_tinted(tmp_path):
+    import numpy as np
+    from PIL import Image
+
+    from ToE.common.digits import build_digits
+
+    plain, shifted = build_digits(str(tmp_path / "plain"), 8), build_digits(str(tmp_path / "shift"), 8, shift=True)
+    name = sorted((tmp_path / "plain" / "val" / "3").iterdir())[0].name
+    a = np.asarray(Image.open(tmp_path / "plain" / "val" / "3" / name)).astype(int)
+    b = np.asarray(Image.open(tmp_path / "shift" / "val" / "3" / name)).astype(int)
+    assert plain != shifted
+    assert np.array_equal(b[..., 2], np.rot90(255 - a[..., 2]))  # blue keeps the inverted, turned digit
+    assert np.abs(b[..., 0] - np.round(b[..., 2] * 0.6)).max() <= 1  # red (and green) at 60 %

@@ -6,6 +6,12 @@ writes ``train/<class>/*.png`` and ``val/<class>/*.png`` (10 classes, a fixed se
 grayscale 8x8 digits upscaled to ``size`` and stored as RGB), so the trainers read it with exactly
 the folder-loading code they use for ImageNet. Nothing is downloaded: the digits ship with
 scikit-learn. Writing is idempotent: a complete folder is left alone.
+
+    python -m ToE.common.digits --out data/digits-shift --size 32 --shift
+
+writes the same digits under a fixed shift the demo never sees: turned a quarter to the left and
+in inverted colours (dark digits on a light ground), with a blue tint. A transfer task for
+fine-tuning a model pretrained on the plain digits (bench/results/finetune.md).
 """
 
 from __future__ import annotations
@@ -20,12 +26,13 @@ SPLIT_SEED = 0
 DONE_FILE = ".complete"
 
 
-def build_digits(out: str, size: int = 32) -> str:
+def build_digits(out: str, size: int = 32, shift: bool = False) -> str:
     """Write the digits folder under ``out`` (if not already complete); return ``out``."""
     done = os.path.join(out, DONE_FILE)
+    stamp = f"{size} shift" if shift else str(size)
     if os.path.exists(done):
         with open(done) as handle:
-            if handle.read().strip() == str(size):
+            if handle.read().strip() == stamp:
                 return out
     from PIL import Image
     from sklearn.datasets import load_digits
@@ -40,10 +47,15 @@ def build_digits(out: str, size: int = 32) -> str:
             label = int(digits.target[index])
             folder = os.path.join(out, split, f"{label}")
             os.makedirs(folder, exist_ok=True)
-            image = Image.fromarray(images[index], mode="L").resize((size, size), Image.BILINEAR)
-            image.convert("RGB").save(os.path.join(folder, f"{index:04d}.png"))
+            pixels = np.rot90(255 - images[index]) if shift else images[index]
+            image = Image.fromarray(np.ascontiguousarray(pixels), mode="L").resize((size, size), Image.BILINEAR)
+            image = image.convert("RGB")
+            if shift:  # a blue tint: the red and green channels at 60 %
+                rgb = np.asarray(image).astype(np.float32) * np.array([0.6, 0.6, 1.0], np.float32)
+                image = Image.fromarray(rgb.round().astype(np.uint8))
+            image.save(os.path.join(folder, f"{index:04d}.png"))
     with open(done, "w") as handle:
-        handle.write(str(size))
+        handle.write(stamp)
     return out
 
 
@@ -51,8 +63,10 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", default="data/digits", help="folder to write (default: data/digits)")
     parser.add_argument("--size", type=int, default=32, help="image side in pixels (default: 32)")
+    parser.add_argument("--shift", action="store_true",
+                        help="the transfer task: digits turned a quarter, colours inverted, blue tint")
     args = parser.parse_args()
-    path = build_digits(args.out, args.size)
+    path = build_digits(args.out, args.size, args.shift)
     counts = {split: sum(len(files) for _, _, files in os.walk(os.path.join(path, split)))
               for split in ("train", "val")}
     print(f"digits data in {path}: {counts['train']} train and {counts['val']} val images, {args.size} px")
