@@ -23,21 +23,35 @@ stage whose measured/ideal ratio lies closer to 1 than that cannot be told from 
 
 Also per stage: the activation memory of a step, i.e. the bytes autograd saves for backward,
 counted exactly with ``torch.autograd.graph.saved_tensors_hooks`` (each storage once,
-parameters left out), and on CUDA the peak allocated memory; per model the operator's own
-forward + backward time on the real block-0 output, as a share of a stage-1 step. Results go
-to ``bench/results/speed.{md,json}``.
+parameters left out), and the step's peak memory above what was allocated before it: on CUDA
+``torch.cuda.max_memory_allocated`` after ``reset_peak_memory_stats``; on the CPU (Linux) the
+process's peak resident memory (VmHWM after resetting it through /proc/self/clear_refs), with
+glibc told to map every allocation from 64 KiB up on its own (``mallopt``), so that freed tensors
+leave the resident set and the peak is the step's own. Each configuration is measured after a
+warm-up step of its own: the first training step also creates AdamW's state (2 x the parameters)
+and the configuration's first-call work, which would otherwise be charged to whichever
+configuration comes first (it used to be full tokens, which flattered ToE's memory ratio). Per
+model the operator's own forward + backward time on the real block-0 output, as a share of a
+stage-1 step. Results go to ``bench/results/speed.{md,json}``.
+
+Precision as a GPU user trains: ``--amp-dtype`` (the trainers' flag; auto = bfloat16 on CUDA,
+float32 on the CPU) runs forward and loss under ``torch.autocast`` (float16 with loss scaling),
+and TF32 matmuls and convolutions are on with CUDA. Under autocast the saved-for-backward count
+includes the low-precision copies of the weights that autocast saves.
 """
 
 from __future__ import annotations
 
 import argparse
+import ctypes
 import json
 import os
 import statistics
 import sys
 import tempfile
 import time
-from typing import Callable, Dict, Optional, Sequence
+from contextlib import nullcontext
+from typing import Callable, Dict, List, Optional, Sequence
 
 import torch
 from torch import nn
@@ -45,11 +59,14 @@ from torch import nn
 import token_select
 from bench.common import demo_config, describe_machine, git_commit, recipe, rotated
 from ToE.common.args import add_toe_args
+from ToE.common.errors import UserError
+from ToE.common.lifecycle import AMP_DTYPES, resolve_amp_dtype
 from ToE.common.results import paired_ratios
 from ToE.flops import analytic_step_flops, create_model, model_shape
 
 __all__ = ["MODELS", "model_spec", "SavedTensorBytes", "saved_activation_bytes", "median_time", "paired_ratios",
-           "summarise", "format_markdown", "measure_model", "main"]
+           "summarise", "format_markdown", "measure_model", "measure_memory", "step_peak_bytes",
+           "amp_dtype_of", "main"]
 
 RESULTS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
 
@@ -137,9 +154,22 @@ class SavedTensorBytes:
         self._hooks.__exit__(*exc)
 
 
-def saved_activation_bytes(model: nn.Module, images: torch.Tensor, labels: torch.Tensor) -> Dict[str, int]:
+def _autocast(device: torch.device, amp_dtype: Optional[torch.dtype]):
+    return nullcontext() if amp_dtype is None else torch.autocast(device_type=device.type, dtype=amp_dtype)
+
+
+def amp_dtype_of(name: str, device: torch.device) -> Optional[torch.dtype]:
+    """``--amp-dtype`` on ``device``: auto is bfloat16 on CUDA (what a GPU user trains with on a
+    current GPU) and float32 (no autocast) on the CPU; the other values as the trainers take them."""
+    if name == "auto":
+        return torch.bfloat16 if device.type == "cuda" else None
+    return resolve_amp_dtype(name, device)
+
+
+def saved_activation_bytes(model: nn.Module, images: torch.Tensor, labels: torch.Tensor,
+                           amp_dtype: Optional[torch.dtype] = None) -> Dict[str, int]:
     """Bytes saved for backward by one training forward of ``model`` (the backward is run too)."""
-    with SavedTensorBytes(exclude=list(model.parameters())) as counter:
+    with SavedTensorBytes(exclude=list(model.parameters())) as counter, _autocast(images.device, amp_dtype):
         loss = _step_loss(model(images), labels)
     loss.backward()
     model.zero_grad(set_to_none=True)
@@ -164,8 +194,104 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
+# glibc's mallopt parameters (malloc.h)
+_M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD = -1, -3
+
+
+def _mallopt(parameter: int, value: int) -> bool:
+    try:
+        return bool(ctypes.CDLL("libc.so.6").mallopt(parameter, value))
+    except (OSError, AttributeError):
+        return False
+
+
+def _proc_status_bytes(key: str) -> Optional[int]:
+    try:
+        with open("/proc/self/status") as handle:
+            return next(int(line.split()[1]) * 1024 for line in handle if line.startswith(key + ":"))
+    except (OSError, StopIteration, ValueError):
+        return None
+
+
+def _reset_peak_rss() -> bool:
+    try:
+        with open("/proc/self/clear_refs", "w") as handle:
+            handle.write("5")  # resets the peak resident set size (VmHWM) to the current one
+        return True
+    except OSError:
+        return False
+
+
+class CpuPeakMemory:
+    """Peak resident memory of this process while ``with`` block runs (Linux, glibc): on entry glibc
+    maps every allocation from 64 KiB up on its own (so a freed tensor leaves the resident set); on
+    exit the mmap threshold is left at 32 MiB, where glibc's own dynamic threshold settles for
+    tensors this size (setting it once turns the dynamic adjustment off). ``available`` is False
+    where /proc or mallopt is missing."""
+
+    def __init__(self) -> None:
+        self.available = (_proc_status_bytes("VmHWM") is not None and _mallopt(_M_MMAP_THRESHOLD, 64 * 1024)
+                          and _mallopt(_M_TRIM_THRESHOLD, 128 * 1024))
+
+    def __enter__(self) -> "CpuPeakMemory":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        if self.available:
+            _mallopt(_M_MMAP_THRESHOLD, 32 * 2 ** 20)
+            _mallopt(_M_TRIM_THRESHOLD, 64 * 2 ** 20)
+
+    def peak_of(self, step: Callable[[], None]) -> Optional[int]:
+        """Peak resident bytes above the resident bytes before ``step()``, while it ran."""
+        if not self.available or not _reset_peak_rss():
+            step()
+            return None
+        base = _proc_status_bytes("VmRSS")
+        step()
+        peak = _proc_status_bytes("VmHWM")
+        return None if base is None or peak is None else peak - base
+
+
+def step_peak_bytes(step: Callable[[], None], device: torch.device, cpu: Optional[CpuPeakMemory] = None
+                    ) -> Optional[int]:
+    """Peak memory of ``step()`` above what was allocated when it started: on CUDA from
+    ``max_memory_allocated`` after a reset; on the CPU ``cpu.peak_of`` (None without it)."""
+    if device.type == "cuda":
+        _sync(device)
+        torch.cuda.reset_peak_memory_stats(device)
+        base = torch.cuda.memory_allocated(device)
+        step()
+        return torch.cuda.max_memory_allocated(device) - base
+    if cpu is None:
+        step()
+        return None
+    return cpu.peak_of(step)
+
+
+def measure_memory(configs: Sequence[str], configure: Callable[[str], None], train_step: Callable[[], None],
+                   count_saved: Callable[[], Dict[str, int]], device: torch.device,
+                   warmup: bool = True) -> Dict[str, Dict[str, object]]:
+    """Per configuration: the bytes saved for backward (``count_saved()``) and the peak memory of one
+    training step (``step_peak_bytes``), each measured after a warm-up step of that configuration
+    (``warmup``; False is the old order, in which the first configuration measured also pays for
+    creating the optimizer state)."""
+    memory: Dict[str, Dict[str, object]] = {}
+    with CpuPeakMemory() if device.type == "cpu" else nullcontext() as cpu:
+        for config in configs:
+            configure(config)
+            if warmup:
+                train_step()
+            memory[config] = dict(count_saved())
+            peak = step_peak_bytes(train_step, device, cpu)
+            if peak is not None:
+                memory[config]["step_peak_bytes"] = peak
+    return memory
+
+
 def measure_model(name: str, batch_size: Optional[int], steps: int, warmup: int, device: torch.device,
-                  schedule: Dict[str, object], log=print, recipe_file: str = DEMO) -> Dict[str, object]:
+                  schedule: Dict[str, object], log=print, recipe_file: str = DEMO,
+                  amp_dtype: Optional[torch.dtype] = None, configs: Optional[List[str]] = None,
+                  memory_only: bool = False) -> Dict[str, object]:
     """Step times (every round), memory and operator time of one model (``model_spec``; see module doc)."""
     timm_name, kwargs, input_size, default_batch = model_spec(name, recipe_file)
     if timm_name.startswith("lvvit"):
@@ -181,7 +307,8 @@ def measure_model(name: str, batch_size: Optional[int], steps: int, warmup: int,
                                         schedule["initialization_keep_rate"], schedule["expansion_multiple_stage"],
                                         distance=schedule.get("distance", "cosine"),
                                         initialization=schedule["initialization"])
-    configs = ["full"] + [f"stage{s}" for s in range(1, len(schedule["keep_rate"]) + 1)]
+    configs = configs or ["full"] + [f"stage{s}" for s in range(1, len(schedule["keep_rate"]) + 1)]
+    scaler = torch.amp.GradScaler("cuda", enabled=amp_dtype == torch.float16)
 
     def configure(config: str) -> None:
         """Full tokens: the plain timm model. Stage s: the operator attached, in stage s."""
@@ -193,21 +320,19 @@ def measure_model(name: str, batch_size: Optional[int], steps: int, warmup: int,
 
     def train_step() -> None:
         optimizer.zero_grad(set_to_none=True)
-        loss = _step_loss(model(images), labels)
-        loss.backward()
-        optimizer.step()
+        with _autocast(device, amp_dtype):
+            loss = _step_loss(model(images), labels)
+        scaler.scale(loss).backward()
+        scaler.step(optimizer)
+        scaler.update()
         _sync(device)
 
-    # Memory first (one untimed step each; it also warms every configuration up).
-    memory: Dict[str, Dict[str, object]] = {}
-    for config in configs:
-        configure(config)
-        memory[config] = saved_activation_bytes(model, images, labels)
-        if device.type == "cuda":
-            torch.cuda.reset_peak_memory_stats(device)
-            base = torch.cuda.memory_allocated(device)
-            train_step()
-            memory[config]["cuda_peak_bytes"] = torch.cuda.max_memory_allocated(device) - base
+    # Memory first: each configuration after a warm-up step of its own (measure_memory).
+    memory = measure_memory(configs, configure, train_step,
+                            lambda: saved_activation_bytes(model, images, labels, amp_dtype), device)
+    if memory_only:
+        return {"model": name, "configs": configs, "memory": memory,
+                "parameter_bytes": sum(p.numel() * p.element_size() for p in model.parameters())}
 
     log(f"[bench] {name}: batch {batch}, {input_size} px, {shape['num_patches']} patches; "
         f"{warmup} warm-up + {steps} timed rounds of {configs}, the order rotated each round")
@@ -235,10 +360,12 @@ def measure_model(name: str, batch_size: Optional[int], steps: int, warmup: int,
     token_select.attach(model, operator)  # sets the prefix count and the grid from the model
     operator.train()
     operator.current_stage = 1
-    upstream = torch.randn_like(operator(block0_out)[0])
+    with _autocast(device, amp_dtype):
+        upstream = torch.randn_like(operator(block0_out)[0])
 
     def operator_step() -> None:
-        out, _ = operator(block0_out)
+        with _autocast(device, amp_dtype):
+            out, _ = operator(block0_out)
         out.backward(upstream)
         block0_out.grad = None
         _sync(device)
@@ -278,6 +405,8 @@ def summarise(model: Dict[str, object]) -> Dict[str, object]:
         row["measured_speedup"] = statistics.median(paired_ratios(full["step_times_s"], row["step_times_s"]))
         row["ratio"] = row["measured_speedup"] / row["ideal_speedup"]
         row["memory_vs_full"] = row["saved_bytes"] / full["saved_bytes"]
+        if row.get("step_peak_bytes") and full.get("step_peak_bytes"):
+            row["peak_vs_full"] = row["step_peak_bytes"] / full["step_peak_bytes"]
     stages = [r for r in rows if r["config"] != "full"]
     # Whole run, stages of equal length: per round, full step / mean stage step; median over rounds.
     mean_stage = [statistics.fmean(times) for times in zip(*(r["step_times_s"] for r in stages))]
@@ -301,7 +430,12 @@ def format_markdown(results: Dict[str, object]) -> str:
              f"Machine: {machine['cpu_model']}, {machine['cpu_count']} cores, torch {machine['torch']} "
              f"({machine['torch_threads']} threads), timm {machine.get('timm', '?')}, device {results['device']}. "
              f"Schedule: keep rates {sched['keep_rate']}, seeds {sched['initialization_keep_rate']}, "
-             f"{sched['expansion_multiple_stage']} repetition steps, {sched['initialization']} seeds.", ""]
+             f"{sched['expansion_multiple_stage']} repetition steps, {sched['initialization']} seeds. "
+             f"Precision: {results.get('amp_dtype', 'float32 (not recorded)')}"
+             + (", TF32 on" if results.get("tf32") else "") + ". "
+             + (results["memory_note"] if results.get("memory_note") else "")
+             + (f" Load average (1, 5, 15 min) {results['load_before']} before and {results.get('load_after')} after: "
+                "other jobs may have shared the machine." if results.get("load_before") else ""), ""]
     mib = 2 ** 20
     for model in results["models"]:
         kwargs = " ".join(f"{k}={v}" for k, v in model["model_kwargs"].items())
@@ -311,17 +445,23 @@ def format_markdown(results: Dict[str, object]) -> str:
                   f"{model['input_size']} px, {model['num_patches']} patches, batch {model['batch_size']}; "
                   f"{model['steps']} timed rounds after {model['warmup']} warm-up, a round = one step of each "
                   f"configuration, {order}; speedups are medians of per-round paired ratios)", ""]
-        cuda = any("cuda_peak_bytes" in r for r in model["rows"])
+        old_cuda = any("cuda_peak_bytes" in r for r in model["rows"])  # results from before step_peak_bytes
+        peak = any("step_peak_bytes" in r for r in model["rows"])
         lines += ["| config | tokens after block 0 | median step (s) | measured speedup | FLOP-ideal speedup | "
-                  "ratio | saved for backward (MiB) | memory vs full |" + (" CUDA peak (MiB) |" if cuda else ""),
-                  "|---|---|---|---|---|---|---|---|" + ("---|" if cuda else "")]
+                  "ratio | saved for backward (MiB) | memory vs full |" + (" CUDA peak (MiB) |" if old_cuda else "")
+                  + (" step peak (MiB) | peak vs full |" if peak else ""),
+                  "|---|---|---|---|---|---|---|---|" + ("---|" if old_cuda else "") + ("---|---|" if peak else "")]
         for row in model["rows"]:
             label = "full tokens" if row["config"] == "full" else (
                 f"stage {row['stage']}" + ("" if row["reducing"] else " (ToE off)"))
             line = (f"| {label} | {row['tokens_after_block0']} | {row['step_median_s']:.3f} | "
                     f"{row['measured_speedup']:.3f}x | {row['ideal_speedup']:.3f}x | {row['ratio']:.3f} | "
                     f"{row['saved_bytes'] / mib:.0f} | {row['memory_vs_full']:.3f} |")
-            lines.append(line + (f" {row.get('cuda_peak_bytes', 0) / mib:.0f} |" if cuda else ""))
+            line += f" {row.get('cuda_peak_bytes', 0) / mib:.0f} |" if old_cuda else ""
+            if peak:
+                line += (f" {row['step_peak_bytes'] / mib:.0f} | {row['peak_vs_full']:.3f} |"
+                         if row.get("peak_vs_full") is not None else " n/a | n/a |")
+            lines.append(line)
         aa, run, op = model["aa_control"], model["run"], model["operator"]
         control = next(r for r in model["rows"] if r["config"] == aa["config"])
         verdicts = "; ".join(f"stage {r['stage']} {r['ratio']:.3f}, "
@@ -336,7 +476,24 @@ def format_markdown(results: Dict[str, object]) -> str:
                   "", f"Operator alone (forward + backward, stage 1, input {tuple(op['shape'])}, median of "
                       f"{len(op['times_s'])}): {op['median_s'] * 1e3:.1f} ms = "
                       f"{op['share_of_stage1_step'] * 100:.2f} % of a stage-1 step.", ""]
+    lines += [f"{note}\n" for note in results.get("notes", [])]
     return "\n".join(lines)
+
+
+MEMORY_NOTE = {
+    "cpu": "Memory: each configuration measured after a warm-up step of its own; step peak = the process's peak "
+           "resident memory during one step above its resident memory before it (Linux VmHWM, glibc mapping "
+           "allocations from 64 KiB on their own).",
+    "cuda": "Memory: each configuration measured after a warm-up step of its own; step peak = "
+            "torch.cuda.max_memory_allocated during one step above memory_allocated before it.",
+}
+
+
+def _load() -> Optional[List[float]]:
+    try:
+        return [round(x, 2) for x in os.getloadavg()]
+    except OSError:
+        return None
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -351,6 +508,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--warmup", type=int, default=2, help="untimed rounds first")
     parser.add_argument("--threads", type=int, default=2, help="torch.set_num_threads")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="cpu or cuda")
+    parser.add_argument("--amp-dtype", default="auto", choices=["auto", *AMP_DTYPES],
+                        help="autocast precision, the trainers' flag (auto: bfloat16 on CUDA, float32 on the CPU; "
+                             "float16 with loss scaling, CUDA only); TF32 is on with CUDA")
     # The trainers' ToE flags (one definition in ToE/common). Every stage is measured, so
     # --expansion-step plays no part here; --sparse-eval neither (training steps only).
     add_toe_args(parser)
@@ -390,6 +550,13 @@ def main(argv: Optional[Sequence[str]] = None) -> Dict[str, object]:
         parser.error(f"--keep-rate {args.keep_rate}: the last stage must be 1.0 (ToE off); it is the A/A control")
     torch.set_num_threads(args.threads)
     device = torch.device(args.device)
+    try:
+        amp_dtype = amp_dtype_of(args.amp_dtype, device)
+    except UserError as error:
+        parser.error(str(error))
+    if device.type == "cuda":  # as a GPU user trains: TF32 matmuls and convolutions
+        torch.backends.cuda.matmul.allow_tf32 = True
+        torch.backends.cudnn.allow_tf32 = True
     schedule = {"expansion_step": list(range(len(args.keep_rate))), "keep_rate": args.keep_rate,
                 "initialization_keep_rate": args.initialization_keep_rate,
                 "expansion_multiple_stage": args.expansion_multiple_stage, "initialization": args.initialization,
@@ -401,9 +568,13 @@ def main(argv: Optional[Sequence[str]] = None) -> Dict[str, object]:
         parser.error(str(error))
     results = {"machine": describe_machine(), "commit": git_commit(), "device": str(device), "schedule": schedule,
                "command": " ".join(["python -m bench.speed", *(sys.argv[1:] if argv is None else argv)]),
+               "amp_dtype": str(amp_dtype or torch.float32).replace("torch.", ""), "tf32": device.type == "cuda",
+               "memory_note": MEMORY_NOTE.get(device.type, ""),
+               "load_before": _load(),
                "models": [measure_model(name, args.batch_size, args.steps, args.warmup, device, schedule,
-                                        recipe_file=args.config)
+                                        recipe_file=args.config, amp_dtype=amp_dtype)
                           for name in args.models]}
+    results["load_after"] = _load()
     out = args.out or (os.path.join(tempfile.gettempdir(), "toe_bench") if args.quick else RESULTS)
     os.makedirs(out, exist_ok=True)
     print(_write(results, os.path.join(out, "speed_quick" if args.quick else "speed")))

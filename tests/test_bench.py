@@ -2,6 +2,7 @@
 (bench/): what each one measures, which recipe it runs and how it reports it. Reports are checked
 by their numbers (the JSON, the cells of the rendered tables), not by their prose."""
 
+import functools
 import json
 import math
 import pathlib
@@ -87,6 +88,58 @@ def test_median_time_runs_warmup_then_repeats():
     calls = []
     result = speed.median_time(lambda: calls.append(1), repeats=3, warmup=2)
     assert len(calls) == 5 and len(result["times_s"]) == 3
+
+
+# A 2-block, 128-wide ViT: its AdamW state (2 x 1.6 MB) stands out of a step's peak memory.
+MID_SPEC = ("vit_tiny_patch16_224", {"embed_dim": 128, "depth": 2, "num_heads": 2, "patch_size": 8,
+                                     "num_classes": 10}, 32, 4)
+SCHEDULE = {"expansion_step": [0, 1, 2], "keep_rate": [0.5, 0.75, 1.0], "initialization_keep_rate": 0.25,
+            "expansion_multiple_stage": 2, "initialization": "stride", "distance": "cosine"}
+
+
+def test_speed_memory_is_measured_after_each_configurations_warmup(monkeypatch):
+    """Bug caught: the first configuration measured also paid for creating AdamW's state (and the
+    gradients), which inflated full tokens' peak memory and flattered ToE's memory ratio. Measured
+    in either order, each configuration now gets the same memory; the old order shows the inflation."""
+    if not speed.CpuPeakMemory().available:
+        pytest.skip("the CPU peak memory needs Linux /proc and glibc's mallopt")
+    monkeypatch.setitem(speed.MODELS, "mid", MID_SPEC)
+    original = speed.measure_memory
+
+    def memory(order, warmup=True):
+        monkeypatch.setattr(speed, "measure_memory", functools.partial(original, warmup=warmup))
+        return speed.measure_model("mid", None, 1, 0, torch.device("cpu"), SCHEDULE, configs=order,
+                                   memory_only=True)
+
+    first, second = memory(["full", "stage1"]), memory(["stage1", "full"])
+    state = 2 * first["parameter_bytes"]  # AdamW's exp_avg and exp_avg_sq
+    for config in ("full", "stage1"):
+        a, b = first["memory"][config], second["memory"][config]
+        assert a["saved_bytes"] == b["saved_bytes"]
+        assert abs(a["step_peak_bytes"] - b["step_peak_bytes"]) < 0.25 * state, (config, a, b)
+    old = memory(["full", "stage1"], warmup=False)["memory"]
+    assert old["full"]["step_peak_bytes"] - first["memory"]["full"]["step_peak_bytes"] > 0.75 * state
+    assert old["full"]["saved_bytes"] == first["memory"]["full"]["saved_bytes"]  # the saved-bytes count never was
+
+
+def test_speed_amp_dtype_flag(tmp_path, monkeypatch, capsys):
+    cpu, cuda = torch.device("cpu"), torch.device("cuda")
+    assert speed.amp_dtype_of("auto", cpu) is None and speed.amp_dtype_of("auto", cuda) == torch.bfloat16
+    assert speed.amp_dtype_of("float32", cuda) is None and speed.amp_dtype_of("bfloat16", cpu) == torch.bfloat16
+    threads = str(torch.get_num_threads())  # the bench sets torch's threads: leave them as they are
+    with pytest.raises(SystemExit) as exit_info:
+        speed.main(["--amp-dtype", "float16", "--device", "cpu", "--threads", threads])
+    assert exit_info.value.code == 2 and "float16 needs a GPU" in capsys.readouterr().err
+    monkeypatch.setitem(speed.MODELS, "tiny", TINY_SPEC)
+    results = speed.main(["--models", "tiny", "--steps", "1", "--warmup", "0", "--threads", threads,
+                          "--device", "cpu", "--amp-dtype", "bfloat16", "--out", str(tmp_path)])
+    assert results["amp_dtype"] == "bfloat16" and results["tf32"] is False
+    table = (tmp_path / "speed.md").read_text()
+    assert "Precision: bfloat16" in table
+    if speed.CpuPeakMemory().available:  # the step peak and its ratio are columns of the table
+        rows = {r["config"]: r for r in results["models"][0]["rows"]}
+        cells = {row[0]: row for row in table_rows(table)}
+        assert numbers(cells["stage 1"][9]) == [round(rows["stage1"]["peak_vs_full"], 3)]
 
 
 # ------------------------------------------------------------------------------------------------
