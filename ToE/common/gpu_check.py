@@ -339,13 +339,19 @@ def check_no_host_sync(ctx: Context) -> Dict[str, Any]:
     """20 steps of the lifecycle's step loop (``Run._train_steps``: the task's ``train_step`` under
     bf16 autocast, backward, AdamW, EMA, ToE in stage 1) under ``torch.cuda.set_sync_debug_mode("error")``.
     ``--log-interval`` is larger than the steps, so the loop's deliberate reads (loss, stop check)
-    do not fall inside; its end-of-pass reductions (after the last step) run with the mode off."""
+    do not fall inside; its end-of-pass reductions (after the last step) run with the mode off.
+    The batches are read before the steps (only the step is checked), and 5 warm-up steps come first
+    (lazy optimizer state, the operator's seed cache). fp16's GradScaler reads its inf check on the
+    host in every step by design (``GradScaler.step``), so the check runs bf16 (no scaler). On the
+    CPU the same 20 steps run without the detector (a CUDA feature), in float32."""
     from ToE.common.lifecycle import Run
     from ToE.deit.main import parse_args
     from ToE.deit.trainer import DeiTTask
 
     warmup, steps = 5, 20
-    args = parse_args(["--data-path", str(ctx.images), *DEIT, "--device", ctx.dev_flag, "--amp-dtype", "bfloat16",
+    # bf16 on the GPU; the CPU (no detector there) runs the harness in float32, its bf16 is slow
+    amp = "bfloat16" if ctx.cuda else "float32"
+    args = parse_args(["--data-path", str(ctx.images), *DEIT, "--device", ctx.dev_flag, "--amp-dtype", amp,
                        "--log-interval", "1000000", "--epochs", "3"])
     torch.manual_seed(0)
     run = Run(args, DeiTTask)
@@ -378,7 +384,7 @@ def check_no_host_sync(ctx: Context) -> Dict[str, Any]:
         return stop_check(non_finite, epoch)
 
     run._stop_if_non_finite = disarm_then_check
-    detail: Dict[str, Any] = {"steps": steps, "amp": "bfloat16"}
+    detail: Dict[str, Any] = {"steps": steps, "amp": amp}
     try:
         if ctx.cuda:
             # the detector works here: a deliberate sync under "error" raises
