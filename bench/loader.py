@@ -323,22 +323,27 @@ def summarise(results: Dict[str, object]) -> Dict[str, object]:
         config["cpu_cores_busy"] = statistics.median([m["cpu_s"] / m["wall_s"] for m in runs if m.get("cpu_s")]) \
             if cpu else None
 
-    def rates(name: str) -> List[float]:
-        return [next(m["images"] / m["wall_s"] for m in r["measurements"] if m["config"] == name)
+    def rates(name: str, per: str = "wall_s") -> List[float]:
+        return [next(m["images"] / m[per] for m in r["measurements"] if m["config"] == name)
                 for r in results["rounds"]]
 
-    results["aa_controls"] = []
-    for config in configs:
-        if "aa_of" in config:
-            ratios = paired_ratios(rates(config["aa_of"]), rates(config["name"]))
-            results["aa_controls"].append({"configs": [config["aa_of"], config["name"]], "ratios": ratios,
-                                           "median": statistics.median(ratios),
-                                           "max_deviation": max(abs(1.0 - r) for r in ratios)})
+    def paired(first: str, second: str) -> Dict[str, object]:
+        """Paired per-round ratios second / first of images/s and of images per CPU-second."""
+        pair = {"configs": [first, second]}
+        for key, per in (("", "wall_s"), ("cpu_", "cpu_s")):
+            if per == "cpu_s" and not all(m.get("cpu_s") for r in results["rounds"] for m in r["measurements"]):
+                continue
+            ratios = paired_ratios(rates(second, per), rates(first, per))
+            pair.update({key + "ratios": ratios, key + "median": statistics.median(ratios),
+                         key + "max_deviation": max(abs(1.0 - r) for r in ratios)})
+        return pair
+
+    results["aa_controls"] = [paired(c["aa_of"], c["name"]) for c in configs if "aa_of" in c]
     fewest = min(c["workers"] for c in configs)
     backends = sorted({c["backend"] for c in configs}, key=["torch", "dali"].index)
     if {"torch", "dali"} <= set(backends):
-        ratios = paired_ratios(rates(config_name("torch", fewest)), rates(config_name("dali", fewest)))
-        results["dali_vs_torch"] = {"workers": fewest, "ratios": ratios, "median": statistics.median(ratios)}
+        results["dali_vs_torch"] = {"workers": fewest, **paired(config_name("torch", fewest),
+                                                                config_name("dali", fewest))}
     per_core = {}
     for backend in backends:
         single = [c for c in configs if c["backend"] == backend and c["workers"] == fewest]
@@ -374,8 +379,9 @@ def format_markdown(results: Dict[str, object]) -> str:
         f"torch {machine['torch']}, timm {machine.get('timm', '?')}, DALI {results.get('dali_version') or 'absent'}, "
         f"Pillow {results.get('pillow_version', '?')}; no GPU (DALI ran its CPU decoder). The machine was shared "
         f"with other jobs: load average {load.get('before', '?')} before and {load.get('after', '?')} after "
-        "(1, 5, 15 min), so rates measured here are lower bounds of what a dedicated core does; the CPU-second "
-        "rates are less affected than the wall-clock ones.", "",
+        "(1, 5, 15 min), so rates measured here are lower bounds of what a dedicated core does. The CPU-second "
+        "rates are much less affected than the wall-clock ones (a worker waiting for a core spends no CPU "
+        "time), though a core shared with other jobs (caches, SMT siblings) still lowers them.", "",
         f"Images: {p['photos']} JPEGs of 500 x 375 (a fifth 375 x 500), quality 90, made from scikit-learn's "
         f"two sample photographs (random crop, flip, recolour; seed {p['photo_seed']}), in {p['photo_root']}. "
         "Augmentation: the DeiT recipe at 224 px with the trainer's own code (random-resized crop 0.08-1, flip, "
@@ -392,14 +398,22 @@ def format_markdown(results: Dict[str, object]) -> str:
                      + (f"{cpu['median']:.1f} ({cpu['min']:.1f} - {cpu['max']:.1f})" if cpu else "n/a") + " | "
                      + (f"{busy:.2f}" if busy is not None else "n/a") + " |")
     lines.append("")
+    def pair_text(pair: Dict[str, object]) -> str:
+        text = (f"images/s ratio median {pair['median']:.3f}, rounds {min(pair['ratios']):.3f} to "
+                f"{max(pair['ratios']):.3f} (largest |1 - ratio| {pair['max_deviation']:.3f})")
+        if "cpu_ratios" in pair:
+            text += (f"; images per CPU-second ratio median {pair['cpu_median']:.3f}, rounds "
+                     f"{min(pair['cpu_ratios']):.3f} to {max(pair['cpu_ratios']):.3f} (largest |1 - ratio| "
+                     f"{pair['cpu_max_deviation']:.3f})")
+        return text
+
     for aa in results["aa_controls"]:
-        lines.append(f"A/A control {aa['configs'][0]} vs {aa['configs'][1]} (the same configuration twice per "
-                     f"round): paired ratio median {aa['median']:.3f}, rounds {min(aa['ratios']):.3f} to "
-                     f"{max(aa['ratios']):.3f}, largest |1 - ratio| {aa['max_deviation']:.3f}.")
+        lines += [f"A/A control, {aa['configs'][1]} / {aa['configs'][0]} (the same configuration twice per round, "
+                  f"paired by round): {pair_text(aa)}.", ""]
     if "dali_vs_torch" in results:
         d = results["dali_vs_torch"]
-        lines.append(f"DALI (CPU) vs torch at {d['workers']} worker(s), paired by round: median "
-                     f"{d['median']:.3f}x, rounds {min(d['ratios']):.3f}x to {max(d['ratios']):.3f}x.")
+        lines += [f"DALI (CPU) / torch at {d['workers']} worker(s), paired by round: {pair_text(d)}. A ratio "
+                  "inside its A/A band cannot be told from noise.", ""]
     lines.append("")
     per_core = results["per_core"]
     lines.append("Per-core rate (the basis of the table below): " + "; ".join(
