@@ -34,6 +34,7 @@ import sys
 import tempfile
 import time
 import traceback
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any, Callable, Dict, List, Optional
 
@@ -756,6 +757,37 @@ CHECKS: Dict[str, Callable[[Context], Dict[str, Any]]] = {
 }
 
 
+SUBPROCESS_CHECKS = ("deit_amp", "lvvit", "efficienttrain", "yolos", "nccl", "sigusr1")
+
+
+def _run_check(name: str, ctx: Context) -> Dict[str, Any]:
+    """Run one check; report it as passed, failed (with what went wrong) or skipped."""
+    print(f"[run ] {name}", flush=True)
+    started = time.perf_counter()
+    entry: Dict[str, Any] = {"name": name}
+    try:
+        entry["detail"] = CHECKS[name](ctx)
+        entry["status"] = "passed"
+    except Skipped as reason:
+        entry["status"], entry["message"] = "skipped", str(reason)
+    except Exception as error:  # noqa: BLE001 - every failure is reported, the other checks still run
+        entry["status"] = "failed"
+        entry["message"] = str(error) if isinstance(error, CheckFailed) else \
+            f"{error.__class__.__name__}: {error}\n{traceback.format_exc()}"
+    finally:
+        if ctx.cuda and name not in SUBPROCESS_CHECKS:
+            torch.cuda.set_sync_debug_mode(0)
+    entry["seconds"] = round(time.perf_counter() - started, 2)
+    mark = {"passed": "PASS", "failed": "FAIL", "skipped": "SKIP"}[entry["status"]]
+    lines = [f"[{mark}] {name} ({entry['seconds']:.1f} s)"]
+    if entry["status"] != "passed":
+        lines.append("       " + entry["message"].replace("\n", "\n       "))
+    if isinstance(entry.get("detail"), dict) and entry["detail"].get("note"):
+        lines.append(f"       note: {entry['detail']['note']}")
+    print("\n".join(lines), flush=True)
+    return entry
+
+
 def parse_args(argv=None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description="Check every CUDA path of this install (CPU stand-ins without a GPU)")
     parser.add_argument("--out", default=os.environ.get("TOE_GPU_CHECK_OUT", ""),
@@ -765,6 +797,8 @@ def parse_args(argv=None) -> argparse.Namespace:
                         help=f"run only these checks ({', '.join(CHECKS)})")
     parser.add_argument("--skip", nargs="+", default=[], metavar="NAME", choices=list(CHECKS),
                         help="leave these checks out")
+    parser.add_argument("--jobs", type=int, default=2,
+                        help="trainer checks (subprocesses) run at a time (default: 2; 1 runs everything in turn)")
     parser.add_argument("--quick", action="store_true", help="fewer timing repeats in the speed check")
     parser.add_argument("--list", action="store_true", help="list the checks and exit")
     return parser.parse_args(argv)
@@ -792,31 +826,27 @@ def main(argv=None) -> int:
     report: Dict[str, Any] = {"cuda": ctx.cuda, "device": torch.cuda.get_device_name(0) if ctx.cuda else "cpu",
                               "torch": torch.__version__, "cuda_version": torch.version.cuda, "out": str(out),
                               "checks": []}
+    # the data first: the checks that run side by side read it
+    if set(names) & {"no_host_sync", "deit_amp", "lvvit", "efficienttrain", "nccl", "sigusr1"}:
+        _ = ctx.images
+    if "yolos" in names:
+        _ = ctx.coco
     started_all = time.perf_counter()
-    for name in names:
-        print(f"[....] {name}", flush=True)
-        started = time.perf_counter()
-        entry: Dict[str, Any] = {"name": name}
-        try:
-            entry["detail"] = CHECKS[name](ctx)
-            entry["status"] = "passed"
-        except Skipped as reason:
-            entry["status"], entry["message"] = "skipped", str(reason)
-        except Exception as error:  # noqa: BLE001 - every failure is reported, the other checks still run
-            entry["status"] = "failed"
-            entry["message"] = str(error) if isinstance(error, CheckFailed) else \
-                f"{error.__class__.__name__}: {error}\n{traceback.format_exc()}"
-        finally:
-            if ctx.cuda:
-                torch.cuda.set_sync_debug_mode(0)
-        entry["seconds"] = round(time.perf_counter() - started, 2)
-        report["checks"].append(entry)
-        mark = {"passed": "PASS", "failed": "FAIL", "skipped": "SKIP"}[entry["status"]]
-        print(f"[{mark}] {name} ({entry['seconds']:.1f} s)", flush=True)
-        if entry["status"] == "failed":
-            print("       " + entry["message"].replace("\n", "\n       "), flush=True)
-        if isinstance(entry.get("detail"), dict) and entry["detail"].get("note"):
-            print(f"       note: {entry['detail']['note']}", flush=True)
+    entries: Dict[str, Dict[str, Any]] = {}
+    # The trainer checks (subprocesses) run ``--jobs`` at a time in threads; the in-process checks
+    # run one after the other in this thread meanwhile (the sync debug mode is this process's), and
+    # the speed check runs last, alone.
+    separate = [n for n in names if n in SUBPROCESS_CHECKS]
+    here = [n for n in names if n not in SUBPROCESS_CHECKS and n != "speed"]
+    with ThreadPoolExecutor(max_workers=max(1, args.jobs)) as pool:
+        futures = [pool.submit(_run_check, name, ctx) for name in separate]
+        for name in here:
+            entries[name] = _run_check(name, ctx)
+        for name, future in zip(separate, futures):
+            entries[name] = future.result()
+    if "speed" in names:
+        entries["speed"] = _run_check("speed", ctx)
+    report["checks"] = [entries[name] for name in names]
     report["seconds"] = round(time.perf_counter() - started_all, 2)
     report["speed"] = ctx.speed
     failed = [c["name"] for c in report["checks"] if c["status"] == "failed"]
