@@ -473,7 +473,8 @@ def check_lvvit(ctx: Context) -> Dict[str, Any]:
 
     import ToE.lvvit  # noqa: F401  (registers digits_cnn and the LV-ViT models)
 
-    torch.manual_seed(0)
+    # the CPU generator only: this runs in a thread beside the in-process checks, and must not touch CUDA
+    torch.default_generator.manual_seed(0)
     torch.save(timm.create_model("digits_cnn", num_classes=3).state_dict(), teacher)
     labels = work / "labels"
     result = ctx.run([sys.executable, "-m", "ToE.lvvit.generate_label", "--model", "digits_cnn", "--checkpoint",
