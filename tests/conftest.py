@@ -1,8 +1,8 @@
 """Shared pytest fixtures and the two test tiers.
 
 The tiers: a test that starts a training process (a subprocess running a trainer's main.py,
-torchrun, a launcher or demo script, a wrapper around main.py) or trains in-process for more
-than a couple of seconds carries the ``e2e`` marker; every other test is a unit test.
+torchrun, a launcher or demo script, a wrapper around main.py) or takes seconds in-process
+(training, torch.compile, 224 px models) carries the ``e2e`` marker; every other test is a unit test.
 
     bash run/test.sh                # everything
     bash run/test.sh -m "not e2e"   # the unit tier, under a minute on 2 CPU cores

@@ -480,6 +480,7 @@ def test_attach_acts_under_gradient_checkpointing_and_detaches():
     assert seen and all(n == full for n in seen) and not hasattr(model, "token_select")
 
 
+@pytest.mark.e2e  # torch.compile builds graphs for seconds
 def test_attached_model_deepcopies_like_an_ema_copy_and_compiles():
     """A deepcopy (timm's ModelEma) carries its own operator; the attached model compiles through
     AOTAutograd (forward and backward graphs) and gives the eager output, index and gradients."""
@@ -520,6 +521,7 @@ def test_attached_model_deepcopies_like_an_ema_copy_and_compiles():
         torch.testing.assert_close(grad, expected_grads[name], msg=name)
 
 
+@pytest.mark.e2e  # torch.compile builds graphs for seconds
 def test_torch_compile_does_not_break():
     """The operator alone under AOTAutograd: forward and backward graphs, compared with eager."""
     torch.manual_seed(0)
