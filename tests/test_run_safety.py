@@ -219,7 +219,7 @@ def test_resume_refusals_name_the_stored_and_the_given_value(data, two_epochs, t
     assert "--lr 0.001" in line and "--lr 0.002" in line
     # a stored 4-epoch plan resumed with --epochs 3 would bend the schedule
     stored = load(checkpoint)
-    stored["args"]["epochs"] = 5
+    stored["args"]["epochs"] = stored["args"]["run_epochs"] = 5  # the flag and the epochs the run planned
     stored["epoch"] = 0
     torch.save(stored, tmp_path / "five.pth")
     line = cli_error(capsys, *base(data, epochs=3), "--resume", tmp_path / "five.pth")
