@@ -26,8 +26,9 @@ counted exactly with ``torch.autograd.graph.saved_tensors_hooks`` (each storage 
 parameters left out), and the step's peak memory above what was allocated before it: on CUDA
 ``torch.cuda.max_memory_allocated`` after ``reset_peak_memory_stats``; on the CPU (Linux) the
 process's peak resident memory (VmHWM after resetting it through /proc/self/clear_refs), with
-glibc told to map every allocation from 64 KiB up on its own (``mallopt``), so that freed tensors
-leave the resident set and the peak is the step's own. Each configuration is measured after a
+glibc told to map every allocation from 64 KiB up on its own (``mallopt``) and its free heap pages
+handed back first (``malloc_trim``), so that freed tensors leave the resident set and the peak is
+the step's own. Each configuration is measured after a
 warm-up step of its own: the first training step also creates AdamW's state (2 x the parameters)
 and the configuration's first-call work, which would otherwise be charged to whichever
 configuration comes first (it used to be full tokens, which flattered ToE's memory ratio). Per
@@ -205,6 +206,13 @@ def _mallopt(parameter: int, value: int) -> bool:
         return False
 
 
+def _malloc_trim() -> None:
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):
+        pass
+
+
 def _proc_status_bytes(key: str) -> Optional[int]:
     try:
         with open("/proc/self/status") as handle:
@@ -243,6 +251,9 @@ class CpuPeakMemory:
 
     def peak_of(self, step: Callable[[], None]) -> Optional[int]:
         """Peak resident bytes above the resident bytes before ``step()``, while it ran."""
+        # freed heap memory left resident by earlier work would be reused without growing the
+        # resident set: hand it back to the kernel first (malloc_trim releases free pages of every arena)
+        _malloc_trim()
         if not self.available or not _reset_peak_rss():
             step()
             return None
@@ -270,13 +281,15 @@ def step_peak_bytes(step: Callable[[], None], device: torch.device, cpu: Optiona
 
 def measure_memory(configs: Sequence[str], configure: Callable[[str], None], train_step: Callable[[], None],
                    count_saved: Callable[[], Dict[str, int]], device: torch.device,
-                   warmup: bool = True) -> Dict[str, Dict[str, object]]:
+                   warmup: bool = True, cpu: Optional[CpuPeakMemory] = None) -> Dict[str, Dict[str, object]]:
     """Per configuration: the bytes saved for backward (``count_saved()``) and the peak memory of one
     training step (``step_peak_bytes``), each measured after a warm-up step of that configuration
     (``warmup``; False is the old order, in which the first configuration measured also pays for
-    creating the optimizer state)."""
+    creating the optimizer state). ``cpu``: a meter already entered (``main`` measures every model's
+    memory in one, before any timing); by default one for this call."""
     memory: Dict[str, Dict[str, object]] = {}
-    with CpuPeakMemory() if device.type == "cpu" else nullcontext() as cpu:
+    own = cpu is None and device.type == "cpu"
+    with CpuPeakMemory() if own else nullcontext(cpu) as cpu:
         for config in configs:
             configure(config)
             if warmup:
@@ -291,7 +304,8 @@ def measure_memory(configs: Sequence[str], configure: Callable[[str], None], tra
 def measure_model(name: str, batch_size: Optional[int], steps: int, warmup: int, device: torch.device,
                   schedule: Dict[str, object], log=print, recipe_file: str = DEMO,
                   amp_dtype: Optional[torch.dtype] = None, configs: Optional[List[str]] = None,
-                  memory_only: bool = False) -> Dict[str, object]:
+                  memory_only: bool = False, memory: Optional[Dict[str, Dict[str, object]]] = None,
+                  cpu_meter: Optional[CpuPeakMemory] = None) -> Dict[str, object]:
     """Step times (every round), memory and operator time of one model (``model_spec``; see module doc)."""
     timm_name, kwargs, input_size, default_batch = model_spec(name, recipe_file)
     if timm_name.startswith("lvvit"):
@@ -328,8 +342,10 @@ def measure_model(name: str, batch_size: Optional[int], steps: int, warmup: int,
         _sync(device)
 
     # Memory first: each configuration after a warm-up step of its own (measure_memory).
-    memory = measure_memory(configs, configure, train_step,
-                            lambda: saved_activation_bytes(model, images, labels, amp_dtype), device)
+    if memory is None:  # (``memory``: measured before, by a memory_only call)
+        memory = measure_memory(configs, configure, train_step,
+                                lambda: saved_activation_bytes(model, images, labels, amp_dtype), device,
+                                cpu=cpu_meter)
     if memory_only:
         return {"model": name, "configs": configs, "memory": memory,
                 "parameter_bytes": sum(p.numel() * p.element_size() for p in model.parameters())}
@@ -483,7 +499,7 @@ def format_markdown(results: Dict[str, object]) -> str:
 MEMORY_NOTE = {
     "cpu": "Memory: each configuration measured after a warm-up step of its own; step peak = the process's peak "
            "resident memory during one step above its resident memory before it (Linux VmHWM, glibc mapping "
-           "allocations from 64 KiB on their own).",
+           "allocations from 64 KiB on their own, free heap pages released first).",
     "cuda": "Memory: each configuration measured after a warm-up step of its own; step peak = "
             "torch.cuda.max_memory_allocated during one step above memory_allocated before it.",
 }
@@ -570,10 +586,16 @@ def main(argv: Optional[Sequence[str]] = None) -> Dict[str, object]:
                "command": " ".join(["python -m bench.speed", *(sys.argv[1:] if argv is None else argv)]),
                "amp_dtype": str(amp_dtype or torch.float32).replace("torch.", ""), "tf32": device.type == "cuda",
                "memory_note": MEMORY_NOTE.get(device.type, ""),
-               "load_before": _load(),
-               "models": [measure_model(name, args.batch_size, args.steps, args.warmup, device, schedule,
-                                        recipe_file=args.config, amp_dtype=amp_dtype)
-                          for name in args.models]}
+               "load_before": _load()}
+    # Every model's memory first, in one meter: the timed steps grow the heap (glibc's usual mmap
+    # threshold), and memory reused from there would not show in the resident set.
+    with CpuPeakMemory() if device.type == "cpu" else nullcontext() as meter:
+        memory = {name: measure_model(name, args.batch_size, args.steps, args.warmup, device, schedule,
+                                      recipe_file=args.config, amp_dtype=amp_dtype, memory_only=True,
+                                      cpu_meter=meter)["memory"] for name in args.models}
+    results["models"] = [measure_model(name, args.batch_size, args.steps, args.warmup, device, schedule,
+                                       recipe_file=args.config, amp_dtype=amp_dtype, memory=memory[name])
+                         for name in args.models]
     results["load_after"] = _load()
     out = args.out or (os.path.join(tempfile.gettempdir(), "toe_bench") if args.quick else RESULTS)
     os.makedirs(out, exist_ok=True)
