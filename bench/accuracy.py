@@ -44,6 +44,7 @@ from ToE.common.digits import build_digits
 from ToE.common.results import mean_se, mean_std, paired_by_seed, read_runs, run_numbers, run_repeated
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+DIGITS = os.path.join(ROOT, "data", "digits")
 RESULTS = os.path.join(ROOT, "bench", "results")
 
 __all__ = ["CONFIGS", "SEED_RULE_PAIRS", "config_args", "run_command", "summarise", "seed_rule", "format_markdown",
@@ -223,7 +224,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--batch-size", type=int, default=None, help="trainer --batch-size (default: the recipe's)")
     parser.add_argument("--lr", type=float, default=None, help="trainer --lr (default: the recipe's)")
     parser.add_argument("--threads", type=int, default=2, help="CPU threads of each training run")
-    parser.add_argument("--data-path", default=os.path.join(ROOT, "data", "digits"),
+    parser.add_argument("--data-path", default=DIGITS,
                         help="embedded digits data at 32 px "
                              "(written by ToE.common.digits if missing, as run/demo.sh does)")
     parser.add_argument("--work-dir", default=os.path.join(tempfile.gettempdir(), "toe_accuracy"),
@@ -264,7 +265,8 @@ def main(argv: Optional[Sequence[str]] = None) -> Dict[str, object]:
     else:
         if not args.resume and os.path.exists(runs_path):
             os.remove(runs_path)
-        build_digits(args.data_path, size=32)
+        if os.path.abspath(args.data_path) == DIGITS:  # another folder (e.g. data/digits-shift) is the caller's
+            build_digits(args.data_path, size=32)
         runs = run_repeated(args.configs, args.seeds, lambda name, seed: run_one(name, seed, args, args.data_path),
                             runs_path, keep=lambda run: run.get("epochs") == args.epochs, log=lambda line: None)
     time_keys = {r["time_key"] for r in runs}
