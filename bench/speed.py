@@ -63,6 +63,7 @@ from ToE.common.args import add_toe_args
 from ToE.common.errors import UserError
 from ToE.common.lifecycle import AMP_DTYPES, resolve_amp_dtype
 from ToE.common.results import paired_ratios
+from ToE.common.vpt import add_prompts, freeze_backbone
 from ToE.flops import analytic_step_flops, create_model, model_shape
 
 __all__ = ["MODELS", "model_spec", "SavedTensorBytes", "saved_activation_bytes", "median_time", "paired_ratios",
@@ -314,7 +315,13 @@ def measure_model(name: str, batch_size: Optional[int], steps: int, warmup: int,
     torch.manual_seed(0)
     model = create_model(timm_name, input_size, **kwargs).to(device).train()
     shape = model_shape(model)
-    optimizer = torch.optim.AdamW(model.parameters(), lr=5e-4, weight_decay=0.05)
+    prompts = 0
+    if schedule.get("vpt"):  # Visual Prompt Tuning: prompts (prefix tokens for the operator) and head train
+        prompts = int(schedule["prompt_tokens"])
+        add_prompts(model, prompts, deep=schedule["vpt"] == "deep")
+        freeze_backbone(model)
+        model.to(device)
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=5e-4, weight_decay=0.05)
     images = torch.randn(batch, 3, input_size, input_size, device=device)
     labels = torch.randint(0, shape["num_classes"], (batch,), device=device)
     operator = token_select.TokenSelect(schedule["expansion_step"], schedule["keep_rate"],
@@ -330,6 +337,7 @@ def measure_model(name: str, batch_size: Optional[int], steps: int, warmup: int,
             token_select.detach(model)
         else:
             token_select.attach(model, operator)
+            operator.num_prefix_tokens += prompts
             operator.current_stage = int(config[len("stage"):])
 
     def train_step() -> None:
@@ -374,6 +382,7 @@ def measure_model(name: str, batch_size: Optional[int], steps: int, warmup: int,
     handle.remove()
     block0_out = captured[0].detach().requires_grad_(True)
     token_select.attach(model, operator)  # sets the prefix count and the grid from the model
+    operator.num_prefix_tokens += prompts
     operator.train()
     operator.current_stage = 1
     with _autocast(device, amp_dtype):
@@ -396,7 +405,7 @@ def measure_model(name: str, batch_size: Optional[int], steps: int, warmup: int,
         operator.current_stage = stage
         kept = shape["num_patches"] if config == "full" else operator.kept_patch_tokens(shape["num_patches"])
         rows.append({"config": config, "stage": stage, "kept_patches": kept,
-                     "tokens_after_block0": kept + shape["num_prefix_tokens"],
+                     "tokens_after_block0": kept + shape["num_prefix_tokens"] + prompts,
                      "reducing": config != "full" and token_select.is_reducing_stage(stage, operator.keep_rate),
                      "step_times_s": [r["seconds"][config] for r in rounds if not r["warmup"]],
                      "ideal_speedup": full_flops / analytic_step_flops(shape, kept), **memory[config]})
@@ -447,6 +456,9 @@ def format_markdown(results: Dict[str, object]) -> str:
              f"({machine['torch_threads']} threads), timm {machine.get('timm', '?')}, device {results['device']}. "
              f"Schedule: keep rates {sched['keep_rate']}, seeds {sched['initialization_keep_rate']}, "
              f"{sched['expansion_multiple_stage']} repetition steps, {sched['initialization']} seeds. "
+             + (f"Visual Prompt Tuning, {sched['vpt']}, {sched['prompt_tokens']} prompt tokens (the backbone frozen; "
+                "the FLOP ideal counts a step that trains every weight). " if sched.get("vpt") else "")
+             +
              f"Precision: {results.get('amp_dtype', 'float32 (not recorded)')}"
              + (", TF32 on" if results.get("tf32") else "") + ". "
              + (results["memory_note"] if results.get("memory_note") else "")
@@ -530,6 +542,9 @@ def build_parser() -> argparse.ArgumentParser:
     # The trainers' ToE flags (one definition in ToE/common). Every stage is measured, so
     # --expansion-step plays no part here; --sparse-eval neither (training steps only).
     add_toe_args(parser)
+    parser.add_argument("--vpt", default=None, choices=["shallow", "deep"],
+                        help="measure Visual Prompt Tuning: prompt tokens, frozen backbone (default: off)")
+    parser.add_argument("--prompt-tokens", type=int, default=10, help="prompt tokens per set with --vpt (default: 10)")
     parser.add_argument("--render", action="store_true",
                         help="measure nothing: recompute the figures and speed.md from the step times in "
                              "--out/speed.json")
@@ -577,6 +592,8 @@ def main(argv: Optional[Sequence[str]] = None) -> Dict[str, object]:
                 "initialization_keep_rate": args.initialization_keep_rate,
                 "expansion_multiple_stage": args.expansion_multiple_stage, "initialization": args.initialization,
                 "distance": args.distance}
+    if args.vpt:
+        schedule.update(vpt=args.vpt, prompt_tokens=args.prompt_tokens)
     try:
         token_select.validate_schedule(schedule["expansion_step"], args.keep_rate, args.initialization_keep_rate,
                                        args.expansion_multiple_stage)

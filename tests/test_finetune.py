@@ -175,3 +175,15 @@ def test_shifted_digits_are_the_plain_digits_turned_inverted_and_tinted(tmp_path
     assert plain != shifted
     assert np.array_equal(b[..., 2], np.rot90(255 - a[..., 2]))  # blue keeps the inverted, turned digit
     assert np.abs(b[..., 0] - np.round(b[..., 2] * 0.6)).max() <= 1  # red (and green) at 60 %
+
+
+@pytest.mark.e2e
+def test_speed_bench_measures_vpt_with_the_prompts_as_prefix_tokens(tmp_path):
+    from bench import speed
+
+    results = speed.main(["--quick", "--vpt", "deep", "--prompt-tokens", "3", "--out", str(tmp_path)])
+    rows = {row["config"]: row for row in results["models"][0]["rows"]}
+    assert results["schedule"]["vpt"] == "deep" and results["schedule"]["prompt_tokens"] == 3
+    assert rows["full"]["tokens_after_block0"] == 1 + 3 + 64  # class token, prompts, patches
+    assert rows["stage1"]["tokens_after_block0"] == 1 + 3 + 32
+    assert "Visual Prompt Tuning, deep, 3 prompt tokens" in (tmp_path / "speed_quick.md").read_text()
