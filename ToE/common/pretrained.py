@@ -39,6 +39,14 @@ def read_vit_weights(path: str, flag: str) -> Dict[str, torch.Tensor]:
     return dict(state)
 
 
+def misfit(missing: List[str], unexpected: List[str], wrong: List[str]) -> str:
+    """What keeps a state dict from fitting a model, for a one-line message (the first three of each)."""
+    return "; ".join(part for part in (
+        f"missing {', '.join(missing[:3])}" if missing else "",
+        f"unexpected {', '.join(unexpected[:3])}" if unexpected else "",
+        f"other shape {', '.join(wrong[:3])}" if wrong else "") if part)
+
+
 def finetune(model: nn.Module, path: str) -> List[str]:
     """Load the weights of ``path`` into the timm ViT ``model`` for fine-tuning; return notes to print."""
     from timm.layers import resample_abs_pos_embed
@@ -66,11 +74,8 @@ def finetune(model: nn.Module, path: str) -> List[str]:
     unexpected = sorted(set(state) - set(own))
     wrong = sorted(key for key in set(own) & set(state) if own[key].shape != state[key].shape)
     if missing or unexpected or wrong:
-        detail = "; ".join(part for part in (
-            f"missing {', '.join(missing[:3])}" if missing else "",
-            f"unexpected {', '.join(unexpected[:3])}" if unexpected else "",
-            f"other shape {', '.join(wrong[:3])}" if wrong else "") if part)
-        raise UserError(f"--finetune {path} does not fit {type(model).__name__} ({detail}). Pass the --model and "
-                        "--model-kwargs it was trained with")
+        raise UserError(f"--finetune {path} does not fit {type(model).__name__} "
+                        f"({misfit(missing, unexpected, wrong)}). Pass the --model and --model-kwargs it was "
+                        "trained with")
     model.load_state_dict(state, strict=False)
     return notes

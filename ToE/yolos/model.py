@@ -220,7 +220,7 @@ def load_init_checkpoint(backbone: nn.Module, path: str) -> None:
     Accepts a published DeiT file (``{"model": ...}``), a plain timm state dict, or this project's
     DeiT ``checkpoint.pth``. A distillation token and its position row are dropped.
     """
-    from ToE.common.pretrained import read_vit_weights
+    from ToE.common.pretrained import misfit, read_vit_weights
 
     state = read_vit_weights(path, "--init-checkpoint")
     if "norm.weight" not in state and "fc_norm.weight" in state:  # an average-pooling classifier (timm:
@@ -239,12 +239,8 @@ def load_init_checkpoint(backbone: nn.Module, path: str) -> None:
     if pos.dim() != 3 or pos.shape[-1] != own["pos_embed"].shape[-1]:
         wrong.append("pos_embed")
     if missing or unexpected or wrong:
-        detail = "; ".join(part for part in (
-            f"missing {', '.join(missing[:3])}" if missing else "",
-            f"unexpected {', '.join(unexpected[:3])}" if unexpected else "",
-            f"other shape {', '.join(wrong[:3])}" if wrong else "") if part)
-        raise UserError(f"init checkpoint {path} does not fit the backbone ({detail}). Pass the matching "
-                        "--backbone_name/--backbone-kwargs or another checkpoint")
+        raise UserError(f"init checkpoint {path} does not fit the backbone ({misfit(missing, unexpected, wrong)}). "
+                        "Pass the matching --backbone_name/--backbone-kwargs or another checkpoint")
     # the table may come from another grid (14 x 14 vs the backbone's): take it as it is
     backbone.pos_embed = nn.Parameter(pos.clone())
     backbone.load_state_dict(state, strict=True)
