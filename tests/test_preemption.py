@@ -95,7 +95,8 @@ FAKE_SLURM = {
     # requeue that leaves a mark
     "srun": '#!/usr/bin/env bash\nwhile [ "${1#-}" != "$1" ]; do echo "$1" >> "$FAKE_SLURM_DIR/srun_options"; shift; '
             'done\nexec "$@"\n',
-    "scancel": '#!/usr/bin/env bash\npkill -USR1 -f "python.*ToE/deit/main.py" || true\n',
+    # (only this test's trainer, whose --output_dir is under FAKE_SLURM_DIR: never another run on the machine)
+    "scancel": '#!/usr/bin/env bash\npkill -USR1 -f "python.*ToE/deit/main.py.*$FAKE_SLURM_DIR" || true\n',
     "scontrol": '#!/usr/bin/env bash\nif [ "$1" = requeue ]; then echo "$2" > "$FAKE_SLURM_DIR/requeued"; '
                 'else echo 127.0.0.1; fi\n',
 }
