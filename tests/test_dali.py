@@ -50,6 +50,29 @@ def test_eval_batches_equal_the_torch_path_in_order_and_nearly_in_pixels(data):
     assert (images - expected).abs().mean() < 0.15, (images - expected).abs().mean()
 
 
+@pytest.mark.parametrize("brightness, contrast, saturation", [(1.3, 0.7, 1.0), (0.7, 1.3, 0.7), (1.0, 1.0, 1.3)])
+def test_color_jitter_is_torchvisions(brightness, contrast, saturation):
+    """The colour jitter timm uses without RandAugment, with fixed factors, against torchvision's
+    brightness, contrast (about the image's mean grey) and saturation on a dark, coloured image."""
+    from nvidia.dali import fn, pipeline_def, types
+    from torchvision.transforms import functional as F
+
+    image = np.random.default_rng(0).integers(0, 120, (12, 10, 3), dtype=np.uint8)
+    image[..., 0] //= 2  # coloured, so that saturation matters
+
+    @pipeline_def(batch_size=1, num_threads=1, device_id=None)
+    def pipe():
+        source = fn.external_source(source=[[image]], layout="HWC", dtype=types.UINT8, cycle=True)
+        return dali._color_jitter(source, brightness, contrast, saturation)
+
+    built = pipe()
+    built.build()
+    out = torch.from_numpy(np.array(built.run()[0].as_tensor())[0]).permute(2, 0, 1).float()
+    x = torch.from_numpy(image).permute(2, 0, 1).float() / 255
+    expected = F.adjust_saturation(F.adjust_contrast(F.adjust_brightness(x, brightness), contrast), saturation) * 255
+    assert (out - expected).abs().max() <= 1.0, (out - expected).abs().max()
+
+
 def test_train_batches_follow_the_sampler_order_with_the_recipes_augmentation(data):
     train, _ = train_val_folders(str(data))
     args = pytest.importorskip("ToE.deit.main").parse_args(["--aa", "rand-m9-mstd0.5-inc1", "--reprob", "0.25"])

@@ -511,6 +511,20 @@ def test_embedded_digits_are_an_imagenet_layout_folder(tmp_path):
     assert sorted(p.stat().st_mtime_ns for p in (tmp_path / "digits" / "train" / "0").iterdir()) == before
 
 
+
+def test_embedded_digits_replace_an_interrupted_or_other_size_build(tmp_path):
+    from ToE.common.digits import build_digits
+
+    partial = tmp_path / "digits" / "train" / "0"
+    partial.mkdir(parents=True)
+    (partial / "cut.png").write_bytes(b"\x89PNG cut off")  # a build stopped mid-write
+    build_digits(str(tmp_path / "digits"), size=8)
+    files = sorted(partial.iterdir())
+    assert "cut.png" not in [f.name for f in files] and {Image.open(f).size for f in files} == {(8, 8)}
+    build_digits(str(tmp_path / "digits"), size=12)  # another size: rebuilt
+    assert {Image.open(f).size for f in partial.iterdir()} == {(12, 12)}
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["digits"]  # no staging folder left
+
 # -- distillation -------------------------------------------------------------------------------
 
 def test_distillation_loss_variants():

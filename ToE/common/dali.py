@@ -92,6 +92,29 @@ def _normalized(images, crop: Optional[Tuple[int, int]] = None):
                                     std=[255.0 * s for s in IMAGENET_DEFAULT_STD], **extra)
 
 
+def _luma(images):
+    """The grey level of float HWC RGB images (ITU-R 601, as PIL's and torchvision's grayscale), HW1."""
+    return 0.299 * images[:, :, 0:1] + 0.587 * images[:, :, 1:2] + 0.114 * images[:, :, 2:3]
+
+
+def _color_jitter(images, brightness, contrast, saturation):
+    """torchvision's ColorJitter(strength, strength, strength) as timm builds it when there is no
+    RandAugment: brightness blends with black, contrast with the image's mean grey level, saturation
+    with the image's grey version (the factors: numbers, or one per sample), clamped to 0..255 after
+    each. (DALI's own ``color_twist`` centres contrast on 128 and scales saturation in
+    HSV, which darkens or lightens images whose mean is far from mid-grey, such as the digits.)
+    torchvision applies the three in a random order; they are linear and commute except for the
+    clamping, so one order is used."""
+    from nvidia.dali import fn, math, types
+
+    x = math.clamp(fn.cast(images, dtype=types.FLOAT) * brightness, 0.0, 255.0)
+    mean = fn.reductions.mean(_luma(x))
+    x = math.clamp(mean + contrast * (x - mean), 0.0, 255.0)
+    grey = _luma(x)
+    x = math.clamp(grey + saturation * (x - grey), 0.0, 255.0)
+    return fn.cast(math.floor(x + 0.5), dtype=types.UINT8)
+
+
 def _train_graph(crop: int, scale: Sequence[float], hflip: float, rand: Optional[dict], color_jitter: float,
                  interpolation: str, decoder: str):
     """timm's training transform in DALI: random-resized crop, flip, RandAugment (or colour jitter
@@ -110,10 +133,8 @@ def _train_graph(crop: int, scale: Sequence[float], hflip: float, rand: Optional
         images = rand_augment.rand_augment(images, shape=(crop, crop), max_translate_rel=0.45, fill_value=128,
                                            **rand)
     elif color_jitter > 0:
-        low, high = max(0.0, 1.0 - color_jitter), 1.0 + color_jitter
-        images = fn.color_twist(images, brightness=fn.random.uniform(range=[low, high]),
-                                contrast=fn.random.uniform(range=[low, high]),
-                                saturation=fn.random.uniform(range=[low, high]))
+        low, high = max(0.0, 1.0 - color_jitter), 1.0 + color_jitter  # timm: the same strength for all three
+        images = _color_jitter(images, *(fn.random.uniform(range=[low, high]) for _ in range(3)))
     return _normalized(images), labels
 
 

@@ -18,6 +18,8 @@ from __future__ import annotations
 
 import argparse
 import os
+import shutil
+import tempfile
 
 import numpy as np
 
@@ -26,14 +28,23 @@ SPLIT_SEED = 0
 DONE_FILE = ".complete"
 
 
-def build_digits(out: str, size: int = 32, shift: bool = False) -> str:
-    """Write the digits folder under ``out`` (if not already complete); return ``out``."""
+def _complete(out: str, stamp: str) -> bool:
     done = os.path.join(out, DONE_FILE)
+    if not os.path.exists(done):
+        return False
+    with open(done) as handle:
+        return handle.read().strip() == stamp
+
+
+def build_digits(out: str, size: int = 32, shift: bool = False) -> str:
+    """Write the digits folder under ``out`` (if not already complete); return ``out``.
+
+    The images are written into a temporary sibling folder that is then renamed to ``out``, so an
+    interrupted build leaves no half-written folder and processes building at once (test workers,
+    the ranks of a run) never read one another's partial files."""
     stamp = f"{size} shift" if shift else str(size)
-    if os.path.exists(done):
-        with open(done) as handle:
-            if handle.read().strip() == stamp:
-                return out
+    if _complete(out, stamp):
+        return out
     from PIL import Image
     from sklearn.datasets import load_digits
 
@@ -42,20 +53,35 @@ def build_digits(out: str, size: int = 32, shift: bool = False) -> str:
     order = np.random.RandomState(SPLIT_SEED).permutation(len(images))
     num_val = int(round(len(images) * VAL_FRACTION))
     splits = {"val": order[:num_val], "train": order[num_val:]}
-    for split, indices in splits.items():
-        for index in indices:
-            label = int(digits.target[index])
-            folder = os.path.join(out, split, f"{label}")
-            os.makedirs(folder, exist_ok=True)
-            pixels = np.rot90(255 - images[index]) if shift else images[index]
-            image = Image.fromarray(np.ascontiguousarray(pixels), mode="L").resize((size, size), Image.BILINEAR)
-            image = image.convert("RGB")
-            if shift:  # a blue tint: the red and green channels at 60 %
-                rgb = np.asarray(image).astype(np.float32) * np.array([0.6, 0.6, 1.0], np.float32)
-                image = Image.fromarray(rgb.round().astype(np.uint8))
-            image.save(os.path.join(folder, f"{index:04d}.png"))
-    with open(done, "w") as handle:
-        handle.write(stamp)
+    parent = os.path.dirname(os.path.abspath(out))
+    os.makedirs(parent, exist_ok=True)
+    staging = tempfile.mkdtemp(prefix=f".{os.path.basename(os.path.abspath(out))}-", dir=parent)
+    try:
+        for split, indices in splits.items():
+            for index in indices:
+                label = int(digits.target[index])
+                folder = os.path.join(staging, split, f"{label}")
+                os.makedirs(folder, exist_ok=True)
+                pixels = np.rot90(255 - images[index]) if shift else images[index]
+                image = Image.fromarray(np.ascontiguousarray(pixels), mode="L").resize((size, size), Image.BILINEAR)
+                image = image.convert("RGB")
+                if shift:  # a blue tint: the red and green channels at 60 %
+                    rgb = np.asarray(image).astype(np.float32) * np.array([0.6, 0.6, 1.0], np.float32)
+                    image = Image.fromarray(rgb.round().astype(np.uint8))
+                image.save(os.path.join(folder, f"{index:04d}.png"))
+        with open(os.path.join(staging, DONE_FILE), "w") as handle:
+            handle.write(stamp)
+        if _complete(out, stamp):  # another process finished first
+            return out
+        if os.path.lexists(out):  # an older build: another size, or from before builds were staged
+            shutil.rmtree(out)
+        try:
+            os.rename(staging, out)
+        except OSError:
+            if not _complete(out, stamp):  # not a process that won the same race
+                raise
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
     return out
 
 
