@@ -2,6 +2,7 @@
 
     python -m bench.finetune                 # pretrain, then 2 methods x (ToE, full tokens) x 3 seeds
     python -m bench.finetune --epochs 3 --seeds 0 --out /tmp/ft   # a smoke run
+    python -m bench.finetune --methods vpt --threads 1              # one method (two at once on 2 cores)
 
 1. Pretraining: the DeiT demo recipe (``ToE/deit/configs/demo.yaml``, seed 0) on the plain digits,
    once; its ``checkpoint.pth`` is kept in ``--work`` and reused.
@@ -51,15 +52,19 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
     parser.add_argument("--prompt-tokens", type=int, default=10, help="VPT prompts per block (default: 10)")
     parser.add_argument("--work", default=os.path.join(ROOT, "runs", "finetune"), help="folder of the runs")
     parser.add_argument("--out", default=os.path.join(ROOT, "bench", "results"), help="folder of the tables")
+    parser.add_argument("--methods", nargs="+", choices=["full", "vpt"], default=["full", "vpt"],
+                        help="which fine-tuning methods to run (default: both)")
+    parser.add_argument("--threads", type=int, default=2, help="CPU threads of each training run (default: 2)")
     parser.add_argument("--resume", action="store_true", help="keep the runs already done")
     args = parser.parse_args(argv)
     checkpoint = pretrain(args.work, args.pretrain_epochs)
     build_digits(SHIFTED, size=32, shift=True)
     methods = {"full": (args.lr_full, []),
                "vpt": (args.lr_vpt, ["--vpt", "deep", "--prompt-tokens", str(args.prompt_tokens)])}
-    for method, (lr, flags) in methods.items():
-        accuracy.main(["--configs", "full", "deit-uniform", "--epochs", str(args.epochs), "--seeds",
-                       *map(str, args.seeds), "--lr", str(lr), "--data-path", SHIFTED,
+    for method in args.methods:
+        lr, flags = methods[method]
+        accuracy.main(["--configs", "full", "deit-uniform", "--epochs", str(args.epochs), "--threads", str(args.threads),
+                       "--seeds", *map(str, args.seeds), "--lr", str(lr), "--data-path", SHIFTED,
                        "--work-dir", os.path.join(args.work, method),
                        "--out", os.path.join(args.out, f"finetune_{method}"),
                        *(["--resume"] if args.resume else []), "--trainer-args", "--finetune", checkpoint, *flags])

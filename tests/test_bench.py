@@ -357,6 +357,28 @@ def test_accuracy_render_pairs_runs_by_seed(tmp_path):
         accuracy.main(["--render", "--out", str(tmp_path / "empty")])
 
 
+def test_finetune_runs_each_method_from_the_pretrained_checkpoint(tmp_path, monkeypatch):
+    from bench import finetune
+
+    calls = []
+    monkeypatch.setattr(finetune, "pretrain", lambda work, epochs: str(tmp_path / "pretrain" / "checkpoint.pth"))
+    monkeypatch.setattr(finetune, "build_digits", lambda *a, **k: None)
+    monkeypatch.setattr(accuracy, "main", calls.append)
+    finetune.main(["--methods", "vpt", "--threads", "1", "--seeds", "0", "1", "--out", str(tmp_path)])
+    assert len(calls) == 1
+    argv = calls[0]
+    flag = lambda name: argv[argv.index(name) + 1]  # noqa: E731
+    assert flag("--lr") == "0.005" and flag("--threads") == "1" and flag("--out") == str(tmp_path / "finetune_vpt")
+    assert argv[argv.index("--configs") + 1:argv.index("--epochs")] == ["full", "deit-uniform"]
+    trainer = argv[argv.index("--trainer-args") + 1:]
+    assert trainer == ["--finetune", str(tmp_path / "pretrain" / "checkpoint.pth"), "--vpt", "deep",
+                       "--prompt-tokens", "10"]
+    calls.clear()
+    finetune.main(["--out", str(tmp_path)])
+    assert [c[c.index("--out") + 1] for c in calls] == [str(tmp_path / "finetune_full"), str(tmp_path / "finetune_vpt")]
+    assert calls[0][calls[0].index("--trainer-args") + 1:][2:] == []  # full fine-tuning: no --vpt
+
+
 def test_accuracy_rotates_the_config_order_per_seed(tmp_path, monkeypatch):
     """Bug caught: full tokens always trained first (and k=3 always last) within a seed."""
     trained = []
