@@ -63,8 +63,9 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
                "vpt": (args.lr_vpt, ["--vpt", "deep", "--prompt-tokens", str(args.prompt_tokens)])}
     for method in args.methods:
         lr, flags = methods[method]
-        accuracy.main(["--configs", "full", "deit-uniform", "--epochs", str(args.epochs), "--threads", str(args.threads),
-                       "--seeds", *map(str, args.seeds), "--lr", str(lr), "--data-path", SHIFTED,
+        accuracy.main(["--configs", "full", "deit-uniform", "--epochs", str(args.epochs),
+                       "--threads", str(args.threads), "--seeds", *map(str, args.seeds), "--lr", str(lr),
+                       "--data-path", SHIFTED,
                        "--work-dir", os.path.join(args.work, method),
                        "--out", os.path.join(args.out, f"finetune_{method}"),
                        *(["--resume"] if args.resume else []), "--trainer-args", "--finetune", checkpoint, *flags])

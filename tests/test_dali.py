@@ -73,6 +73,37 @@ def test_color_jitter_is_torchvisions(brightness, contrast, saturation):
     assert (out - expected).abs().max() <= 1.0, (out - expected).abs().max()
 
 
+def test_random_resized_crop_windows_follow_timms_distribution():
+    """DALI's crop windows (read back from an image whose pixels hold their coordinates) against
+    timm's ``get_params``: area and aspect quantiles of 2,000 draws each, seeded."""
+    from nvidia.dali import fn, pipeline_def, types
+    from timm.data.transforms import RandomResizedCropAndInterpolation
+
+    size, batch = 64, 500
+    ys, xs = np.meshgrid(np.arange(size), np.arange(size), indexing="ij")
+    image = np.stack([xs * 4, ys * 4, np.zeros_like(xs)], -1).astype(np.uint8)
+
+    @pipeline_def(batch_size=batch, num_threads=1, device_id=None, seed=3)
+    def pipe():
+        source = fn.external_source(source=[[image] * batch], layout="HWC", dtype=types.UINT8, cycle=True)
+        return fn.random_resized_crop(source, size=[size, size], random_area=[0.6, 1.0],
+                                      random_aspect_ratio=[3.0 / 4.0, 4.0 / 3.0], interp_type=types.INTERP_LINEAR)
+
+    built = pipe()
+    built.build()
+    out = np.concatenate([np.array(built.run()[0].as_tensor()) for _ in range(4)]).astype(float)
+    width = (out[:, :, -1, 0].mean(1) - out[:, :, 0, 0].mean(1)) / 4 * size / (size - 1)
+    height = (out[:, -1, :, 1].mean(1) - out[:, 0, :, 1].mean(1)) / 4 * size / (size - 1)
+    crop = RandomResizedCropAndInterpolation(size, scale=(0.6, 1.0))
+    seed_everything(0)  # timm draws the windows from Python's generator
+    windows = np.array([crop.get_params(Image.fromarray(image), crop.scale, crop.ratio)[2:] for _ in range(len(out))])
+    quantiles = [0.1, 0.25, 0.5, 0.75, 0.9]
+    area = np.quantile(width * height / size ** 2, quantiles), np.quantile(windows.prod(1) / size ** 2, quantiles)
+    aspect = (np.quantile(np.log(width / height), quantiles),
+              np.quantile(np.log(windows[:, 1] / windows[:, 0]), quantiles))
+    assert np.allclose(*area, atol=0.02) and np.allclose(*aspect, atol=0.02), (area, aspect)
+
+
 def test_train_batches_follow_the_sampler_order_with_the_recipes_augmentation(data):
     train, _ = train_val_folders(str(data))
     args = pytest.importorskip("ToE.deit.main").parse_args(["--aa", "rand-m9-mstd0.5-inc1", "--reprob", "0.25"])
