@@ -5,7 +5,7 @@
     python -m bench.finetune --methods vpt --threads 1              # one method (two at once on 2 cores)
 
 1. Pretraining: the DeiT demo recipe (``ToE/deit/configs/demo.yaml``, seed 0) on the plain digits,
-   once; its ``checkpoint.pth`` is kept in ``--work`` and reused.
+   once; its ``checkpoint.pth`` is kept in ``--work`` and reused (continued if it was interrupted).
 2. The task: ``data/digits-shift`` (``python -m ToE.common.digits --shift``: every digit turned a
    quarter, in inverted colours, blue-tinted), the same 10 classes under a shift the demo never saw.
 3. Each method is ``bench.accuracy`` on that folder with ``--finetune CHECKPOINT`` (and ``--vpt``):
@@ -31,15 +31,14 @@ SHIFTED = os.path.join(ROOT, "data", "digits-shift")
 
 
 def pretrain(work: str, epochs: Optional[int]) -> str:
-    """The DeiT demo's checkpoint (trained once into ``work/pretrain``)."""
+    """The DeiT demo's checkpoint, trained into ``work/pretrain``: with ``--auto-resume``, so an
+    interrupted pretraining continues and a finished one is reused (the trainer returns at once)."""
     out = os.path.join(work, "pretrain")
-    checkpoint = os.path.join(out, "checkpoint.pth")
-    if not os.path.exists(checkpoint):
-        build_digits(accuracy.DIGITS, size=32)
-        length = ["--epochs", epochs] if epochs else []
-        run_trainer(trainer_command("deit", None, "--data-path", accuracy.DIGITS, "--output_dir", out, "--overwrite",
-                                    *length), out)
-    return checkpoint
+    build_digits(accuracy.DIGITS, size=32)
+    length = ["--epochs", epochs] if epochs else []
+    run_trainer(trainer_command("deit", None, "--data-path", accuracy.DIGITS, "--output_dir", out, "--auto-resume",
+                                *length), out)
+    return os.path.join(out, "checkpoint.pth")
 
 
 def main(argv: Optional[Sequence[str]] = None) -> None:
