@@ -379,6 +379,19 @@ def test_finetune_runs_each_method_from_the_pretrained_checkpoint(tmp_path, monk
     assert calls[0][calls[0].index("--trainer-args") + 1:][2:] == []  # full fine-tuning: no --vpt
 
 
+def test_finetune_pretraining_continues_an_interrupted_run(tmp_path, monkeypatch):
+    """Bug caught: a checkpoint.pth left by a stopped pretraining was fine-tuned from as if finished."""
+    from bench import finetune
+
+    commands = []
+    monkeypatch.setattr(finetune, "build_digits", lambda *a, **k: None)
+    monkeypatch.setattr(finetune, "run_trainer", lambda command, out, *a: commands.append(list(map(str, command))))
+    (tmp_path / "pretrain").mkdir()
+    (tmp_path / "pretrain" / "checkpoint.pth").write_bytes(b"epoch 31 of 48")
+    assert finetune.pretrain(str(tmp_path), None) == str(tmp_path / "pretrain" / "checkpoint.pth")
+    assert len(commands) == 1 and "--auto-resume" in commands[0] and "--overwrite" not in commands[0]
+
+
 def test_accuracy_rotates_the_config_order_per_seed(tmp_path, monkeypatch):
     """Bug caught: full tokens always trained first (and k=3 always last) within a seed."""
     trained = []
