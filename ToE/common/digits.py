@@ -11,7 +11,7 @@ scikit-learn. Writing is idempotent: a complete folder is left alone.
 
 writes the same digits under a fixed shift the demo never sees: turned a quarter to the left and
 in inverted colours (dark digits on a light ground), with a blue tint. A transfer task for
-fine-tuning a model pretrained on the plain digits (bench/results/finetune.md).
+fine-tuning a model pretrained on the plain digits (python -m bench.finetune; docs/finetuning.md).
 """
 
 from __future__ import annotations
