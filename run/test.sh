@@ -5,5 +5,4 @@
 #   bash run/test.sh -m e2e         # the end-to-end tier: trainers, torchrun, run scripts, demos
 #   bash run/test.sh -n 0           # in one process (pdb, -x); by default one pytest-xdist worker per core, at most 8
 source "$(dirname "${BASH_SOURCE[0]}")/_env.sh"
-CORES="$(nproc)"
-exec "$PY" -m pytest tests -q -n "$(( CORES < 8 ? CORES : 8 ))" "$@"
+exec "$PY" -m pytest tests -q -n auto --maxprocesses 8 "$@"
