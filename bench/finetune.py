@@ -2,7 +2,8 @@
 
     python -m bench.finetune                 # pretrain, then 2 methods x (ToE, full tokens) x 3 seeds
     python -m bench.finetune --epochs 3 --seeds 0 --out /tmp/ft   # a smoke run
-    python -m bench.finetune --methods vpt --threads 1              # one method (two at once on 2 cores)
+    python -m bench.finetune --methods vpt --threads 1              # one method; once the pretraining
+                                                                    # is done, two can run at once
 
 1. Pretraining: the DeiT demo recipe (``ToE/deit/configs/demo.yaml``, seed 0) on the plain digits,
    once; its ``checkpoint.pth`` is kept in ``--work`` and reused (continued if it was interrupted).
