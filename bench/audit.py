@@ -53,9 +53,17 @@ HERE = Path(__file__).resolve().parents[1]
 RESULTS = HERE / "bench" / "results"
 CLASSES = ("ok", "poor", "traceback", "silent", "lost")
 OK, POOR, TRACEBACK, SILENT, LOST = CLASSES
-TRAINERS = ("lvvit", "et", "yolos", "deit", "tools")
+# groups of cases: a trainer, the tools, or (issue 27's hardening) the root a case belongs to
+ROOTS = ("lost", "recipes", "combos", "writes", "scripts", "messages")
+TRAINERS = ("lvvit", "et", "yolos", "deit", "tools", *ROOTS)
 TRAINER_TITLES = {"lvvit": "LV-ViT", "et": "EfficientTrain", "yolos": "YOLOS", "deit": "DeiT",
-                  "tools": "Tools (FLOP calculator)"}
+                  "tools": "Tools (FLOP calculator)",
+                  "lost": "Lost data (builders, one writer per output folder)",
+                  "recipes": "Recipe values (-c FILE.yaml through the flags' own checks)",
+                  "combos": "Feature combinations (VPT, LV-ViT, attach, summary)",
+                  "writes": "Interrupted and failing writes (what was saved, signals, full disk)",
+                  "scripts": "Scripts (demo, Slurm, label generation)",
+                  "messages": "Messages that name the real problem and the fix"}
 MAIN = {"deit": "ToE/deit/main.py", "lvvit": "ToE/lvvit/main.py", "et": "ToE/EfficientTrain/main.py",
         "yolos": "ToE/yolos/main.py"}
 # what every trainer prints when training starts (both checkouts): an error after it is a late one
@@ -952,6 +960,30 @@ def flops_lvvit_model(ctx: Context) -> Outcome:
     return Outcome(SILENT, f"priced LV-ViT with the ViT formula without a word (counted/analytic per stage: {shown})")
 
 
+# -- lost: lost ----------------------------------------------------------------------------
+# (cases of the group "lost" go here)
+
+
+# -- recipes: recipes ----------------------------------------------------------------------------
+# (cases of the group "recipes" go here)
+
+
+# -- combos: combos ----------------------------------------------------------------------------
+# (cases of the group "combos" go here)
+
+
+# -- writes: writes ----------------------------------------------------------------------------
+# (cases of the group "writes" go here)
+
+
+# -- scripts: scripts ----------------------------------------------------------------------------
+# (cases of the group "scripts" go here)
+
+
+# -- messages: messages ----------------------------------------------------------------------------
+# (cases of the group "messages" go here)
+
+
 # ---------------------------------------------------------------------------------------------------
 # Runner and report
 # ---------------------------------------------------------------------------------------------------
@@ -1020,9 +1052,10 @@ def write_markdown(records: List[dict], path: Path) -> None:
     lines += ["## Counts", ""]
     header = "| trainer | cases | " + " | ".join(f"{c} {label}" for c in CLASSES for label in labels) + " |"
     lines += [header, "|" + "---|" * (2 + len(CLASSES) * len(labels))]
-    trainers = [t for t in TRAINERS if any(c.trainer == t for c in CASES)]
+    recorded = {r["case"] for r in records}
+    trainers = [t for t in TRAINERS if any(c.trainer == t and c.name in recorded for c in CASES)]
     for trainer in trainers + ["all"]:
-        names = [c.name for c in CASES if trainer == "all" or c.trainer == trainer]
+        names = [c.name for c in CASES if (trainer == "all" or c.trainer == trainer) and c.name in recorded]
         cells = []
         for cls in CLASSES:
             for label in labels:
@@ -1034,12 +1067,12 @@ def write_markdown(records: List[dict], path: Path) -> None:
     for trainer in trainers:
         lines += [f"## {TRAINER_TITLES[trainer]}", "", "| case | " + " | ".join(labels) + " | reason (" +
                   labels[-1] + ") |", "|" + "---|" * (2 + len(labels))]
-        for c in [c for c in CASES if c.trainer == trainer]:
+        for c in [c for c in CASES if c.trainer == trainer and c.name in recorded]:
             classes = [by.get((label, c.name), {}).get("class", "-") for label in labels]
             reason = by.get((labels[-1], c.name), {}).get("reason", "")
             lines.append(f"| `{c.name}` | " + " | ".join(classes) + f" | {reason.replace('|', '/')} |")
         lines.append("")
-        for c in [c for c in CASES if c.trainer == trainer]:
+        for c in [c for c in CASES if c.trainer == trainer and c.name in recorded]:
             lines.append(f"- `{c.name}`: {c.doc}")
             for label in labels:
                 record = by.get((label, c.name))
@@ -1056,6 +1089,8 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
                         help="name of this checkout in the results (default: 'after' for this checkout, else "
                              "'before')")
     parser.add_argument("--only", nargs="+", default=None, metavar="CASE", help="run these cases only")
+    parser.add_argument("--groups", nargs="+", default=None, choices=TRAINERS, metavar="GROUP",
+                        help=f"run the cases of these groups only ({', '.join(TRAINERS)})")
     parser.add_argument("--jobs", type=int, default=2, help="cases run at once (default: 2)")
     parser.add_argument("--timeout", type=int, default=300, help="seconds per command (default: 300)")
     parser.add_argument("--results", type=Path, default=RESULTS, help="folder of audit.jsonl and audit.md")
@@ -1082,6 +1117,8 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
         if unknown:
             parser.error(f"unknown case(s): {', '.join(unknown)} (see --list)")
         chosen = [c for c in CASES if c.name in args.only]
+    if args.groups:
+        chosen = [c for c in chosen if c.trainer in args.groups]
     tmp = Path(tempfile.mkdtemp(prefix="audit-"))
     audit = Audit(repo, tmp, args.timeout)
     TIDY.update({str(tmp): "$TMP", str(repo) + "/": ""})
@@ -1101,12 +1138,12 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
     wall = round(time.monotonic() - started, 1)
     for record in records:
         record["audit_seconds"] = wall
-    if args.only:  # keep the full run's wall time in the header
+    if args.only or args.groups:  # keep the full run's wall time in the header
         previous = [r for r in load_records(jsonl) if r["label"] == label]
         for record in records:
             record["audit_seconds"] = previous[0]["audit_seconds"] if previous else wall
     args.results.mkdir(parents=True, exist_ok=True)
-    all_records = merge(load_records(jsonl), records, label, bool(args.only))
+    all_records = merge(load_records(jsonl), records, label, bool(args.only or args.groups))
     jsonl.write_text("".join(json.dumps(r) + "\n" for r in all_records))
     write_markdown(all_records, markdown)
     counts = {cls: sum(1 for r in records if r["class"] == cls) for cls in (*CLASSES, "error")}
