@@ -58,12 +58,16 @@ def build_token_select(args: argparse.Namespace) -> TokenSelect:
 
 
 class ParseKwargs(argparse.Action):
-    """``--model-kwargs embed_dim=96 depth=6`` -> {"embed_dim": 96, "depth": 6} (Python literals)."""
+    """``--model-kwargs embed_dim=96 depth=6`` -> {"embed_dim": 96, "depth": 6} (Python literals),
+    merged into the mapping so far (a recipe file's ``model_kwargs``, an earlier ``--model-kwargs``):
+    ``--model-kwargs depth=2`` changes the depth and keeps the recipe's other arguments."""
+
+    takes_mapping = True  # a config file gives this flag a mapping (ToE.common.config.checked_value)
 
     def __call__(self, parser, namespace, values, option_string=None):
         import ast
 
-        kwargs = {}
+        kwargs = dict(getattr(namespace, self.dest, None) or {})
         for item in values:
             key, sep, value = item.partition("=")
             if not sep or not key:
@@ -84,6 +88,11 @@ class OneLineParser(argparse.ArgumentParser):
     argparse's own error prints the usage block first; under torchrun every process would print
     it. Here rank 0 prints one line (the other processes met the same flags and stay quiet).
     """
+
+    def __init__(self, *args, **kwargs):
+        # no prefix matching: "--conf FILE" or "--lr-base" must not quietly become another flag
+        kwargs.setdefault("allow_abbrev", False)
+        super().__init__(*args, **kwargs)
 
     def parse_known_args(self, args=None, namespace=None):
         # argparse reads "--lr -5e-4" as two options (an exponent defeats its negative-number
