@@ -42,6 +42,7 @@ __all__ = [
     "TokenSelect",
     "attach",
     "detach",
+    "reduction_problem",
     "placement",
     "Placement",
     "stage_of_epoch",
@@ -54,7 +55,13 @@ __all__ = [
 ]
 
 DISTANCES = ("cosine", "manhattan", "euclidean")
-INITIALIZATIONS = ("stride", "uniform")
+# The three components and their plain alternatives (the paper's ablations); the first is ToE's.
+INITIALIZATIONS = ("stride", "uniform", "random")
+EXPANSIONS = ("farthest", "random", "none")
+MERGINGS = ("mean", "drop")
+# how a distance ranks tokens: as a similarity (negated: nearest = most alike, this project's
+# default) or as the published code uses it (the raw distance in the place of a similarity)
+DISTANCE_RANKS = ("similarity", "published")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -174,8 +181,8 @@ def kept_tokens_per_stage(
 
 
 def seed_positions(num_patches: int, initialization_keep_rate: float, initialization: str = "stride",
-                   grid_size: Optional[Tuple[int, int]] = None) -> List[int]:
-    """Positions (0..P-1) of the seed tokens.
+                   grid_size: Optional[Tuple[int, int]] = None, count: Optional[int] = None) -> List[int]:
+    """Positions (0..P-1) of the seed tokens (``count`` of them; default ``int(P * r0)``, at least 1).
 
     ``"stride"``, the published rule: ``stride = int(1 // r0)`` (float floor division, so
     ``1 // 0.2 == 4.0``) and the first ``int(P * r0)`` multiples of the stride. For r0 = 0.2 or
@@ -185,7 +192,10 @@ def seed_positions(num_patches: int, initialization_keep_rate: float, initializa
     grid's aspect ratio, cell centres in each direction, thinned evenly to exactly ``int(P*r0)``
     points. ``grid_size`` defaults to a square grid when P is a square, else one row of P.
     """
-    count = max(1, int(num_patches * initialization_keep_rate))
+    count = max(1, int(num_patches * initialization_keep_rate)) if count is None else count
+    if initialization == "random":
+        raise ValueError("initialization='random' draws the seeds of every sample anew in TokenSelect: "
+                         "there are no fixed seed positions")
     if initialization == "stride":
         stride = int(1 // initialization_keep_rate)
         return list(range(0, num_patches, stride))[:count]
@@ -296,7 +306,9 @@ class TokenSelect(nn.Module):
             meaning; here distances are negated into similarities so all three agree. Cosine
             compares L2-normalised tokens, the distances compare raw tokens.
         initialization: ``"stride"`` (published seed rule, default) or ``"uniform"`` (seeds
-            spread over the whole 2-D grid; see ``seed_positions``).
+            spread over the whole 2-D grid; see ``seed_positions``); ``"random"`` for the ablation.
+        expansion, merging, distance_rank: the paper's ablations, each ToE's own by default; see
+            "Ablations" below.
         num_prefix_tokens: leading tokens that pass through untouched and are never merged into
             (1 = class token, 2 = class + distillation token). ``attach`` sets it from the model.
         num_suffix_tokens: trailing tokens handled the same way (YOLOS detection tokens).
@@ -309,6 +321,22 @@ class TokenSelect(nn.Module):
     into it, then the suffix tokens; ``index`` (B, prefix + K + suffix) int64, the input position
     of every output token. When it does not reduce (eval mode, stage 0, a final stage of 1.0) it
     returns ``(x, None)`` with x unchanged.
+
+    Ablations. ToE is "initialization, expansion, merging": seed tokens spread over the image, then
+    grown stage by stage with the tokens least like anything kept, and every token left out merged
+    into the kept token it is most like. Each component can be replaced by its plain alternative,
+    so an ablation changes one choice and keeps the token counts of every stage:
+        initialization="random": the seeds of each sample are a random subset of its patches.
+        expansion="random": each repetition step adds random unselected tokens, not the farthest.
+        expansion="none": no expansion: all the stage's kept tokens are placed by the
+            initialization rule at the stage's keep rate (the stride rule at rate K/P, the uniform
+            lattice of K points, or K random patches).
+        merging="drop": the unselected tokens are dropped instead of averaged into the kept ones.
+        distance_rank="published": manhattan/euclidean rank tokens as the published code does, by
+            the raw distance in the place of a similarity (expansion then adds the tokens whose
+            nearest kept token is nearest, and merging goes to the farthest kept token). Cosine is
+            the same either way.
+    Random choices use torch's generator of the input's device, as dropout does.
 
     Precision: the selection (similarities, expansion order, merge targets) and the merge sum are
     computed in float32 (float64 for float64 input) with autocast off, so the kept tokens do not
@@ -323,6 +351,9 @@ class TokenSelect(nn.Module):
         expansion_multiple_stage: int = 2,
         distance: str = "cosine",
         initialization: str = "stride",
+        expansion: str = "farthest",
+        merging: str = "mean",
+        distance_rank: str = "similarity",
         num_prefix_tokens: int = 1,
         num_suffix_tokens: int = 0,
         grid_size: Optional[Tuple[int, int]] = None,
@@ -332,8 +363,11 @@ class TokenSelect(nn.Module):
         validate_schedule(expansion_step, keep_rate, initialization_keep_rate, expansion_multiple_stage)
         if distance not in DISTANCES:
             raise ValueError(f"distance must be one of {DISTANCES}; got {distance!r}")
-        if initialization not in INITIALIZATIONS:
-            raise ValueError(f"initialization must be one of {INITIALIZATIONS}; got {initialization!r}")
+        for name, value, allowed in (("initialization", initialization, INITIALIZATIONS),
+                                     ("expansion", expansion, EXPANSIONS), ("merging", merging, MERGINGS),
+                                     ("distance_rank", distance_rank, DISTANCE_RANKS)):
+            if value not in allowed:
+                raise ValueError(f"{name} must be one of {allowed}; got {value!r}")
         if num_prefix_tokens < 0 or num_suffix_tokens < 0:
             raise ValueError("num_prefix_tokens and num_suffix_tokens must be >= 0")
         self.expansion_step = [int(s) for s in expansion_step]
@@ -342,6 +376,9 @@ class TokenSelect(nn.Module):
         self.expansion_multiple_stage = int(expansion_multiple_stage)
         self.distance = distance
         self.initialization = initialization
+        self.expansion = expansion
+        self.merging = merging
+        self.distance_rank = distance_rank
         self.num_prefix_tokens = int(num_prefix_tokens)
         self.num_suffix_tokens = int(num_suffix_tokens)
         self.grid_size = tuple(grid_size) if grid_size is not None else None
@@ -357,7 +394,11 @@ class TokenSelect(nn.Module):
         return (f"expansion_step={self.expansion_step}, keep_rate={self.keep_rate}, "
                 f"initialization_keep_rate={self.initialization_keep_rate}, "
                 f"expansion_multiple_stage={self.expansion_multiple_stage}, distance={self.distance!r}, "
-                f"initialization={self.initialization!r}, num_prefix_tokens={self.num_prefix_tokens}, "
+                f"initialization={self.initialization!r}, " + "".join(
+                    f"{name}={value!r}, " for name, value, default in (
+                        ("expansion", self.expansion, "farthest"), ("merging", self.merging, "mean"),
+                        ("distance_rank", self.distance_rank, "similarity")) if value != default) +
+                f"num_prefix_tokens={self.num_prefix_tokens}, "
                 f"current_stage={self.current_stage}")
 
     # -- schedule ----------------------------------------------------------------------------
@@ -387,13 +428,15 @@ class TokenSelect(nn.Module):
         seeds, steps = self._plan(num_patches)
         return seeds + sum(steps)
 
-    def _seeds(self, num_patches: int, device: torch.device) -> Tuple[torch.Tensor, torch.Tensor]:
-        """(seed positions, the other positions in increasing order), cached per token count."""
-        key = (num_patches, self.grid_size, self.initialization, str(device))
+    def _seeds(self, num_patches: int, device: torch.device, count: Optional[int] = None
+               ) -> Tuple[torch.Tensor, torch.Tensor]:
+        """(seed positions, the other positions in increasing order), cached per token count;
+        ``count`` seeds at the rate ``count / num_patches`` instead of r0 (``expansion="none"``)."""
+        key = (num_patches, self.grid_size, self.initialization, str(device), count)
         cached = self._seed_cache.get(key)
         if cached is None:
-            positions = seed_positions(num_patches, self.initialization_keep_rate, self.initialization,
-                                       self.grid_size)
+            rate = self.initialization_keep_rate if count is None else count / num_patches
+            positions = seed_positions(num_patches, rate, self.initialization, self.grid_size, count)
             chosen = set(positions)
             rest = [i for i in range(num_patches) if i not in chosen]
             cached = (torch.tensor(positions, dtype=torch.long, device=device),
@@ -417,7 +460,8 @@ class TokenSelect(nn.Module):
                 tokens = tokens / tokens.norm(dim=-1, keepdim=True).clamp_min(1e-12)
                 return tokens @ tokens.transpose(1, 2)
             p = 1.0 if self.distance == "manhattan" else 2.0
-            return -torch.cdist(tokens, tokens, p=p)
+            distance = torch.cdist(tokens, tokens, p=p)
+            return distance if self.distance_rank == "published" else -distance
 
     def token_select(self, x: torch.Tensor) -> Tuple[torch.Tensor, Optional[torch.Tensor]]:
         """Reduce x (B, N, C) to (B, prefix + K + suffix, C); see the class docstring."""
@@ -444,16 +488,29 @@ class TokenSelect(nn.Module):
         sim = self._similarity(patches)                                       # (B, P, P)
 
         with torch.no_grad():
-            seeds, rest = self._seeds(num_patches, x.device)
-            unselected = rest.unsqueeze(0).expand(batch, -1)                  # (B, U) in order
-            selected = seeds.unsqueeze(0).expand(batch, -1)                   # (B, S)
-            # best[b, i]: similarity of token i to its closest selected token. sim is symmetric,
-            # so the rows of the selected tokens hold their similarity to every token.
-            best = sim[:, seeds].amax(dim=1)                                  # (B, P)
+            if self.expansion == "none":  # every kept token placed by the initialization rule
+                seeds_count, step_sizes = seeds_count + sum(step_sizes), []
+            if self.initialization == "random":
+                shuffled = torch.rand(batch, num_patches, device=x.device).argsort(dim=1)
+                selected = shuffled[:, :seeds_count].sort(dim=1).values          # (B, S)
+                unselected = shuffled[:, seeds_count:].sort(dim=1).values        # (B, U) in order
+                seed_rows = selected.unsqueeze(-1).expand(-1, -1, num_patches)
+                best = sim.gather(1, seed_rows).amax(dim=1)
+            else:
+                seeds, rest = self._seeds(num_patches, x.device,
+                                          seeds_count if self.expansion == "none" else None)
+                unselected = rest.unsqueeze(0).expand(batch, -1)              # (B, U) in order
+                selected = seeds.unsqueeze(0).expand(batch, -1)               # (B, S)
+                # best[b, i]: similarity of token i to its closest selected token. sim is symmetric,
+                # so the rows of the selected tokens hold their similarity to every token.
+                best = sim[:, seeds].amax(dim=1)                              # (B, P)
             added = [selected]
             for size in step_sizes:
-                # Ascending sort of the unselected tokens' best similarity: the least-like first.
-                order = best.gather(1, unselected).sort(dim=1, stable=True).indices
+                if self.expansion == "random":
+                    order = torch.rand(unselected.shape, device=x.device).argsort(dim=1)
+                else:
+                    # Ascending sort of the unselected tokens' best similarity: the least-like first.
+                    order = best.gather(1, unselected).sort(dim=1, stable=True).indices
                 unselected = unselected.gather(1, order)
                 new, unselected = unselected[:, :size], unselected[:, size:]
                 if size == 0:  # the sort still reorders the unselected tokens, as published
@@ -463,31 +520,36 @@ class TokenSelect(nn.Module):
                 best = torch.maximum(best, new_rows.amax(dim=1))
             selected = torch.cat(added, dim=1)                                # (B, K)
             kept = selected.shape[1]
-            # Merge: each unselected token goes to its most similar selected token.
-            rows = sim.gather(1, unselected.unsqueeze(-1).expand(-1, -1, num_patches))   # (B, U, P)
-            target = rows.gather(2, selected.unsqueeze(1).expand(-1, rows.shape[1], -1)).argmax(dim=2)
+            if self.merging == "mean":
+                # Merge: each unselected token goes to its most similar selected token.
+                rows = sim.gather(1, unselected.unsqueeze(-1).expand(-1, -1, num_patches))   # (B, U, P)
+                target = rows.gather(2, selected.unsqueeze(1).expand(-1, rows.shape[1], -1)).argmax(dim=2)
             # dest[b, n]: the output slot that input token n ends in. Prefix and suffix tokens keep
             # their own slots; a kept patch token has its slot, a merged one its target's. One
             # scatter-add over all N tokens then does the whole merge, and its backward is a
             # single gather of the output gradient: no slices, no zero-filled (B, N, C) buffers.
             num_out = x.shape[1] - num_patches + kept
+            # merging="drop": the unselected tokens go to one extra slot, cut off below
+            slots_total = num_out + (self.merging == "drop")
             slots = torch.arange(start, start + kept, device=x.device).expand(batch, -1)
             dest = torch.empty(batch, x.shape[1], dtype=torch.long, device=x.device)
             dest[:, :start] = torch.arange(start, device=x.device)
             dest[:, stop:] = torch.arange(start + kept, num_out, device=x.device)
             patch_dest = dest[:, start:stop]
-            patch_dest.scatter_(1, selected, slots).scatter_(1, unselected, target + start)
+            patch_dest.scatter_(1, selected, slots)
+            patch_dest.scatter_(1, unselected, target + start if self.merging == "mean" else
+                                torch.full_like(unselected, num_out))     # "drop": the extra slot
             compute = _compute_dtype(x.dtype)
-            counts = torch.zeros(batch, num_out, dtype=compute, device=x.device)
+            counts = torch.zeros(batch, slots_total, dtype=compute, device=x.device)
             counts.scatter_add_(1, dest, torch.ones_like(dest, dtype=compute))
 
         # The tokens themselves keep their gradient: a scatter-add mean (a count of 1 for the
         # prefix and suffix tokens, which pass unchanged). The sum is taken in the compute dtype
         # because a few fp16 tokens of ~3e4 already sum past fp16's 65504 to inf; the mean is cast
         # back, so the output has x's dtype. For fp32 (and fp64) input both casts are no-ops.
-        summed = torch.zeros(batch, num_out, channels, dtype=compute, device=x.device)
+        summed = torch.zeros(batch, slots_total, channels, dtype=compute, device=x.device)
         summed = summed.scatter_add(1, dest.unsqueeze(-1).expand(-1, -1, channels), x.to(compute))
-        out = (summed / counts.unsqueeze(-1)).to(x.dtype)                     # (B, prefix+K+suffix, C)
+        out = (summed[:, :num_out] / counts[:, :num_out].unsqueeze(-1)).to(x.dtype)  # (B, prefix+K+suffix, C)
         positions = [torch.arange(start, device=x.device).expand(batch, -1), selected + start,
                      torch.arange(stop, x.shape[1], device=x.device).expand(batch, -1)]
         index = torch.cat(positions, dim=1)                                   # (B, prefix+K+suffix)
@@ -629,6 +691,54 @@ def _after_first_block(module: nn.Module, args, kwargs, output):
     return reduced
 
 
+# What keeps the blocks after the operator from running on a reduced sequence, found by structure (the
+# attributes and modules these designs need), not by model name, so that new timm models built from the
+# same parts are caught too: (attribute a submodule holds, or text in a submodule's class name; the reason).
+_FULL_GRID_PARTS = (
+    (("relative_position_bias_table", "relative_position_index", "rel_pos"), ("RelPos",),
+     "its relative-position bias is indexed by the full token grid (BEiT, Swin, vit_relpos_*), so the blocks after "
+     "the operator cannot run on a reduced sequence"),
+    (("rope",), ("Rotary", "Rope"),
+     "its rotary position embeddings are computed for the full token grid (EVA-02, *_rope_*), so the blocks after "
+     "the operator cannot run on a reduced sequence"),
+    (("rel_indices", "gating_param"), ("GPSA",),
+     "its gated positional self-attention lays its position scores over the full token grid (ConViT), so the "
+     "blocks after the operator cannot run on a reduced sequence"),
+    ((), ("ClassAttn",),
+     "its class token joins only in the class-attention layers after model.blocks (CaiT, XCiT): the blocks carry "
+     "no class token, so ToE would keep a patch token in its place"),
+)
+
+
+def reduction_problem(model: nn.Module, block_index: int = 0) -> Optional[str]:
+    """Why ``model`` cannot run its blocks after ``block_index`` on fewer tokens, or None when it can.
+
+    The model is looked at, not its name: a submodule with a relative-position table, rotary
+    embeddings or gated positional attention (each laid over the full token grid), class-attention
+    layers (the class token is not in the sequence the blocks see), or a later block whose forward
+    needs more than the tokens and a mask (XCiT's blocks take the grid's height and width). A model
+    ``placement`` does not know is a ``ValueError``.
+    """
+    where = placement(model)
+    for module in model.modules():
+        kind = type(module).__name__
+        for attributes, class_parts, reason in _FULL_GRID_PARTS:
+            if any(getattr(module, name, None) is not None for name in attributes) or \
+                    any(part in kind for part in class_parts):
+                return reason
+    for block in list(where.blocks)[block_index + 1:]:
+        try:
+            parameters = list(inspect.signature(block.forward).parameters.values())[1:]
+        except (TypeError, ValueError):
+            continue
+        needed = [p.name for p in parameters if p.default is inspect.Parameter.empty and p.name not in where.mask_args
+                  and p.kind in (inspect.Parameter.POSITIONAL_ONLY, inspect.Parameter.POSITIONAL_OR_KEYWORD)]
+        if needed:
+            return (f"its blocks need more than the tokens ({type(block).__name__}.forward takes "
+                    f"{', '.join(needed)}, the full grid's shape)")
+    return None
+
+
 def attach(model: nn.Module, token_select: Optional[TokenSelect] = None, block_index: int = 0) -> TokenSelect:
     """Put ``token_select`` after transformer block ``block_index`` of an unmodified ViT.
 
@@ -646,6 +756,11 @@ def attach(model: nn.Module, token_select: Optional[TokenSelect] = None, block_i
       ``CLIPModel``'s vision tower (1); grid ``config.image_size // config.patch_size``. Masked
       image modelling heads and ``*Backbone`` models are refused (they need every token).
 
+    Models whose later blocks cannot run on fewer tokens are refused with a ``ValueError`` naming the
+    model and why (``reduction_problem``: relative-position, rotary, gated positional or
+    class-attention models such as BEiT, ``vit_relpos_*``, EVA-02, ConViT, CaiT and XCiT), as is a
+    ``block_index`` that is not a block of the model (a ``TypeError`` for a non-integer).
+
     A forward hook on the block replaces its output, so nothing of the model's forward is copied,
     the model keeps its class and its state_dict keys (the operator has no parameters or
     buffers), and it also acts under gradient checkpointing (timm's segments and transformers'
@@ -659,13 +774,18 @@ def attach(model: nn.Module, token_select: Optional[TokenSelect] = None, block_i
     """
     if token_select is None:
         token_select = TokenSelect()
+    if isinstance(block_index, bool) or not isinstance(block_index, int):
+        raise TypeError(f"attach: block_index must be an integer, the block after which ToE acts; got {block_index!r}")
     where = placement(model, token_select)
-    if len(where.blocks) <= block_index:
-        if where.family == "timm":
-            raise ValueError(f"attach needs a model with at least {block_index + 1} blocks in model.blocks "
-                             f"(a timm VisionTransformer); got {type(model).__name__}")
-        raise ValueError(f"attach needs at least {block_index + 1} transformer blocks; "
-                         f"{type(model).__name__} has {len(where.blocks)}")
+    if not 0 <= block_index < len(where.blocks):  # -1 would silently mean the last block
+        raise ValueError(f"attach: block_index {block_index} is not a block of {type(model).__name__}, which has "
+                         f"{len(where.blocks)} transformer blocks (0 to {len(where.blocks) - 1}; 0 is the method's "
+                         "place)" if where.blocks else f"attach: {type(model).__name__} has no transformer blocks")
+    problem = reduction_problem(model, block_index)
+    if problem is not None:
+        raise ValueError(f"ToE cannot be attached to {type(model).__name__}: {problem}. Use a ViT with absolute "
+                         "position embeddings whose blocks see the class token (timm's VisionTransformer: deit_*, "
+                         "vit_*, deit3_*)")
     if getattr(model, "_toe_hook", None) is not None:
         detach(model)
     token_select.num_prefix_tokens = where.num_prefix_tokens

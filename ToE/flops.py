@@ -26,6 +26,8 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
+import sys
 from typing import Dict, List, Optional, Sequence
 
 import torch
@@ -33,7 +35,8 @@ from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
 
 import token_select
-from ToE.common.args import ParseKwargs, add_toe_args
+from ToE.common.args import ParseKwargs, add_toe_args, build_token_select
+from ToE.common.errors import UserError
 
 __all__ = ["ModelShape", "model_shape", "count_step_flops", "schedule_report", "format_report",
            "create_model", "build_parser", "main"]
@@ -44,15 +47,20 @@ class ModelShape(dict):
 
 
 def model_shape(model: nn.Module) -> ModelShape:
-    """Patch count, width, depth, prefix tokens, MLP ratio, patch and head sizes of ``model``."""
+    """Patch count, width, depth, prefix tokens, MLP ratio, patch and head sizes of ``model``. VPT's
+    prompt tokens (``ToE.common.vpt``) are prefix tokens here: in every block's sequence, never reduced."""
+    from ToE.common.vpt import prompt_tokens
+
     embed = model.patch_embed
     proj = embed.proj
     patch_dim = proj.in_channels * proj.kernel_size[0] * proj.kernel_size[1]
+    prompts = prompt_tokens(model)  # VPT: every block sees the prompts, shallow or deep
     return ModelShape(
         num_patches=int(embed.num_patches),
         embed_dim=int(model.embed_dim),
         depth=len(model.blocks),
-        num_prefix_tokens=int(model.num_prefix_tokens),
+        num_prefix_tokens=int(model.num_prefix_tokens) + prompts,
+        prompt_tokens=prompts,
         mlp_ratio=model.blocks[0].mlp.fc1.out_features / model.embed_dim,
         patch_dim=int(patch_dim),
         num_classes=int(model.num_classes),
@@ -115,12 +123,28 @@ def create_model(name: str, input_size: Optional[int] = None, patch_size: Option
         model_kwargs.setdefault("img_size", input_size)
     if patch_size is not None:
         model_kwargs.setdefault("patch_size", patch_size)
+    if not timm.is_model(name):
+        raise ValueError(f"unknown model {name!r}. Pick a timm ViT name, e.g. deit_small_patch16_224 (list them with: "
+                         "python -c \"import timm; print(timm.list_models('deit*'))\")")
+    extra = {key: value for key, value in model_kwargs.items() if key not in ("img_size", "patch_size")}
     try:
         model = timm.create_model(name, pretrained=False, **model_kwargs)
-    except RuntimeError as err:  # timm: "Unknown model (...)"
-        raise ValueError(str(err)) from None
+    except TypeError as err:  # a keyword the model does not take
+        if "img_size" in str(err) or "patch_size" in str(err):
+            raise ValueError(f"model {name!r} is not a timm VisionTransformer (it takes no image or patch size). Pick "
+                             "a ViT, e.g. deit_small_patch16_224") from None
+        raise ValueError(f"model {name!r} does not take --model-kwargs {_kwargs_text(extra)} ({err}). Fix "
+                         "--model-kwargs") from None
+    except Exception as err:  # noqa: BLE001 - timm and torch refuse impossible sizes with several types
+        raise ValueError(f"timm cannot build {name!r} with --model-kwargs {_kwargs_text(extra)} "
+                         f"({err.__class__.__name__}: {str(err).splitlines()[0] if str(err) else ''}). Fix "
+                         "--model-kwargs") from None
     if not hasattr(model, "blocks") or not hasattr(model, "patch_embed"):
-        raise ValueError(f"model {name!r} is not a timm VisionTransformer (no blocks / patch_embed)")
+        raise ValueError(f"model {name!r} is not a timm VisionTransformer (no blocks / patch_embed). Pick a ViT, e.g. "
+                         "deit_small_patch16_224")
+    if len(model.blocks) == 0:
+        raise ValueError(f"model {name!r} with --model-kwargs {_kwargs_text(extra)} has no transformer blocks, so "
+                         "there is nothing to price. Give it a depth of at least 1")
     patch = model.patch_embed.patch_size
     patch = int(patch[0] if isinstance(patch, (tuple, list)) else patch)
     size = input_size or int(model.patch_embed.img_size[0])
@@ -128,6 +152,10 @@ def create_model(name: str, input_size: Optional[int] = None, patch_size: Option
         raise ValueError(f"--input-size {size} is not a multiple of the patch size {patch}: the patches do not tile "
                          "the image. Pass an --input-size that is, or another --patch-size")
     return model
+
+
+def _kwargs_text(kwargs: Dict[str, object]) -> str:
+    return " ".join(f"{key}={value}" for key, value in kwargs.items()) or "(none)"
 
 
 def schedule_report(model: nn.Module, input_size: int, epochs: int, expansion_step: Sequence[int],
@@ -145,6 +173,7 @@ def schedule_report(model: nn.Module, input_size: int, epochs: int, expansion_st
     operator = token_select.TokenSelect(expansion_step, keep_rate, initialization_keep_rate,
                                         expansion_multiple_stage)
     token_select.attach(model, operator)
+    operator.num_prefix_tokens = shape["num_prefix_tokens"]  # VPT's prompts pass the operator as prefix tokens
     try:
         rows: List[Dict[str, object]] = []
         for stage in range(len(keep_rate) + 1):
@@ -207,7 +236,8 @@ def format_report(report: Dict[str, object], title: str = "") -> str:
     if title:
         lines += [title, ""]
     shape = report["shape"]
-    lines.append(f"{shape['num_patches']} patch tokens + {shape['num_prefix_tokens']} prefix, width "
+    prompts = f" ({shape['prompt_tokens']} of them VPT prompts)" if shape.get("prompt_tokens") else ""
+    lines.append(f"{shape['num_patches']} patch tokens + {shape['num_prefix_tokens']} prefix{prompts}, width "
                  f"{shape['embed_dim']}, depth {shape['depth']}; GFLOPs of one training step "
                  f"(forward + backward) per sample, attention included")
     lines.append("")
@@ -357,6 +387,10 @@ def build_parser() -> argparse.ArgumentParser:
     # The trainers' own ToE flags (one definition in ToE/common); --distance, --initialization
     # and --sparse-eval are accepted so a trainer command line can be pasted, and change no FLOPs.
     add_toe_args(parser)
+    parser.add_argument("--vpt", default=None, choices=["shallow", "deep"],
+                        help="Visual Prompt Tuning, as the trainers' --vpt: --prompt-tokens more tokens in every "
+                             "block's sequence, passed through by ToE (default: off)")
+    parser.add_argument("--prompt-tokens", type=int, default=10, help="prompt tokens per set with --vpt (default: 10)")
     parser.add_argument("--analytic-only", action="store_true",
                         help="skip the counted FLOPs (no model forward; instant)")
     parser.add_argument("--json", default=None, metavar="PATH", help="also write the report as JSON here")
@@ -376,33 +410,45 @@ def main(argv: Optional[Sequence[str]] = None) -> Dict[str, object]:
             raise ValueError(f"--epochs must be >= 1; got {args.epochs}")
         if args.input_size < 1 or (args.patch_size is not None and args.patch_size < 1):
             raise ValueError("--input-size and --patch-size must be positive")
-        token_select.validate_schedule(args.expansion_step, args.keep_rate, args.initialization_keep_rate,
-                                       args.expansion_multiple_stage)
+        build_token_select(args)  # the trainers' schedule check and message (it names the flags)
+        if args.json:
+            check_writable(args.json, "--json")  # before minutes of counting, not after
         model = create_model(args.model, args.input_size, args.patch_size, **args.model_kwargs)
-    except (ValueError, TypeError) as err:
+        if args.vpt:
+            if args.prompt_tokens < 1:
+                raise ValueError(f"--prompt-tokens must be >= 1 with --vpt; got {args.prompt_tokens}")
+            from ToE.common.vpt import add_prompts
+
+            add_prompts(model, args.prompt_tokens, deep=args.vpt == "deep")
+        segments = None
+        if args.curriculum:
+            from ToE.EfficientTrain.curriculum import plan_curriculum
+
+            # batches do not change FLOPs per sample: any that the planner accepts
+            segments = plan_curriculum(args.curriculum, args.epochs, args.input_size,
+                                       model.patch_embed.proj.kernel_size[0], 1, 1 << 20, table=args.segments)
+    except (ValueError, TypeError, UserError) as err:
         parser.error(str(err).splitlines()[0] if str(err) else repr(err))
+    unreached = [step for step in args.expansion_step if step >= args.epochs]
+    if unreached:  # as the trainers warn: the report prices the stages the run reaches
+        print(f"warning: ToE stages starting at epochs {unreached} are never reached in {args.epochs} epochs "
+              f"(--expansion-step {' '.join(map(str, args.expansion_step))}): the run ends in an earlier stage",
+              file=sys.stderr)
     report = schedule_report(model, args.input_size, args.epochs, args.expansion_step, args.keep_rate,
                              args.initialization_keep_rate, args.expansion_multiple_stage,
                              count=not args.analytic_only)
     report["args"] = vars(args)
     title = (f"{args.model} at {args.input_size} px, schedule {args.expansion_step} / {args.keep_rate} / "
-             f"r0 {args.initialization_keep_rate} / k {args.expansion_multiple_stage}")
+             f"r0 {args.initialization_keep_rate} / k {args.expansion_multiple_stage}"
+             + (f", {args.vpt} VPT with {args.prompt_tokens} prompt tokens" if args.vpt else ""))
     print(format_report(report, title))
     if type(model).__name__ not in ("VisionTransformer", "VisionTransformerDistilled"):
         print(f"note: {type(model).__name__} is not timm's VisionTransformer: the analytic formula knows a plain "
               "patch projection and class head only (LV-ViT's convolutional stem and dense head are not in it); "
               "trust the counted figures")
-    if args.curriculum:
-        from ToE.EfficientTrain.curriculum import plan_curriculum, segment_at
-        from ToE.common.errors import UserError
+    if segments is not None:
+        from ToE.EfficientTrain.curriculum import segment_at
 
-        patch = model.patch_embed.proj.kernel_size[0]
-        try:
-            # batches do not change FLOPs per sample: any that the planner accepts
-            segments = plan_curriculum(args.curriculum, args.epochs, args.input_size, patch, 1, 1 << 20,
-                                       table=args.segments)
-        except UserError as err:
-            parser.error(str(err))
         crops = [segment_at(segments, epoch).crop for epoch in range(segments[-1].end)]
         report["curriculum"] = curriculum_report(
             args.model, args.model_kwargs, args.input_size, args.patch_size, len(crops), crops, args.expansion_step,
@@ -413,9 +459,25 @@ def main(argv: Optional[Sequence[str]] = None) -> Dict[str, object]:
         print(format_curriculum(report["curriculum"], f"Curriculum {args.curriculum}, {len(crops)} epochs, crops "
                                 f"{crop_list} px, against full-token training at {args.input_size} px"))
     if args.json:
-        with open(args.json, "w") as handle:
-            json.dump(report, handle, indent=2)
+        try:
+            with open(args.json, "w") as handle:
+                json.dump(report, handle, indent=2)
+        except OSError as err:  # e.g. the disk filled up while counting
+            parser.error(f"cannot write --json {args.json} ({err.strerror or err.__class__.__name__}); the report "
+                         "above is complete")
     return report
+
+
+def check_writable(path: str, flag: str) -> None:
+    """A ValueError naming ``flag`` when a file cannot be written at ``path`` (a folder, a missing or read-only
+    folder above it), so that a calculation does not end in a traceback after its work."""
+    parent = os.path.dirname(os.path.abspath(path))
+    if os.path.isdir(path):
+        raise ValueError(f"{flag} {path} is a folder. Pass a file name, e.g. {os.path.join(path, 'report.json')}")
+    if not os.path.isdir(parent):
+        raise ValueError(f"{flag} {path}: the folder {parent} does not exist. Create it first, or pass another path")
+    if not os.access(parent, os.W_OK) or (os.path.exists(path) and not os.access(path, os.W_OK)):
+        raise ValueError(f"{flag} {path} cannot be written (no write permission). Pass a path you can write")
 
 
 if __name__ == "__main__":

@@ -284,3 +284,19 @@ def test_args_yaml_reruns_the_run(tmp_path):
     a = torch.load(first / "checkpoint.pth", map_location="cpu", weights_only=False)["model"]
     b = torch.load(again / "checkpoint.pth", map_location="cpu", weights_only=False)["model"]
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+@pytest.mark.parametrize("trainer", list(PARSERS))
+def test_ablation_flags_reach_the_operator(trainer):
+    from ToE.common.args import TOE_KEYS, build_token_select
+
+    flags = ["--initialization", "random", "--expansion", "none", "--merging", "drop", "--distance", "euclidean",
+             "--distance-rank", "published"]
+    args = parse(trainer, flags)
+    operator = build_token_select(args)
+    assert (operator.initialization, operator.expansion, operator.merging, operator.distance_rank) == \
+        ("random", "none", "drop", "published")
+    assert {"initialization", "expansion", "merging", "distance_rank"} <= set(TOE_KEYS)  # part of a run's identity
+    default = build_token_select(parse(trainer, []))
+    assert (default.initialization, default.expansion, default.merging, default.distance_rank) == \
+        ("stride", "farthest", "mean", "similarity")

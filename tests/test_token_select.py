@@ -16,7 +16,7 @@ EFFTRAIN = dict(expansion_step=[0, 100, 200], keep_rate=[0.6, 0.8, 1.0], initial
 # An independent reference, written per sample with Python lists from TOE_ALGORITHM.md.
 # ---------------------------------------------------------------------------------------------
 def reference_token_select(x, keep_rate, initialization_keep_rate, repetitions, stage, prefix=1,
-                           distance="cosine"):
+                           distance="cosine", rank="similarity", merging="mean"):
     out_rows, index_rows = [], []
     r0 = initialization_keep_rate
     num_stages = len(keep_rate)
@@ -26,7 +26,8 @@ def reference_token_select(x, keep_rate, initialization_keep_rate, repetitions, 
             a = a / a.norm(dim=-1, keepdim=True)
             b = b / b.norm(dim=-1, keepdim=True)
             return a @ b.T
-        return -torch.cdist(a, b, p=1.0 if distance == "manhattan" else 2.0)
+        distances = torch.cdist(a, b, p=1.0 if distance == "manhattan" else 2.0)
+        return distances if rank == "published" else -distances  # published: the raw distance
 
     for sample in x:
         head, patches = sample[:prefix], sample[prefix:]
@@ -54,7 +55,7 @@ def reference_token_select(x, keep_rate, initialization_keep_rate, repetitions, 
         assignment = score(patches[unselected], patches[selected]).argmax(dim=1).tolist()
         merged = []
         for j, s in enumerate(selected):
-            group = [patches[s]] + [patches[u] for u, a in zip(unselected, assignment) if a == j]
+            group = [patches[s]] + [patches[u] for u, a in zip(unselected, assignment) if a == j and merging == "mean"]
             merged.append(torch.stack(group).mean(dim=0))
         out_rows.append(torch.cat([head, torch.stack(merged)]))
         index_rows.append(list(range(prefix)) + [s + prefix for s in selected])
@@ -115,6 +116,85 @@ def test_parity_final_stage_below_one_and_other_token_counts():
         ref_out, ref_index = reference_token_select(x, config["keep_rate"], 0.4, 2, 2)
         assert torch.equal(index, ref_index)
         torch.testing.assert_close(out, ref_out, rtol=1e-12, atol=1e-12)
+
+
+# -- the paper's ablations: each component replaced by its plain alternative ----------------------
+ABLATION = dict(expansion_step=[0, 5, 10], keep_rate=[0.5, 0.75, 1.0], initialization_keep_rate=0.25)
+
+
+def _kept(index, prefix=1):
+    return [sorted((row[prefix:] - prefix).tolist()) for row in index]
+
+
+@pytest.mark.parametrize("distance", ["manhattan", "euclidean"])
+def test_ablation_published_distance_rank_is_the_published_codes_choice(distance):
+    torch.manual_seed(1)
+    x = torch.randn(2, 1 + 64, 8, dtype=torch.float64)
+    out, index = run_operator(x, ABLATION, 1, 2, distance=distance, distance_rank="published")
+    ref_out, ref_index = reference_token_select(x, [0.5, 0.75, 1.0], 0.25, 2, 1, distance=distance, rank="published")
+    assert torch.equal(index, ref_index)
+    torch.testing.assert_close(out, ref_out, rtol=1e-12, atol=1e-12)
+    _, ours = run_operator(x, ABLATION, 1, 2, distance=distance)
+    assert _kept(index) != _kept(ours)  # the switch changes what is kept
+    # cosine is a similarity already: the switch changes nothing there
+    cosine = run_operator(x, ABLATION, 1, 2, distance_rank="published")[1]
+    assert torch.equal(cosine, run_operator(x, ABLATION, 1, 2)[1])
+
+
+def test_ablation_merging_drop_keeps_the_same_tokens_unaveraged():
+    torch.manual_seed(2)
+    x = torch.randn(3, 1 + 64, 8, dtype=torch.float64, requires_grad=True)
+    out, index = run_operator(x, ABLATION, 2, 2, merging="drop")
+    merged_out, merged_index = run_operator(x, ABLATION, 2, 2)
+    assert torch.equal(index, merged_index)  # the same selection
+    torch.testing.assert_close(out, x.gather(1, index.unsqueeze(-1).expand(-1, -1, 8)), rtol=0, atol=0)
+    assert not torch.allclose(out, merged_out)  # the merge averaged the kept tokens
+    ref_out, ref_index = reference_token_select(x.detach(), [0.5, 0.75, 1.0], 0.25, 2, 2, merging="drop")
+    assert torch.equal(index, ref_index)
+    torch.testing.assert_close(out, ref_out, rtol=1e-12, atol=1e-12)
+    out.sum().backward()  # dropped tokens get no gradient, kept ones exactly one
+    grad = x.grad[:, 1:].abs().sum(-1)
+    kept = torch.zeros_like(grad, dtype=torch.bool).scatter_(1, index[:, 1:] - 1, True)
+    assert torch.all(grad[~kept] == 0) and torch.all(grad[kept] > 0)
+
+
+def test_ablation_random_initialization_draws_other_seeds_per_sample():
+    torch.manual_seed(3)
+    x = torch.randn(4, 1 + 64, 8)
+    config = dict(ABLATION, initialization_keep_rate=0.25)
+    torch.manual_seed(10)
+    _, index = run_operator(x, config, 1, 2, initialization="random")
+    torch.manual_seed(10)
+    _, again = run_operator(x, config, 1, 2, initialization="random")
+    _, stride = run_operator(x, config, 1, 2)
+    assert torch.equal(index, again)  # torch's generator decides: reproducible under a seed
+    seeds = [row[1:1 + 16].tolist() for row in index]  # the 16 seeds come first
+    stride_seeds = stride[0, 1:1 + 16].tolist()
+    assert all(len(set(row)) == 16 for row in seeds) and len({tuple(row) for row in seeds}) == 4
+    assert all(row != stride_seeds for row in seeds) and index.shape == stride.shape
+
+
+def test_ablation_random_expansion_keeps_the_seeds_and_adds_other_tokens():
+    torch.manual_seed(4)
+    x = torch.randn(4, 1 + 64, 8)
+    _, index = run_operator(x, ABLATION, 1, 2, expansion="random")
+    _, farthest = run_operator(x, ABLATION, 1, 2)
+    assert index.shape == farthest.shape
+    assert torch.equal(index[:, :17], farthest[:, :17])  # class token + the same 16 stride seeds
+    assert _kept(index) != _kept(farthest)
+
+
+@pytest.mark.parametrize("initialization", ["stride", "uniform"])
+def test_ablation_no_expansion_places_every_kept_token_by_the_initialization_rule(initialization):
+    torch.manual_seed(5)
+    x = torch.randn(2, 1 + 64, 8)
+    for stage, kept in ((1, 32), (2, 48)):
+        _, index = run_operator(x, ABLATION, stage, 2, expansion="none", initialization=initialization)
+        placed = T.seed_positions(64, kept / 64, initialization, count=kept)
+        assert _kept(index) == [sorted(placed)] * 2 and len(placed) == kept
+    _, ours = run_operator(x, ABLATION, 1, 2)
+    _, none = run_operator(x, ABLATION, 1, 2, expansion="none")
+    assert _kept(ours) != _kept(none) and _kept(none)[0] == list(range(0, 64, 2))  # stride 2 at rate 0.5
 
 
 def test_expanded_tokens_are_the_least_similar():
@@ -363,7 +443,10 @@ def test_float16_large_tokens_merge_without_overflow():
     (dict(expansion_step=[-1, 100, 200]), "non-negative whole epochs; got -1"),
     (dict(expansion_multiple_stage=0), "integer >= 1; got 0"),
     (dict(distance="cosinus"), "distance must be one of"),
-    (dict(initialization="random"), "initialization must be one of"),
+    (dict(initialization="spiral"), "initialization must be one of"),
+    (dict(expansion="greedy"), "expansion must be one of"),
+    (dict(merging="sum"), "merging must be one of"),
+    (dict(distance_rank="raw"), "distance_rank must be one of"),
 ])
 def test_bad_schedules_are_rejected_with_their_value(kwargs, message):
     with pytest.raises(ValueError) as error:

@@ -7,6 +7,7 @@ import importlib
 import re
 from typing import Callable, List, Optional, Sequence
 
+import token_select as operator_module
 from token_select import TokenSelect
 
 from .errors import UserError
@@ -14,7 +15,7 @@ from .errors import UserError
 
 # the flags that define the operator's schedule (stored with every checkpoint)
 TOE_KEYS = ("expansion_step", "keep_rate", "initialization_keep_rate", "expansion_multiple_stage", "distance",
-            "initialization")
+            "initialization", "expansion", "merging", "distance_rank")
 
 
 def add_toe_args(parser: argparse.ArgumentParser) -> argparse._ArgumentGroup:
@@ -31,9 +32,20 @@ def add_toe_args(parser: argparse.ArgumentParser) -> argparse._ArgumentGroup:
                        help="repetition steps of the expansion in each stage (default: 2)")
     group.add_argument("--distance", default="cosine", choices=["cosine", "manhattan", "euclidean"],
                        help="token similarity used to expand and merge (default: cosine)")
-    group.add_argument("--initialization", default="stride", choices=["stride", "uniform"],
+    group.add_argument("--initialization", default="stride", choices=list(operator_module.INITIALIZATIONS),
                        help="seed layout: 'stride' is the published rule, 'uniform' spreads seeds over "
-                            "the whole patch grid (default: stride)")
+                            "the whole patch grid, 'random' draws them per image (an ablation) (default: stride)")
+    group.add_argument("--expansion", default="farthest", choices=list(operator_module.EXPANSIONS),
+                       help="how each stage adds tokens: 'farthest' (ToE: the tokens least like anything kept), "
+                            "'random' (random tokens), 'none' (no expansion: all kept tokens placed by "
+                            "--initialization at the stage's keep rate) (default: farthest)")
+    group.add_argument("--merging", default="mean", choices=list(operator_module.MERGINGS),
+                       help="what happens to the tokens left out: 'mean' (ToE: averaged into the most similar kept "
+                            "token) or 'drop' (an ablation) (default: mean)")
+    group.add_argument("--distance-rank", default="similarity", choices=list(operator_module.DISTANCE_RANKS),
+                       help="how manhattan/euclidean rank tokens: 'similarity' (nearest = most alike, as cosine) or "
+                            "'published' (the published code's raw distance, which inverts that) (default: "
+                            "similarity)")
     group.add_argument("--sparse-eval", action="store_true",
                        help="also reduce tokens during evaluation (off by default: evaluation uses all tokens)")
     return group
@@ -49,6 +61,9 @@ def build_token_select(args: argparse.Namespace) -> TokenSelect:
             expansion_multiple_stage=args.expansion_multiple_stage,
             distance=args.distance,
             initialization=args.initialization,
+            expansion=args.expansion,
+            merging=args.merging,
+            distance_rank=args.distance_rank,
         )
     except ValueError as error:
         raise UserError(f"bad ToE schedule: {error}. Fix --expansion-step/--keep-rate/"

@@ -2,14 +2,17 @@
 
 from __future__ import annotations
 
+import contextlib
+import errno
 import os
 import random
-from typing import Any, Dict, Sequence
+import shutil
+from typing import Any, Dict, Iterator, Optional, Sequence
 
 import numpy as np
 import torch
 
-from .errors import UserError
+from .errors import UserError, WriteFailed
 
 
 def seed_everything(seed: int) -> None:
@@ -50,11 +53,124 @@ def set_rng_state(state: Dict[str, Any], device: torch.device) -> None:
         torch.cuda.set_rng_state(cuda_state, device)
 
 
-def save_checkpoint(state: Dict[str, Any], path: str) -> None:
-    """Write ``state`` to ``path`` atomically: a kill while saving leaves the old file intact."""
+def _size(count: float) -> str:
+    for unit in ("bytes", "kB", "MB"):
+        if count < 1000:
+            return f"{count:.0f} {unit}" if unit == "bytes" else f"{count:.1f} {unit}"
+        count /= 1000
+    return f"{count:.1f} GB"
+
+
+def write_problem(path: str, error: OSError, needed: Optional[int] = None) -> str:
+    """``error`` (met writing ``path``) as "cannot write PATH: <problem>. <fix>": a full disk names
+    the space left (and what the file needs, when known), a read-only folder says so."""
+    folder = os.path.dirname(os.path.abspath(path))
+    code = error.errno
+    if code in (errno.ENOSPC, errno.EDQUOT):
+        try:
+            free = f"{_size(shutil.disk_usage(folder).free)} free"
+        except OSError:
+            free = "free space unknown"
+        need = f", about {_size(needed)} needed" if needed else ""
+        what = "no space left on the device" if code == errno.ENOSPC else "the disk quota is used up"
+        return f"cannot write {path}: {what} of {folder} ({free}{need}). Free space there, or pass another --output_dir"
+    if code in (errno.EROFS, errno.EACCES, errno.EPERM):
+        return (f"cannot write {path}: {(error.strerror or 'permission denied').lower()} ({folder}). Make the "
+                "folder writable, or pass another --output_dir")
+    if code == errno.ENOENT and not os.path.isdir(folder):
+        return f"cannot write {path}: the folder {folder} no longer exists. Recreate it, or pass another --output_dir"
+    name = f" ({errno.errorcode[code]})" if code in errno.errorcode else ""
+    return (f"cannot write {path}: {error.strerror or error}{name}. Check the disk of {folder}, or pass another "
+            "--output_dir")
+
+
+@contextlib.contextmanager
+def writing(path: str, needed: Optional[int] = None) -> Iterator[None]:
+    """Turn an OSError while writing ``path`` (``needed``: its size in bytes, when known) into one
+    line (WriteFailed) that names the file, the problem and the fix."""
+    try:
+        yield
+    except OSError as error:
+        raise WriteFailed(write_problem(path, error, needed)) from None
+
+
+@contextlib.contextmanager
+def replacing(path: str, needed: Optional[int] = None) -> Iterator[str]:
+    """Write ``path`` atomically: the caller writes the yielded temporary path, which then replaces
+    ``path``. A kill leaves the old file intact; a failed write (WriteFailed) or an interrupted one
+    (Ctrl-C) also removes the partial file, so no ``.tmp`` is left behind and its space is free again."""
     tmp = f"{path}.tmp"
-    torch.save(state, tmp)
-    os.replace(tmp, path)
+    try:
+        yield tmp
+        os.replace(tmp, path)
+    except BaseException as error:
+        with contextlib.suppress(OSError):
+            os.remove(tmp)
+        if isinstance(error, OSError):  # told once the partial file is gone: the free space is what is left
+            raise WriteFailed(write_problem(path, error, needed)) from None
+        raise
+
+
+def _nbytes(value: Any) -> int:
+    """The bytes of the tensors in ``value`` (nested dicts, lists, tuples): about a checkpoint's size."""
+    if torch.is_tensor(value):
+        return value.numel() * value.element_size()
+    if isinstance(value, dict):
+        return sum(_nbytes(item) for item in value.values())
+    if isinstance(value, (list, tuple)):
+        return sum(_nbytes(item) for item in value)
+    return 0
+
+
+def save_checkpoint(state: Dict[str, Any], path: str) -> None:
+    """Write ``state`` to ``path`` atomically (``replacing``): a kill, a full disk or Ctrl-C while
+    saving leaves the old file intact and no partial file."""
+    needed = _nbytes(state)
+    # opened here, not by torch: a read-only or vanished folder is then an OSError that names itself
+    with replacing(path, needed) as tmp, open(tmp, "wb") as handle:
+        try:
+            torch.save(state, handle)
+        except RuntimeError as error:
+            # torch's zip writer reports a short write (what a full disk gives) as "unexpected pos"
+            if "unexpected pos" not in str(error):
+                raise
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC)) from None
+
+
+CHECKPOINTS = ("checkpoint.pth", "best_checkpoint.pth")
+
+
+def _holds(path: str) -> str:
+    """Where the run stood when ``path`` was written ("the end of epoch 3", "step 12 of epoch 4"),
+    read from the file (memory-mapped: its tensors are not read)."""
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+        position = state.get("position")
+        if position is not None:
+            return f"step {int(position['step'])} of epoch {int(position['epoch'])}"
+        return f"the end of epoch {int(state['epoch'])}"
+    except (Exception, KeyboardInterrupt):  # a foreign or unreadable file, or a second Ctrl-C
+        return "a state this trainer cannot read"
+
+
+def saved_state(output_dir: str, resume: str = "", advice: bool = True) -> str:
+    """What a stopped run leaves to continue from, read from the files in ``output_dir`` (not from
+    what the run meant to write: a stop during a write, or before training, tells the truth).
+    ``resume``: the --resume file the run started from, named when the folder holds no checkpoint;
+    ``advice``: add how to continue. The one "what was saved" text of every stop: Ctrl-C, a stop
+    signal, --time-limit, --stop-after-epochs, a failed write, a non-finite loss."""
+    if not output_dir:
+        saved = "nothing was saved (no --output_dir)"
+        return f"{saved}; {resume} is unchanged" if resume else saved
+    last, best = (os.path.join(output_dir, name) for name in CHECKPOINTS)
+    best_text = f" (best_checkpoint.pth: {_holds(best)})" if os.path.isfile(best) else ""
+    if os.path.isfile(last):
+        how = f"; continue with the same command and --auto-resume (or --resume {last})" if advice else ""
+        return f"{last} holds the run to {_holds(last)}{best_text}{how}"
+    if resume:
+        how = ": continue from it with the same command" if advice else ""
+        return f"no checkpoint was written in {output_dir}; {resume} is unchanged{how}"
+    return f"no checkpoint was written, nothing to resume{best_text}"
 
 
 def load_checkpoint(path: str) -> Dict[str, Any]:

@@ -35,14 +35,13 @@ from ToE.common.data import check_images, train_val_folders
 from ToE.common.distributed import all_reduce_sum
 from ToE.common.errors import UserError
 from ToE.common.pretrained import finetune
-from ToE.common.vpt import add_prompts, freeze_backbone
+from ToE.common.vpt import add_prompts, freeze_backbone, prompt_tokens
 from ToE.common.lifecycle import ConstantPlan, EpochPlan, SkipFirst, autocast, epoch_loader, to_device
 from ToE.common.transforms import build_eval_transform, build_train_transform
 
-# timm's VisionTransformer and its distilled subclass (and LV-ViT): blocks that see tokens only
-# through attention over the sequence they are given. Relative-position and rotary models (Eva,
-# BEiT, VisionTransformerRelPos) index their position tables by the full grid and cannot take a
-# reduced sequence.
+# The model classes the classification trainers build and are tested with: timm's VisionTransformer and
+# its distilled subclass, and LV-ViT. Why another model cannot take a reduced sequence at all (relative or
+# rotary positions, class attention, ...) is token_select.reduction_problem's to say, from the model itself.
 SUPPORTED_MODEL_CLASSES = ("VisionTransformer", "VisionTransformerDistilled", "LVViT")
 
 
@@ -174,7 +173,8 @@ class ClassificationTask:
             # a corrupt val image would otherwise surface only after the first epoch. Each process
             # decodes its share; the train split is not checked up front (its loader names a bad image)
             check_images(val_set, "val", range(self.env.rank, len(val_set), self.env.world_size),
-                         num_workers=args.num_workers)
+                         num_workers=args.num_workers,
+                         dali_device=self.device if args.data_backend == "dali" else None)  # the run's decoder
         return train_set, val_set
 
     def build_model(self, **extra) -> torch.nn.Module:
@@ -202,12 +202,14 @@ class ClassificationTask:
             freeze_backbone(model)
         token_select.attach(model, self.toe)
         if args.vpt:  # the prompts are prefix tokens for the operator: passed through, never merged or dropped
-            self.toe.num_prefix_tokens += args.prompt_tokens
+            self.toe.num_prefix_tokens += prompt_tokens(model)
         if args.token_drop == "random":
             # the baseline: PatchDropout keeps a random subset of the patch tokens before block 0, as
-            # many as ToE keeps after block 0 (the operator stays attached only to count them)
+            # many as ToE keeps after block 0 (the operator stays attached only to count them). It runs
+            # before block 0 puts VPT's prompts in, so its prefix is the model's own (class,
+            # distillation), not the operator's, which counts the prompts too
             token_select.detach(model)
-            model.patch_drop = PatchDropout(0.0, num_prefix_tokens=self.toe.num_prefix_tokens)
+            model.patch_drop = PatchDropout(0.0, num_prefix_tokens=int(model.num_prefix_tokens))
         return model.to(self.device)
 
     def build_targets(self):
@@ -279,10 +281,12 @@ class ClassificationTask:
         if patch_embed is None or not hasattr(patch_embed, "num_patches") or not hasattr(model, "blocks"):
             raise UserError(f"model {args.model} ({name}) has no patch embedding and transformer blocks for Token "
                             "Expansion to reduce. Pick a timm ViT, e.g. deit_small_patch16_224")
-        if name not in SUPPORTED_MODEL_CLASSES:
-            raise UserError(f"model {args.model} ({name}) uses relative or rotary position tables over the full "
-                            "token grid in every block, so it cannot run on the reduced sequence. Pick a model of "
-                            "timm's VisionTransformer family: deit_*, deit3_*, vit_* (not vit_relpos_*)")
+        problem = token_select.reduction_problem(model)  # what attach refuses, said before any training
+        if problem is not None or name not in SUPPORTED_MODEL_CLASSES:
+            raise UserError(f"model {args.model} ({name}) " + (f"cannot take Token Expansion: {problem}" if problem else
+                            "is not a model the classification trainers build and reduce (timm's VisionTransformer "
+                            "and LV-ViT)") + ". Pick a model of timm's VisionTransformer family: deit_*, deit3_*, "
+                            "vit_* (not vit_relpos_*)")
         patch = getattr(patch_embed, "patch_size", None)
         patch = int(patch[0] if isinstance(patch, (tuple, list)) else patch or 1)
         if args.input_size % patch:

@@ -33,6 +33,7 @@ timm's RandAugment policy maps onto DALI's ``auto_aug.rand_augment`` as follows:
 from __future__ import annotations
 
 import re
+import warnings
 from typing import Any, Iterator, List, Optional, Sequence, Tuple
 
 import numpy as np
@@ -41,6 +42,12 @@ from timm.data.constants import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 
 from .errors import LocalError, UserError
 
+# What DALI's image decoder reads (PIL's format names); PIL reads more (GIF, ICO, TGA, PCX...), so an image the
+# torch path trains on may be one DALI cannot decode
+DALI_FORMATS = ("JPEG", "PNG", "BMP", "TIFF", "PPM", "JPEG2000", "WEBP")
+# DALI's own RandAugment calls operators it has since renamed, and each epoch's new pipeline repeated the
+# deprecation warnings on stderr; nothing a user can change
+_DALI_INTERNAL_WARNINGS = r"WARNING: `nvidia\.dali\.fn\.experimental\.\w+` is now deprecated"
 INSTALL = "pip install nvidia-dali-cuda120 (or pip install -e \".[dali]\")"
 MAGNITUDE_BINS = 11  # timm's magnitudes run 0..10
 
@@ -156,21 +163,12 @@ class DaliLoader:
 
     def __init__(self, samples: Sequence[Tuple[str, int]], indices: Sequence[int], batch: int, drop_last: bool,
                  graph, device: torch.device, seed: int, threads: int, erase=None) -> None:
-        from nvidia.dali import pipeline_def
-
         self.samples, self.batch, self.device, self.erase = samples, batch, device, erase
         indices = list(indices)
         stop = len(indices) - len(indices) % batch if drop_last else len(indices)
         self.batches = [indices[start:start + batch] for start in range(0, stop, batch)]
-        gpu = device.type == "cuda"
-        def pipeline():  # a named function: DALI's conditionals (RandAugment) rewrite it from its source
-            return graph("mixed" if gpu else "cpu")
-
-        build = pipeline_def(enable_conditionals=True)(pipeline)
         # one batch at a time, fed before each run: nothing is read ahead of what the sampler says
-        self.pipe = build(batch_size=batch, num_threads=max(1, threads), seed=seed % (2 ** 31),
-                          device_id=(device.index or 0) if gpu else None, prefetch_queue_depth=1)
-        self.pipe.build()
+        self.pipe = _pipeline(graph, batch, device, threads, seed)
 
     def __len__(self) -> int:
         return len(self.batches)
@@ -181,12 +179,7 @@ class DaliLoader:
             yield self._run(paths, [self.samples[index][1] for index in batch])
 
     def _run(self, paths: List[str], labels: List[int]):
-        try:
-            encoded = [np.fromfile(path, dtype=np.uint8) for path in paths]
-        except OSError as error:
-            raise LocalError(f"cannot read image {error.filename} ({error.__class__.__name__}). Remove or replace "
-                             "that file") from None
-        self.pipe.feed_input("encoded", encoded)
+        self.pipe.feed_input("encoded", _encoded(paths))
         self.pipe.feed_input("labels", [np.array(label, dtype=np.int64) for label in labels])
         try:
             images, targets = self.pipe.run()
@@ -203,16 +196,120 @@ class DaliLoader:
         feed_ndarray(dense, out, cuda_stream=stream)
         return self.erase(out) if self.erase is not None else out
 
-    @staticmethod
-    def _unreadable(paths: List[str], error: RuntimeError) -> Exception:
-        """The file of the batch DALI could not decode, named as the torch path names it."""
-        from .data import load_rgb
+    def _unreadable(self, paths: List[str], error: RuntimeError) -> Exception:
+        """The file of the batch DALI could not decode, found by decoding the batch's files one by one (on a
+        failure only) and named as the torch path names a bad image."""
+        problems = undecodable(paths, self.device)
+        if problems:
+            _, problem, fix = problems[0]
+            also = f" (and {len(problems) - 1} more of this batch)" if len(problems) > 1 else ""
+            return LocalError(f"{problem}{also}. {fix}")
+        return LocalError(f"DALI failed on a batch of {len(paths)} images whose files each decode alone "
+                          f"({_first_line(error)}), first {paths[0]}. Use --data-backend torch, and report it")
 
-        for path in paths:
-            load_rgb(path)  # a LocalError naming the file when PIL cannot read it either
-        first = next((line.strip() for line in str(error).splitlines() if "failure" in line or "Error" in line), "")
-        return LocalError(f"DALI could not decode one of {len(paths)} images ({first or 'decoder error'}), first "
-                          f"{paths[0]}. Check the files of that batch, or use --data-backend torch")
+
+def decoder_device(device: torch.device) -> str:
+    """Where DALI decodes for a run on ``device``: "mixed" (nvJPEG on the GPU) with a GPU, else "cpu"."""
+    return "mixed" if device.type == "cuda" else "cpu"
+
+
+def _pipeline(graph, batch: int, device: torch.device, threads: int, seed: int = 0):
+    """A built DALI pipeline of ``graph(decoder)`` (``decoder_device``), ``batch`` samples at most per run."""
+    from nvidia.dali import pipeline_def
+
+    def pipeline():  # a named function: DALI's conditionals (RandAugment) rewrite it from its source
+        return graph(decoder_device(device))
+
+    gpu = device.type == "cuda"
+    with warnings.catch_warnings():  # restores warnings.showwarning on the way out
+        # (DALI resets the warning filters around its own warning, so only the display can leave it out)
+        show = warnings.showwarning
+
+        def shown(message, *args, **kwargs):
+            if not re.match(_DALI_INTERNAL_WARNINGS, str(message)):
+                show(message, *args, **kwargs)
+
+        warnings.showwarning = shown
+        pipe = pipeline_def(enable_conditionals=True)(pipeline)(
+            batch_size=batch, num_threads=max(1, threads), seed=seed % (2 ** 31),
+            device_id=(device.index or 0) if gpu else None, prefetch_queue_depth=1)
+        pipe.build()
+    return pipe
+
+
+def _decode_graph(decoder: str):
+    """The decoder alone: what the up-front check and the search for a bad file run."""
+    from nvidia.dali import fn, types
+
+    return fn.decoders.image(fn.external_source(name="encoded", dtype=types.UINT8), device=decoder,
+                             output_type=types.RGB)
+
+
+def _first_line(error: BaseException) -> str:
+    """The line of a DALI error that says what failed (its text is a multi-line report)."""
+    lines = [line.strip() for line in str(error).splitlines() if line.strip()]
+    return next((line for line in lines if "failure" in line or "rror" in line.split(" ")[0]),
+                lines[-1] if lines else "decoder error")
+
+
+def _why(path: str, error: BaseException) -> Tuple[str, str, str]:
+    """(path, problem, fix) of an image DALI could not decode: PIL's reason when PIL cannot read it either,
+    else the format DALI does not read (PIL opens GIF, ICO, TGA, PCX...), else DALI's own error."""
+    from PIL import Image
+
+    from .data import unreadable
+
+    pil = unreadable(path)
+    if pil is not None:
+        return pil
+    with Image.open(path) as image:
+        kind = image.format
+    if kind not in DALI_FORMATS:
+        return (path, f"image {path} is {kind}, a format DALI does not decode (it decodes JPEG, PNG, BMP, TIFF, "
+                      "PNM, JPEG 2000 and WebP)", "Convert it to PNG or JPEG, or use --data-backend torch")
+    return (path, f"DALI cannot decode image {path} ({kind}: {_first_line(error)}), though PIL reads it",
+            "Re-encode it (e.g. as PNG), or use --data-backend torch")
+
+
+def _encoded(paths: Sequence[str]) -> List[np.ndarray]:
+    try:
+        return [np.fromfile(path, dtype=np.uint8) for path in paths]
+    except OSError as error:
+        raise LocalError(f"cannot read image {error.filename} ({error.__class__.__name__}). Remove or replace "
+                         "that file") from None
+
+
+def undecodable(paths: Sequence[str], device: torch.device, threads: int = 1,
+                batch: int = 64) -> List[Tuple[str, str, str]]:
+    """(path, problem, fix) of each of ``paths`` that DALI's decoder cannot decode on ``device``'s decoder.
+
+    Decodes ``batch`` files per run; only a batch that fails is decoded again file by file (in a fresh
+    pipeline after each failure: DALI marks a pipeline invalid after an error), so the cost is one decode
+    of every file, as the torch path's check with PIL."""
+    paths = list(paths)
+    if not paths:
+        return []
+    problems: List[Tuple[str, str, str]] = []
+    pipe = _pipeline(_decode_graph, min(batch, len(paths)), device, threads)
+    for start in range(0, len(paths), batch):
+        chunk = paths[start:start + batch]
+        pipe.feed_input("encoded", _encoded(chunk))
+        try:
+            pipe.run()
+            continue
+        except RuntimeError:
+            pass
+        single = None
+        for path in chunk:  # the failing batch, one file at a time
+            single = single or _pipeline(_decode_graph, 1, device, 1)
+            single.feed_input("encoded", _encoded([path]))
+            try:
+                single.run()
+            except RuntimeError as error:
+                problems.append(_why(path, error))
+                single = None
+        pipe = _pipeline(_decode_graph, min(batch, len(paths)), device, threads)
+    return problems
 
 
 def train_loader(samples, indices, batch: int, crop: int, args, policy: str, device: torch.device,

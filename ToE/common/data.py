@@ -10,7 +10,9 @@ Three ways a data folder can train or evaluate wrongly without failing are close
   instead of scaling it, so a 16-bit PNG turns almost white. :func:`load_rgb` scales 16-bit
   images to 8 bits and refuses, by name, the modes whose range it cannot know.
 * a corrupt validation image: found only by the first evaluation, after a whole training epoch.
-  :func:`check_images` decodes every image of a split up front, in parallel.
+  :func:`check_images` decodes every image of a split up front, in parallel, with the decoder the
+  run will use: PIL for the torch path, DALI's decoder for ``--data-backend dali`` (PIL reads
+  formats DALI does not, such as GIF, and the two libraries differ on damaged files).
 """
 
 from __future__ import annotations
@@ -19,6 +21,7 @@ import os
 from typing import List, Optional, Sequence, Tuple
 
 import numpy as np
+import torch
 from PIL import Image
 from torch.utils.data import DataLoader
 from torchvision import datasets
@@ -157,31 +160,41 @@ def train_val_folders(root: str, train_transform=None, eval_transform=None
     return train_set, val_set
 
 
+def unreadable(path: str) -> Optional[Tuple[str, str, str]]:
+    """(path, problem, fix) when ``load_rgb`` cannot read ``path`` as 8-bit RGB, else None."""
+    try:
+        _read_rgb(path)
+    except _Unreadable as error:
+        return path, error.problem, error.fix
+    return None
+
+
 def _read_batch(paths: List[str]) -> List[Tuple[str, str, str]]:
     """DataLoader ``collate_fn``: decode each path (in the worker); return (path, problem, fix) of the bad ones."""
-    problems = []
-    for path in paths:
-        try:
-            _read_rgb(path)
-        except _Unreadable as error:
-            problems.append((path, error.problem, error.fix))
-    return problems
+    return [problem for problem in map(unreadable, paths) if problem is not None]
 
 
 def check_images(dataset: datasets.ImageFolder, split: str, indices: Optional[Sequence[int]] = None,
-                 num_workers: int = 0, batch_size: int = 64) -> None:
+                 num_workers: int = 0, batch_size: int = 64, dali_device: Optional[torch.device] = None) -> None:
     """Decode the images of ``dataset`` (those at ``indices``, default all) with the training loader.
 
     Runs in ``num_workers`` DataLoader workers, ``batch_size`` file paths per task, and reads
     every image once (no transform). Any image the loader could not read is a UserError that
     names it (and counts the others), so a bad file fails the set-up, not an evaluation.
+    ``dali_device``: the run reads with DALI (``--data-backend dali``) on this device, so DALI's decoder
+    decodes every image instead of PIL (one decode per image too; on a GPU, nvJPEG, faster than PIL).
     """
     paths = [path for path, _ in dataset.samples]
     if indices is not None:
         paths = [paths[index] for index in indices]
-    loader = DataLoader(paths, batch_size=batch_size, shuffle=False, num_workers=num_workers,
-                        collate_fn=_read_batch, persistent_workers=False)
-    problems = [problem for batch in loader for problem in batch]
+    if dali_device is not None:
+        from .dali import undecodable
+
+        problems = undecodable(paths, dali_device, threads=num_workers, batch=batch_size)
+    else:
+        loader = DataLoader(paths, batch_size=batch_size, shuffle=False, num_workers=num_workers,
+                            collate_fn=_read_batch, persistent_workers=False)
+        problems = [problem for batch in loader for problem in batch]
     if not problems:
         return
     _, problem, fix = problems[0]

@@ -35,6 +35,12 @@ class LocalError(UserError):
     process that meets it prints it, as the others cannot know it."""
 
 
+class WriteFailed(UserError):
+    """A run output (checkpoint, log, args.yaml) could not be written: a full disk, a read-only or
+    vanished folder. Told in one line like a user error, as the user can fix it; what was written
+    before stays intact (the trainer adds what the output folder holds)."""
+
+
 def _rank() -> int:
     return int(os.environ.get("RANK", "0") or 0)
 

@@ -804,7 +804,9 @@ def _run_check(name: str, ctx: Context) -> Dict[str, Any]:
 
 
 def parse_args(argv=None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description="Check every CUDA path of this install (CPU stand-ins without a GPU)")
+    from ToE.common.args import OneLineParser
+
+    parser = OneLineParser(description="Check every CUDA path of this install (CPU stand-ins without a GPU)")
     parser.add_argument("--out", default=os.environ.get("TOE_GPU_CHECK_OUT", ""),
                         help="folder for the runs, logs and the JSON report (default: $TOE_GPU_CHECK_OUT, else a "
                              "new temporary folder)")
@@ -816,7 +818,44 @@ def parse_args(argv=None) -> argparse.Namespace:
                         help="trainer checks (subprocesses) run at a time (default: 2; 1 runs everything in turn)")
     parser.add_argument("--quick", action="store_true", help="fewer timing repeats in the speed check")
     parser.add_argument("--list", action="store_true", help="list the checks and exit")
-    return parser.parse_args(argv)
+    args = parser.parse_args(argv)
+    if args.jobs < 1:
+        parser.error(f"--jobs {args.jobs}: give at least 1 (the trainer checks run that many at a time)")
+    if not args.list and not [n for n in CHECKS if n in (args.only or CHECKS) and n not in args.skip]:
+        parser.error("--only and --skip leave no check to run. Skip fewer checks")
+    if not args.list and args.out:
+        try:
+            check_out_folder(Path(args.out))
+        except ValueError as error:  # one line, as a trainer's user error (no usage text, no traceback)
+            print(f"error: {error}", file=sys.stderr)
+            sys.exit(2)
+    return args
+
+
+# what gpu_check writes into its output folder (a folder holding only these is an earlier gpu_check's)
+OUT_ENTRIES = ("data", "runs", "logs", "gpu_check.json", "speed.json")
+
+
+def check_out_folder(out: Path) -> None:
+    """A ValueError that names the problem and the fix when ``out`` cannot be gpu_check's output folder: a file,
+    a folder that cannot be made or written, or a folder with other files (gpu_check replaces its own runs in
+    OUT/runs, so it writes only into a new or empty folder, or an earlier gpu_check's)."""
+    flag = f"--out {out}" + (" ($TOE_GPU_CHECK_OUT)" if os.environ.get("TOE_GPU_CHECK_OUT") == str(out) else "")
+    if out.exists() and not out.is_dir():
+        raise ValueError(f"{flag} is a file, not a folder. Pass a new folder for the runs, logs and report")
+    if out.is_dir():
+        others = sorted(entry.name for entry in out.iterdir() if entry.name not in OUT_ENTRIES)
+        if others:
+            raise ValueError(f"{flag} holds other files ({', '.join(others[:3])}{', ...' if len(others) > 3 else ''}) "
+                             "and gpu_check writes data/, runs/ and logs/ into it. Pass a new or empty folder")
+        if not os.access(out, os.W_OK | os.X_OK):
+            raise ValueError(f"{flag} cannot be written (no permission). Pass a folder you can write")
+        return
+    try:
+        out.mkdir(parents=True)
+    except OSError as error:  # a file on the way, no permission, a read-only disk
+        raise ValueError(f"{flag} cannot be made ({error.strerror or error.__class__.__name__}: "
+                         f"{error.filename or out}). Pass a folder you can write") from None
 
 
 def main(argv=None) -> int:

@@ -12,12 +12,58 @@
 # flag, data or checkpoint mistake reads as one line, not once per process plus torchrun's
 # report); a single process runs MAIN_PY directly. --auto-resume is added unless the flags hold
 # --resume, --eval, --overwrite or --auto-resume: running the same command again continues the run.
+# The exit code is the trainer's either way: 0 done, 2 a user error, 3 stopped early with a
+# checkpoint (a stop signal, --time-limit), 130 Ctrl-C, anything else a failure.
 
 TOE_ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/../.." && pwd)"
 
 toe_fail() {
   echo "error: $*" >&2
   exit 2
+}
+
+# The argument checks every script shares (the run scripts, run/demo.sh, run/slurm.sh,
+# generate_labels.sh): a bad value is one line and exit 2, before anything is run or written.
+# toe_int NAME VALUE MIN [MAX] [FIX]: VALUE (of the variable or argument NAME) is a whole number
+# from MIN (to MAX); FIX, when given, ends the message instead of the range
+toe_int() {
+  local name="$1" value="$2" min="$3" max="${4:-}" fix="${5:-}"
+  local range="a whole number of at least $min"
+  [ -z "$max" ] || range="a whole number from $min to $max"
+  # 10#: a leading zero is not octal; at most 9 digits: no overflow
+  if [[ ! "$value" =~ ^[0-9]{1,9}$ ]] || (( 10#$value < min )) || { [ -n "$max" ] && (( 10#$value > max )); }; then
+    toe_fail "$name is '$value', not $range. ${fix:-Set it to $range}"
+  fi
+}
+
+# toe_positionals USAGE_FUNCTION "bash SCRIPT NAME..." ARGS...: the script's positional arguments NAME...
+# (DATA, OUT, ...) are given and none is a flag. -h/--help prints the usage (exit 0), and so does a
+# call without arguments (exit 2); a missing argument, or a flag in its place, is one line naming it.
+toe_positionals() {
+  local usage="$1" line="$2" name
+  local -a names
+  read -ra names <<< "${line#bash * }"
+  shift 2
+  case "${1:-}" in -h|--help) "$usage"; exit 0 ;; esac
+  [ "$#" -gt 0 ] || { "$usage"; exit 2; }
+  for name in "${names[@]}"; do
+    case "${1:-}" in
+      '') toe_fail "$name is missing. usage: $line [extra args] (--help explains)" ;;
+      -*) toe_fail "$name is missing: '$1' stands in its place (flags go after the positional arguments). usage:" \
+                   "$line [extra args] (--help explains)" ;;
+    esac
+    shift
+  done
+}
+
+# toe_dry_run: whether DRY_RUN=1 (print the command only); any value but 1, 0 or none is refused,
+# so that a mistyped DRY_RUN=yes never starts the real run
+toe_dry_run() {
+  case "${DRY_RUN:-0}" in
+    1) return 0 ;;
+    0) return 1 ;;
+    *) toe_fail "DRY_RUN is '$DRY_RUN'. Set DRY_RUN=1 to print the command only, or leave it unset to run it" ;;
+  esac
 }
 
 toe_python() {
@@ -41,18 +87,19 @@ toe_run() {
   if [ -z "$nproc" ]; then
     if [ "$gpus" -gt 0 ]; then nproc="$gpus"; else nproc=1; fi
   fi
-  case "$nproc" in ''|*[!0-9]*|0) toe_fail "NPROC must be a positive integer, not '$nproc'" ;; esac
+  toe_int NPROC "$nproc" 1 "" "Set NPROC to the processes per machine (e.g. the GPUs), or unset it"
 
   local nnodes="${NNODES:-1}" node_rank="${NODE_RANK:-0}"
-  case "$nnodes" in ''|*[!0-9]*|0) toe_fail "NNODES must be a positive integer, not '$nnodes'" ;; esac
-  case "$node_rank" in ''|*[!0-9]*) toe_fail "NODE_RANK must be an integer from 0 to NNODES-1, not '$node_rank'" ;; esac
-  [ "$node_rank" -lt "$nnodes" ] || toe_fail "NODE_RANK $node_rank is not below NNODES $nnodes"
+  toe_int NNODES "$nnodes" 1 "" "Set NNODES to the number of machines, or unset it for one"
+  toe_int NODE_RANK "$node_rank" 0 "$((10#$nnodes - 1))" "Set NODE_RANK to this machine's rank, 0 to NNODES-1"
+  nproc=$((10#$nproc)) nnodes=$((10#$nnodes)) node_rank=$((10#$node_rank))
   local master_addr="${MASTER_ADDR:-}"
   if [ -z "$master_addr" ]; then
     [ "$nnodes" -eq 1 ] || toe_fail "set MASTER_ADDR to the address of machine 0 when NNODES > 1"
     master_addr=127.0.0.1
   fi
   local master_port="${MASTER_PORT:-}"
+  [ -z "$master_port" ] || toe_int MASTER_PORT "$master_port" 1 65535 "Set MASTER_PORT to a free TCP port, or unset it"
   if [ -z "$master_port" ]; then
     if [ "$nnodes" -gt 1 ]; then
       master_port=29500  # every machine must agree, so no random pick
@@ -72,11 +119,13 @@ toe_run() {
 
   local launcher=()
   if [ "$nproc" -gt 1 ] || [ "$nnodes" -gt 1 ]; then
-    launcher=(-m torch.distributed.run --nnodes "$nnodes" --node_rank "$node_rank" --nproc_per_node "$nproc"
-              --master_addr "$master_addr" --master_port "$master_port")
+    # torchrun through ToE/common/torchrun.py: a clean preemption ends with exit 3 (a user error met
+    # after the start, 2) and the trainer's one line, not torchrun's report of a crash and exit 1
+    launcher=("$TOE_ROOT/ToE/common/torchrun.py" --nnodes "$nnodes" --node_rank "$node_rank"
+              --nproc_per_node "$nproc" --master_addr "$master_addr" --master_port "$master_port")
   fi
   local cmd=("$python" "${launcher[@]}" "$main" "${flags[@]}")
-  if [ "${DRY_RUN:-0}" = "1" ]; then
+  if toe_dry_run; then
     printf '%q ' "${cmd[@]}"
     printf '\n'
     return 0
@@ -102,15 +151,10 @@ USAGE
 }
 
 toe_launch() {
-  if [ "$#" -lt 2 ] || [ -z "$1" ] || [ -z "$2" ]; then
-    toe_usage
-    exit 2
-  fi
-  case "$1" in -h|--help) toe_usage; exit 0 ;; -*) toe_usage; exit 2 ;; esac
-  case "$2" in -*) toe_usage; exit 2 ;; esac
+  toe_positionals toe_usage "bash run/$SCRIPT DATA OUT" "$@"
   local data="$1" out="$2"
   shift 2
   # checked here too, so the most common mistake reads as one line even under torchrun
-  [ -d "$data" ] || [ "${DRY_RUN:-0}" = "1" ] || toe_fail "data folder $data does not exist. Pass the ImageNet folder (with train/ and val/) as the first argument"
+  [ -d "$data" ] || toe_dry_run || toe_fail "data folder $data does not exist. Pass the ImageNet folder (with train/ and val/) as the first argument"
   toe_run "$TOE_MAIN" --config "$CONFIG" --data-path "$data" --output_dir "$out" "$@"
 }

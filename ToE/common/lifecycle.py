@@ -43,12 +43,13 @@ from tqdm import tqdm
 
 from ToE.common.args import TOE_KEYS, build_token_select
 from ToE.common.checkpoint import (check_resume_args, frozen_checksum, load_checkpoint, rng_state, save_checkpoint,
-                                   seed_everything, trained_state,
-                                   set_rng_state)
+                                   saved_state, seed_everything, set_rng_state, trained_state)
 from ToE.common.distributed import all_reduce_sum, barrier, cleanup, gather_ints, init_distributed
-from ToE.common.errors import Preempted, TrainingInterrupted, TrainingStopped, UserError
+from ToE.common.errors import Preempted, TrainingInterrupted, TrainingStopped, UserError, WriteFailed
+from ToE.common.lock import OutputLock
 from ToE.common.log import RunLog, check_no_other_run, check_output_dir, remove_run_outputs, save_args
-from ToE.common.preemption import StopWatch
+from ToE.common.preemption import StopSignal, StopWatch
+from ToE.common.pretrained import check_resumable, misfit
 
 # Flags that do not change what a run computes: a resume may give other values. Every other flag
 # is part of the run's identity and must match its checkpoint (the epoch count is checked apart:
@@ -163,24 +164,53 @@ class Run:
 
     def __init__(self, args: argparse.Namespace, task_class) -> None:
         self.args = args
+        self.resume_path = args.resume  # until the set-up picks --auto-resume's file
+        self.watch = StopWatch(args.time_limit)
+        # one writer per output folder: the set-up takes the lock; a run refused during it gives it back
+        self.output_lock = OutputLock("" if args.eval else args.output_dir)
+        # A stop signal or Ctrl-C while the run sets up (data, labels, model, resume file) ends it at
+        # once, in one line that says what the output folder holds; once training runs, a signal is
+        # acted on at the next stop check (with a checkpoint) instead.
+        try:
+            with StopWatch.at_once(), self.output_lock.released_on_error():
+                self._set_up(task_class)
+        except StopSignal as stop:
+            raise Preempted(f"{stop} {self._before()}; {self._saved_message()}") from None
+        except KeyboardInterrupt:
+            raise TrainingInterrupted(f"{self._before()}; {self._saved_message()}") from None
+
+    def _before(self) -> str:
+        return "before the evaluation started" if self.args.eval else "before training started"
+
+    def _set_up(self, task_class) -> None:
+        args = self.args
         # Flag mistakes fail first, before any data, model or output is touched.
         self.toe = build_token_select(args)
         warnings = task_class.check_flags(args)
-        self.resume_path = auto_resume_path(args) if args.auto_resume and not args.eval else args.resume
         if args.output_dir:
             check_output_dir(args.output_dir)
+        # the writing process holds the folder's lock from here to the end, before it reads what the folder
+        # holds (--auto-resume's checkpoint); --check-only only looks, --eval writes no run (no lock)
+        if args.check_only:
+            self.output_lock.check()
+        else:
+            self.output_lock.claim()
+        self.resume_path = auto_resume_path(args) if args.auto_resume and not args.eval else args.resume
         if args.output_dir and not args.eval:
             check_no_other_run(args.output_dir, self.resume_path, args.overwrite)
         checkpoint: Dict[str, Any] = {}
         stored: Dict[str, Any] = {}
         if self.resume_path:
-            checkpoint = load_checkpoint(self.resume_path)
+            # pretrained weights are no run to continue: --eval evaluates them, training points to --finetune
+            checkpoint = check_resumable(self.resume_path, load_checkpoint(self.resume_path), args)
             stored = checkpoint.get("args") or {}
             keys = task_class.weights_must_match if args.eval else [k for k in vars(args) if k not in NOT_IDENTITY]
             check_resume_args(self.resume_path, stored, vars(args), keys)
-            if args.eval and all(key in stored for key in TOE_KEYS):
+            if args.eval and all(key in stored for key in TOE_KEYS[:5]):
                 # --eval --sparse-eval reduces as the checkpoint's own schedule did in its last epoch
-                self.toe = build_token_select(argparse.Namespace(**{**vars(args), **{k: stored[k] for k in TOE_KEYS}}))
+                # (a checkpoint from before a switch existed trained with its default)
+                self.toe = build_token_select(argparse.Namespace(**{**vars(args),
+                                                                    **{k: stored[k] for k in TOE_KEYS if k in stored}}))
         self.env = init_distributed("cpu" if args.check_only else args.device)
         self.device = self.env.device
         # --check-only runs on the CPU, but checks the precision of the device the run will use
@@ -205,12 +235,10 @@ class Run:
             self.model = torch.nn.parallel.DistributedDataParallel(model, device_ids=device_ids)
         self.model_ema = self._new_ema() if task.ema_decay is not None else None
         self.scaler = torch.amp.GradScaler("cuda", enabled=self.amp_dtype == torch.float16)
-        self.watch = StopWatch(args.time_limit)
         self.start_epoch = args.start_epoch
         self.best = 0.0
         self.position: Optional[Dict[str, Any]] = None  # where inside an epoch a preempted run stopped
         self.rng: Optional[Dict[str, Any]] = None  # this process's RNG state to restore on resume
-        self.last_checkpoint: Optional[str] = None  # what an interruption leaves to resume from
         self.finished = False  # --auto-resume found a run that has trained all its epochs
         self.log = RunLog("", enabled=False)  # opened in fit(), once the outputs are set up
         if self.resume_path:
@@ -233,13 +261,13 @@ class Run:
             raise UserError(f"resume file {path} has {stored_classes} classes, the data in {args.data_path} has "
                             f"{task.num_classes}. Resume with the data set it was trained on")
         frozen = {name for name, parameter in task.model.named_parameters() if not parameter.requires_grad}
-        try:
-            missing, unexpected = task.model.load_state_dict(checkpoint["model"], strict=not frozen)
-            if set(missing) - frozen or unexpected:
-                raise RuntimeError(f"missing {sorted(set(missing) - frozen)[:3]}, unexpected {unexpected[:3]}")
-        except (KeyError, RuntimeError) as error:
-            raise UserError(f"resume file {path} does not fit {task.misfit[0]} ({error.__class__.__name__}). "
-                            f"{task.misfit[1]}") from None
+        # what does not fit, by name (frozen weights, VPT's backbone, come from --finetune, not from the file)
+        own, weights = task.model.state_dict(), checkpoint["model"]
+        problem = misfit(sorted(set(own) - set(weights) - frozen), sorted(set(weights) - set(own)),
+                         sorted(key for key in set(own) & set(weights) if own[key].shape != weights[key].shape))
+        if problem:
+            raise UserError(f"resume file {path} does not fit {task.misfit[0]} ({problem}). {task.misfit[1]}")
+        task.model.load_state_dict(weights, strict=False)
         if frozen and checkpoint.get("frozen_checksum") != frozen_checksum(task.model):
             raise UserError(f"resume file {path} was tuned on other frozen weights than those of --finetune "
                             f"{getattr(args, 'finetune', '')}. Pass the backbone it was tuned from")
@@ -279,7 +307,6 @@ class Run:
                 if env.is_main:
                     print(f"note: {path} holds no EMA weights; the EMA starts from its model weights", flush=True)
         self.best = float(checkpoint.get(f"best_{task.best_metric}", 0.0))
-        self.last_checkpoint = path
         self.rng = self._rng_to_restore(checkpoint, path)
 
     def _load_scaler(self, state: Optional[Dict[str, Any]], stored: Dict[str, Any]) -> None:
@@ -336,6 +363,7 @@ class Run:
                     print(f"the run in {args.output_dir} has trained all {self.epochs} epochs: nothing to do "
                           "(raise --epochs to train longer)")
                 return
+            self.watch.install()  # from here a stop signal is acted on at the next check, with a checkpoint
             self._start_outputs()
             if env.is_main:
                 print(f"{task.describe()}; ToE stages start at epochs {args.expansion_step}; "
@@ -345,17 +373,26 @@ class Run:
             last_epoch = self.epochs
             if args.stop_after_epochs is not None:
                 last_epoch = min(self.epochs, self.start_epoch + args.stop_after_epochs)
-            self.watch.install()
             for epoch in range(self.start_epoch, last_epoch):
                 self.train_epoch(epoch)
                 if epoch + 1 < last_epoch and self._agreed_stop():
-                    raise Preempted(f"{self.watch.reason()} after epoch {epoch}; {self._continue_message()}")
+                    raise Preempted(f"{self.watch.reason()} after epoch {epoch}; {self._saved_message()}")
+            if last_epoch < self.epochs and env.is_main:
+                print(f"stopped after --stop-after-epochs {args.stop_after_epochs}: {self._saved_message()}",
+                      flush=True)
         except KeyboardInterrupt:
-            raise TrainingInterrupted(self._interrupted_message()) from None
+            raise TrainingInterrupted(self._saved_message()) from None
+        except WriteFailed as error:  # (rank 0's) full disk or read-only folder: what the folder still holds
+            raise WriteFailed(f"{error}; {self._saved_message()}") from None
+        except TrainingStopped as error:
+            raise TrainingStopped(f"{error}; {self._saved_message(advice=False)}") from None
         finally:
-            self.watch.uninstall()
             self.log.close()
+            self.output_lock.release()
             cleanup()
+            # last: a process stopped with a checkpoint is not killed by a launcher's SIGTERM (torchrun
+            # stops the others when the first one exits) before it has said so
+            self.watch.uninstall()
 
     def _start_outputs(self) -> None:
         """Say where the run writes; clear an old run for --overwrite; write args.yaml; open the log."""
@@ -366,6 +403,8 @@ class Run:
                       "to keep the run", flush=True)
             else:
                 os.makedirs(args.output_dir, exist_ok=True)
+                if self.output_lock.claim():  # a folder made only now: another run may have made it since set-up
+                    check_no_other_run(args.output_dir, self.resume_path, args.overwrite)
                 if args.overwrite and not self.resume_path:
                     remove_run_outputs(args.output_dir)
                 # the module that defines the model: importing it registers a trainer's own models
@@ -381,19 +420,14 @@ class Run:
         flag = torch.tensor([1.0 if self.watch.should_stop() else 0.0])
         return all_reduce_sum(flag).item() > 0
 
-    def _continue_message(self) -> str:
-        if self.last_checkpoint is None:
-            return "nothing was saved (no --output_dir)"
-        return (f"{self.last_checkpoint} holds the run; continue with the same command and --auto-resume "
-                f"(or --resume {self.last_checkpoint})")
-
-    def _interrupted_message(self) -> str:
-        if not self.args.output_dir:
-            return "nothing was saved (no --output_dir)"
-        if self.last_checkpoint is None:
-            return "stopped before the end of the first epoch: no checkpoint was written, nothing to resume"
-        return (f"{self.last_checkpoint} (the last finished epoch) is intact; continue with --resume "
-                f"{self.last_checkpoint}")
+    def _saved_message(self, advice: bool = True) -> str:
+        """What the output folder holds to continue from, read from its files (every way a run stops
+        says it alike: ToE.common.checkpoint.saved_state). Rank 0 tells it; the others do not read."""
+        if int(os.environ.get("RANK", "0") or 0) != 0:
+            return "(rank 0 tells what was saved)"
+        if self.args.eval:
+            return "--eval writes nothing"
+        return saved_state(self.args.output_dir, self.resume_path or "", advice=advice)
 
     def train_epoch(self, epoch: int) -> None:
         """Train, evaluate, log and checkpoint ``epoch`` (raises Preempted after a mid-epoch checkpoint)."""
@@ -413,7 +447,7 @@ class Run:
         if "stopped_at_step" in stats:
             self._save(epoch - 1, position={"epoch": epoch, "step": stats["stopped_at_step"], "sums": stats["sums"]})
             raise Preempted(f"{self.watch.reason()} in epoch {epoch} after step {stats['stopped_at_step']}; "
-                            + self._continue_message())
+                            + self._saved_message())
         # the unwrapped model: shards may differ by a batch, and DDP's forward may sync the processes
         test = task.evaluate(task.model)
         ema = task.evaluate(self.model_ema.module) if self.model_ema is not None else None
@@ -531,8 +565,8 @@ class Run:
         """Raise TrainingStopped on every process if any process saw a non-finite loss (summed, so
         all stop together). Reading the flag waits for the device: logging intervals only."""
         if all_reduce_sum(non_finite.detach().to(torch.float32).reshape(1)).item() > 0:
-            raise TrainingStopped(f"the loss became nan or inf in epoch {epoch}; the checkpoints written before this "
-                                  "epoch are kept. Lower the learning rate, raise the warmup or clip the gradients")
+            raise TrainingStopped(f"the loss became nan or inf in epoch {epoch}. Lower the learning rate, raise the "
+                                  "warmup or clip the gradients")
 
     def _save(self, epoch: int, is_best: bool = False, position: Optional[Dict[str, Any]] = None) -> None:
         """Write checkpoint.pth (and best_checkpoint.pth) with every process's RNG state; atomic."""
@@ -566,9 +600,11 @@ class Run:
             state["position"] = position
         path = os.path.join(self.args.output_dir, "checkpoint.pth")
         if env.is_main:
-            save_checkpoint(state, path)
+            # best first: a stop between the two leaves checkpoint.pth at the epoch before, whose
+            # resume trains this epoch again and rewrites best_checkpoint.pth (the other order could
+            # leave a best epoch that no later epoch beats without its best_checkpoint.pth)
             if is_best:
                 save_checkpoint(state, os.path.join(self.args.output_dir, "best_checkpoint.pth"))
+            save_checkpoint(state, path)
         barrier()
-        self.last_checkpoint = path
         self.watch.saved(time.monotonic() - started)

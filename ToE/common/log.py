@@ -9,6 +9,7 @@ from typing import Any, Dict, List, Optional
 
 import yaml
 
+from .checkpoint import replacing, writing
 from .errors import UserError
 
 
@@ -111,15 +112,13 @@ class RunLog:
             except json.JSONDecodeError:  # a line cut by a kill: drop it
                 continue
         if len(kept) != len(lines):
-            tmp = f"{self.path}.tmp"
-            with open(tmp, "w") as handle:
+            with replacing(self.path) as tmp, open(tmp, "w") as handle:
                 handle.writelines(kept)
-            os.replace(tmp, self.path)
 
     def write(self, record: Dict[str, Any], step: Optional[int] = None) -> None:
         if not self.enabled:
             return
-        with open(self.path, "a") as handle:
+        with writing(self.path), open(self.path, "a") as handle:
             handle.write(json.dumps(record) + "\n")
         if self.writer is not None:
             for key, value in record.items():
@@ -134,5 +133,5 @@ class RunLog:
 
 def save_args(args: Dict[str, Any], output_dir: str) -> None:
     """Write the resolved arguments next to the outputs (args.yaml), as timm does."""
-    with open(os.path.join(output_dir, "args.yaml"), "w") as handle:
+    with replacing(os.path.join(output_dir, "args.yaml")) as tmp, open(tmp, "w") as handle:
         yaml.safe_dump(args, handle, sort_keys=False)

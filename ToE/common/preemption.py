@@ -6,13 +6,24 @@ epoch, and exits; ``--auto-resume`` (or ``--resume``) continues with the next ba
 
 from __future__ import annotations
 
+import contextlib
+import os
 import re
 import signal
 import time
-from typing import Dict, Optional
+from typing import Dict, Iterator, Optional
 
 EXIT_PREEMPTED = 3  # stopped early with a checkpoint: run the same command with --auto-resume to continue
 STOP_SIGNALS = tuple(getattr(signal, name) for name in ("SIGTERM", "SIGUSR1") if hasattr(signal, name))
+
+
+class StopSignal(BaseException):
+    """A stop signal while the run sets up (data, labels, model, resume file): there is no step to
+    finish and nothing new to save, so the run ends at once. A BaseException, like KeyboardInterrupt,
+    so that a loader's ``except Exception`` does not take it for a bad file."""
+
+    def __init__(self, signum: int) -> None:
+        super().__init__(f"{signal.Signals(signum).name} received")
 
 
 def parse_duration(text: str) -> float:
@@ -52,8 +63,31 @@ class StopWatch:
 
     def uninstall(self) -> None:
         for signum, handler in self._previous.items():
-            signal.signal(signum, handler)
+            signal.signal(signum, handler if handler is not None else signal.SIG_DFL)
         self._previous.clear()
+
+    @staticmethod
+    @contextlib.contextmanager
+    def at_once() -> Iterator[None]:
+        """While the run sets up, a stop signal raises StopSignal at once (the trainer says in one
+        line what the output folder holds, and exits 3) instead of killing the process without a
+        word; the previous handlers come back after. A process forked meanwhile (a DataLoader
+        worker) meets the signal as it would have without this handler."""
+        owner = os.getpid()
+
+        def handle(signum, frame) -> None:
+            if os.getpid() != owner:
+                signal.signal(signum, signal.SIG_DFL)
+                os.kill(os.getpid(), signum)
+                return
+            raise StopSignal(signum)
+
+        previous = {signum: signal.signal(signum, handle) for signum in STOP_SIGNALS}
+        try:
+            yield
+        finally:
+            for signum, handler in previous.items():
+                signal.signal(signum, handler if handler is not None else signal.SIG_DFL)
 
     def _handle(self, signum, frame) -> None:
         self.signal = signum

@@ -22,7 +22,7 @@ from __future__ import annotations
 import argparse
 import os
 import statistics
-from typing import Callable, Dict, List, Sequence, Tuple
+from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
 from ToE.common.errors import UserError, run_main
 from ToE.common.results import RECORD_KEYS, median_steady, read_args, read_log  # noqa: F401  (re-exported)
@@ -33,8 +33,9 @@ YOLOS_ARGS_KEYS = ("backbone_name", "det_token_num", "embed_dim", "depth", "epoc
 
 
 def model_dims(args: Dict, output_dir: str) -> Dict:
-    """The run's model shape (``ToE.flops.model_shape``), built on the meta device from args.yaml;
-    a trainer's own model module (args.yaml ``model_module``) is imported first."""
+    """The run's model shape (``ToE.flops.model_shape``), built on the meta device from args.yaml, with
+    VPT's prompt tokens where the run had them; a trainer's own model module (args.yaml
+    ``model_module``) is imported first."""
     import torch
 
     from ToE.flops import create_model, model_shape
@@ -59,6 +60,10 @@ def model_dims(args: Dict, output_dir: str) -> Dict:
             if args.get("num_classes"):  # written by the trainers since they store it; else timm's default
                 kwargs.setdefault("num_classes", int(args["num_classes"]))
             model = create_model(args["model"], args["input_size"], args.get("patch_size"), **kwargs)
+            if args.get("vpt"):  # the prompts are in every block's sequence: model_shape counts them
+                from ToE.common.vpt import add_prompts
+
+                add_prompts(model, int(args.get("prompt_tokens") or 10), deep=args["vpt"] == "deep")
     except Exception as error:  # unknown name or arguments of another timm version
         raise UserError(f"cannot build model {args['model']} of {output_dir}/args.yaml "
                         f"({error.__class__.__name__}). Summarise it with the timm version it was trained with") \
@@ -66,13 +71,23 @@ def model_dims(args: Dict, output_dir: str) -> Dict:
     return model_shape(model)
 
 
-def run_status(args: Dict, records: List[Dict], output_dir: str) -> str:
-    """"N epochs", or UNFINISHED with how to continue."""
+def run_status(args: Dict, records: List[Dict], output_dir: str, training: Optional[str] = None) -> str:
+    """"N epochs"; IN PROGRESS while ``training`` names the process that still trains the run (the
+    holder of the folder's lock, ``ToE.common.lock.holder``: resuming now would make a second writer);
+    else UNFINISHED with how to continue."""
     # run_epochs: what the run trains (e.g. --epochs + --cooldown-epochs); older runs wrote it as epochs
     planned = int(args.get("run_epochs", args.get("epochs", len(records))))
     done = int(records[-1]["epoch"]) + 1
-    return f"{len(records)} epochs" if done >= planned else \
-        f"UNFINISHED: {done} of {planned} epochs (continue with --resume {output_dir}/checkpoint.pth)"
+    if done >= planned:
+        return f"{len(records)} epochs"
+    if training:
+        return (f"IN PROGRESS: {done} of {planned} epochs so far, still training ({training}). Summarise it again "
+                "when it has finished")
+    checkpoint = os.path.join(output_dir, "checkpoint.pth")
+    if not os.path.isfile(checkpoint):
+        return f"UNFINISHED: {done} of {planned} epochs (no checkpoint.pth to continue from)"
+    return (f"UNFINISHED: {done} of {planned} epochs (continue with the same command and --auto-resume, or "
+            f"--resume {checkpoint})")
 
 
 def whole_run_line(full_median: float, records: List[Dict], total: float, predicted: float,
@@ -116,7 +131,8 @@ def _classification_plan(args: Dict, output_dir: str) -> _Plan:
     plan.full_flops = lambda record: analytic_step_flops(dims, full)
     plan.step_flops = lambda record: analytic_step_flops(dims, record["kept_tokens"])
     plan.predicted = lambda stage, group: plan.full_flops(group[0]) / plan.step_flops(group[0])
-    plan.header = f"{args['model']} {args.get('model_kwargs') or ''}, {full} patch tokens"
+    plan.header = f"{args['model']} {args.get('model_kwargs') or ''}, {full} patch tokens" + (
+        f" and {dims['prompt_tokens']} {args['vpt']} VPT prompt tokens" if dims.get("prompt_tokens") else "")
     return plan
 
 
@@ -201,6 +217,10 @@ def _metric_lines(args: Dict, records: List[Dict]) -> List[str]:
 def summarise(output_dir: str) -> str:
     """The summary text of the run in ``output_dir`` (any trainer); a missing, empty or foreign
     folder is one UserError line."""
+    from ToE.common.lock import holder
+
+    # asked before the log is read: a run that holds the lock now has not finished the epochs read below
+    training = holder(output_dir)
     args = read_args(output_dir, keys=())
     if "det_token_num" in args:
         args = read_args(output_dir, YOLOS_ARGS_KEYS)
@@ -216,7 +236,7 @@ def summarise(output_dir: str) -> str:
     full_seconds = [r["epoch_seconds"] for key, group in groups if plan.is_full(key, group) for r in group]
     full_median = median_steady(full_seconds) if full_seconds else None
     total = sum(r["epoch_seconds"] for r in records)
-    lines = [f"Run in {output_dir}: {plan.header}, {run_status(args, records, output_dir)}",
+    lines = [f"Run in {output_dir}: {plan.header}, {run_status(args, records, output_dir, training)}",
              *_metric_lines(args, records),
              f"Training time: {total:.1f} s ({total / 60:.1f} min), evaluation excluded", "",
              "| " + " | ".join([*plan.columns, "median epoch (s)", "measured speed", "FLOP-predicted speed"]) + " |",

@@ -8,7 +8,8 @@ only the prompts and the head train.
 
 For the ToE operator the prompts are prefix tokens: the operator after block 0 passes them
 through untouched, never merges into them and never drops them, and reduces only the patch tokens
-(``prefix_tokens`` is what the trainer adds to the operator's count).
+(``prompt_tokens(model)`` is what the trainer adds to the operator's count, and what the FLOP
+count adds to every block's sequence).
 """
 
 from __future__ import annotations
@@ -19,7 +20,7 @@ from typing import List
 import torch
 from torch import nn
 
-TRAINED = ("vpt.", "head.", "head_dist.")  # what a VPT run trains; the rest stays the --finetune backbone
+from .pretrained import classifier_heads
 
 
 class VisualPrompts(nn.Module):
@@ -37,8 +38,21 @@ class VisualPrompts(nn.Module):
         return f"{'deep' if self.deep else 'shallow'}, {self.tokens} tokens"
 
 
+def prompt_tokens(model: nn.Module) -> int:
+    """The prompt tokens every block of ``model`` sees (0 without VPT). Shallow and deep VPT alike add
+    this many tokens to each block's sequence; for the operator and the FLOP count they are prefix tokens."""
+    vpt = getattr(model, "vpt", None)
+    return vpt.tokens if isinstance(vpt, VisualPrompts) else 0
+
+
 def add_prompts(model: nn.Module, tokens: int, deep: bool) -> VisualPrompts:
-    """Register ``model.vpt`` and the hooks that put its prompts after the prefix tokens."""
+    """Register ``model.vpt`` and the hooks that put its prompts after the prefix tokens.
+
+    A model whose forward puts every token after the prefix back on the patch grid (LV-ViT's dense
+    head, ``return_dense``) is a ``ValueError``: the prompts have no grid position."""
+    if getattr(model, "return_dense", False):
+        raise ValueError(f"VPT: {type(model).__name__} puts every token after the class token back on the patch grid "
+                         "for its dense head, and prompt tokens have no place there")
     prefix = int(getattr(model, "num_prefix_tokens", 1))
     patch = model.patch_embed.patch_size
     patch = int(patch[0] if isinstance(patch, (tuple, list)) else patch)
@@ -65,10 +79,12 @@ def add_prompts(model: nn.Module, tokens: int, deep: bool) -> VisualPrompts:
 
 
 def freeze_backbone(model: nn.Module) -> List[str]:
-    """Train only the prompts and the head; return the names of the frozen parameters."""
+    """Train only the prompts and the classifier heads (``classifier_heads``: every head of the model, a
+    distilled DeiT's two included); the rest stays the --finetune backbone. Return the frozen names."""
+    trained = ("vpt.", *classifier_heads(model))
     frozen = []
     for name, parameter in model.named_parameters():
-        parameter.requires_grad_(name.startswith(TRAINED))
+        parameter.requires_grad_(name.startswith(trained))
         if not parameter.requires_grad:
             frozen.append(name)
     return frozen

@@ -34,14 +34,35 @@ from ToE.common.errors import UserError, run_main
 from ToE.lvvit.labels import label_path, label_paths, save_label_map
 
 
-def load_teacher(name: str, checkpoint: str, num_classes: int, **model_kwargs) -> torch.nn.Module:
-    """timm model ``name`` with the weights of ``checkpoint`` (a state_dict, or a dict with 'model');
-    a missing file or one that does not fit is a one-line UserError."""
+def check_teacher(name: str, checkpoint: str) -> None:
+    """A known timm model name and a checkpoint file on disk; else one UserError line."""
     if not timm.is_model(name):
         raise UserError(f"unknown teacher model {name!r}. Pass a timm model name with --model")
     if not os.path.isfile(checkpoint):
-        raise UserError(f"teacher checkpoint {checkpoint} not found. Pass --checkpoint with the teacher's weights "
-                        "on disk")
+        where = "" if os.path.isabs(checkpoint) else f" (relative to {os.getcwd()})"
+        raise UserError(f"teacher checkpoint {checkpoint} not found{where}. Pass --checkpoint with the teacher's "
+                        "weights on disk")
+
+
+def check_out(out: str, data_path: str, overwrite: bool) -> None:
+    """``out`` may take the label files: not a file, not the data folder or inside its splits (its class
+    folders would become classes of DATA/train), and without files unless ``overwrite``."""
+    if os.path.exists(out) and not os.path.isdir(out):
+        raise UserError(f"--out {out} is a file. Pass a folder for the label files")
+    target = os.path.realpath(out)
+    splits = [os.path.realpath(os.path.join(data_path, split)) for split in ("train", "val")]
+    if target == os.path.realpath(data_path) or any(target == s or target.startswith(s + os.sep) for s in splits):
+        raise UserError(f"--out {out} is inside the images of --data-path {data_path}: its label folders would "
+                        "become classes of the data set. Pass a folder outside it")
+    if os.path.isdir(out) and os.listdir(out) and not overwrite:
+        raise UserError(f"--out {out} already holds files: writing would replace an existing label set. Pass "
+                        "another --out, or --overwrite to replace its files")
+
+
+def load_teacher(name: str, checkpoint: str, num_classes: int, **model_kwargs) -> torch.nn.Module:
+    """timm model ``name`` with the weights of ``checkpoint`` (a state_dict, or a dict with 'model');
+    a missing file or one that does not fit is a one-line UserError."""
+    check_teacher(name, checkpoint)
     try:
         state = torch.load(checkpoint, map_location="cpu", weights_only=True)
     except Exception as error:  # noqa: BLE001 - any unreadable file is the same user error
@@ -102,13 +123,11 @@ class _Paths(torch.utils.data.Dataset):
 
 def generate(args: argparse.Namespace) -> float:
     """Write the labels; return the teacher's top-1 (%) on the labelled images."""
+    # the cheap checks first: a wrong name or path is one line before an ImageNet-sized folder is scanned
+    check_teacher(args.model, args.checkpoint)
+    check_out(args.out, args.data_path, args.overwrite)
     images = image_folder(args.data_path, "train")
     num_classes = len(images.classes)
-    if os.path.exists(args.out) and not os.path.isdir(args.out):
-        raise UserError(f"--out {args.out} is a file. Pass a folder for the label files")
-    if os.path.isdir(args.out) and os.listdir(args.out) and not args.overwrite:
-        raise UserError(f"--out {args.out} already holds files: writing would replace an existing label set. Pass "
-                        "another --out, or --overwrite to replace its files")
     label_paths(images)  # two images that would share one label file are refused before any work
     model = load_teacher(args.model, args.checkpoint, num_classes, **args.model_kwargs)
     device = torch.device(args.device if args.device != "cuda" or torch.cuda.is_available() else "cpu")

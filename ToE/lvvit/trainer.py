@@ -25,6 +25,19 @@ class LVViTTask(ClassificationTask):
         if args.data_backend == "dali":
             raise UserError("--data-backend dali: LV-ViT keeps the torch input path, because its token-label maps "
                             "follow every crop, flip and RandAugment op of the image. Leave --data-backend out")
+        # LV-ViT's dense head scores every patch token on the grid (its output, its token-label loss): the two
+        # shared features that change which tokens the model carries are refused before any work
+        if args.vpt:
+            # VPT's prompt tokens would sit between the class token and the patches that LV-ViT puts back on the
+            # grid and scores with its dense head, and the frozen backbone would freeze the new dense head too
+            raise UserError(f"--vpt {args.vpt}: LV-ViT puts every token after the class token back on the patch grid "
+                            "for its dense head, and prompt tokens have no place there. Fine-tune LV-ViT without "
+                            "--vpt (--finetune alone), or prompt-tune a timm ViT with ToE/deit/main.py")
+        if args.token_drop == "random":
+            raise UserError("--token-drop random: LV-ViT's forward has no patch-dropout step (timm's "
+                            "VisionTransformer has one), so the run would train on all tokens while its log said "
+                            "otherwise. Compare against LV-ViT with all tokens (--expansion-step 0 --keep-rate 1.0), "
+                            "or run the random baseline on a timm ViT with ToE/deit/main.py")
         warnings = ClassificationTask.check_flags(args)
         if args.token_label_data and not args.token_label:
             raise UserError(f"--token-label-data {args.token_label_data} is read only with --token-label: without it "

@@ -12,7 +12,8 @@ canvases, 1400-1796 the val canvases (unseen writers' glyphs). The box of a digi
 of its pixels above 10 % of the glyph's peak; category_id = digit + 1 (1..10; 0 stays unused, as
 in COCO ids start at 1). Written as ``train2017/``, ``val2017/``, ``annotations/instances_*.json``
 with ``info`` and ``licenses`` and ids from 1, so the COCO code reads it unchanged. Nothing is
-downloaded; writing is idempotent (a complete folder is left alone).
+downloaded; writing is idempotent (a complete folder is left alone, an older version replaced) and
+never goes into a folder it did not write (a real COCO folder is refused, untouched).
 """
 
 from __future__ import annotations
@@ -24,7 +25,9 @@ from typing import Dict, List
 
 import numpy as np
 
-DONE_FILE = ".complete"
+from ToE.common.digits import build_folder
+from ToE.common.errors import run_main
+
 VERSION = "digits-det v2"
 TRAIN_GLYPHS, CANVAS = 1400, 64
 SCALE, GRID = 3, 8  # glyph upscaling (8 px -> 24 px) and the placement grid (the demo's patch size)
@@ -63,41 +66,40 @@ def _canvas(rng: np.random.RandomState, glyphs: np.ndarray, labels: np.ndarray, 
 
 
 def build_digits_det(out: str, seed: int = 0, max_digits: int = 3) -> str:
-    """Write the set under ``out`` unless it is already complete; return ``out``."""
-    done = os.path.join(out, DONE_FILE)
-    if os.path.exists(done):
-        with open(done) as handle:
-            if handle.read().strip() == VERSION:
-                return out
-    from PIL import Image
-    from sklearn.datasets import load_digits
+    """Write the set under ``out`` unless it is already complete; return ``out``.
 
-    digits = load_digits()
-    pools = {"train": (digits.images[:TRAIN_GLYPHS], digits.target[:TRAIN_GLYPHS]),
-             "val": (digits.images[TRAIN_GLYPHS:], digits.target[TRAIN_GLYPHS:])}
-    categories = [{"id": d + 1, "name": str(d), "supercategory": "digit"} for d in range(10)]
-    os.makedirs(os.path.join(out, "annotations"), exist_ok=True)
-    for split_number, (split, count) in enumerate(SPLITS.items()):
-        rng = np.random.RandomState(seed * 10 + split_number)
-        folder = os.path.join(out, f"{split}2017")
-        os.makedirs(folder, exist_ok=True)
-        images: List[Dict] = []
-        annotations: List[Dict] = []
-        for image_id in range(1, count + 1):  # ids from 1: COCOeval treats id 0 as unmatched
-            pixels, boxes = _canvas(rng, *pools[split], max_digits=max_digits)
-            name = f"{image_id:06d}.png"
-            Image.fromarray(pixels).save(os.path.join(folder, name))
-            images.append({"id": image_id, "file_name": name, "width": CANVAS, "height": CANVAS})
-            for x, y, w, h, category in boxes:
-                annotations.append({"id": len(annotations) + 1, "image_id": image_id, "category_id": category,
-                                    "bbox": [x, y, w, h], "area": w * h, "iscrowd": 0})
-        data = {"info": {"description": VERSION}, "licenses": [], "images": images, "annotations": annotations,
-                "categories": categories}
-        with open(os.path.join(out, "annotations", f"instances_{split}2017.json"), "w") as handle:
-            json.dump(data, handle)
-    with open(done, "w") as handle:
-        handle.write(VERSION)
-    return out
+    Staged and refusing like the classification digits (``ToE.common.digits.build_folder``): an
+    older digits-det build there is replaced, a folder of anything else (a real COCO layout) is
+    refused untouched, and an interrupted build leaves nothing half-written at ``out``."""
+    def write(staging: str) -> None:
+        from PIL import Image
+        from sklearn.datasets import load_digits
+
+        digits = load_digits()
+        pools = {"train": (digits.images[:TRAIN_GLYPHS], digits.target[:TRAIN_GLYPHS]),
+                 "val": (digits.images[TRAIN_GLYPHS:], digits.target[TRAIN_GLYPHS:])}
+        categories = [{"id": d + 1, "name": str(d), "supercategory": "digit"} for d in range(10)]
+        os.makedirs(os.path.join(staging, "annotations"), exist_ok=True)
+        for split_number, (split, count) in enumerate(SPLITS.items()):
+            rng = np.random.RandomState(seed * 10 + split_number)
+            folder = os.path.join(staging, f"{split}2017")
+            os.makedirs(folder, exist_ok=True)
+            images: List[Dict] = []
+            annotations: List[Dict] = []
+            for image_id in range(1, count + 1):  # ids from 1: COCOeval treats id 0 as unmatched
+                pixels, boxes = _canvas(rng, *pools[split], max_digits=max_digits)
+                name = f"{image_id:06d}.png"
+                Image.fromarray(pixels).save(os.path.join(folder, name))
+                images.append({"id": image_id, "file_name": name, "width": CANVAS, "height": CANVAS})
+                for x, y, w, h, category in boxes:
+                    annotations.append({"id": len(annotations) + 1, "image_id": image_id, "category_id": category,
+                                        "bbox": [x, y, w, h], "area": w * h, "iscrowd": 0})
+            data = {"info": {"description": VERSION}, "licenses": [], "images": images, "annotations": annotations,
+                    "categories": categories}
+            with open(os.path.join(staging, "annotations", f"instances_{split}2017.json"), "w") as handle:
+                json.dump(data, handle)
+
+    return build_folder(out, VERSION, lambda old: old.startswith("digits-det"), write, "ToE.yolos.digits_det")
 
 
 def main() -> None:
@@ -115,4 +117,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    run_main(main)

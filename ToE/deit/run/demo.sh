@@ -6,7 +6,11 @@
 set -euo pipefail
 "$PY" -m ToE.common.digits --out data/digits --size 32
 length=()
-[ -z "${DEMO_EPOCHS:-}" ] || read -ra length <<< "$("$PY" -m ToE.common.config demo-flags deit "$DEMO_EPOCHS")"
+if [ -n "${DEMO_EPOCHS:-}" ]; then
+  # assigned first: a failure stops the demo instead of training the recipe's own length
+  flags="$("$PY" -m ToE.common.config demo-flags deit "$DEMO_EPOCHS")"
+  read -ra length <<< "$flags"
+fi
 "$PY" ToE/deit/main.py -c ToE/deit/configs/demo.yaml --output_dir "$DEMO_OUT" "${length[@]}" "$@"
 echo
 "$PY" -m ToE.common.summary "$DEMO_OUT"

@@ -13,7 +13,11 @@ set -euo pipefail
 "$PY" -m ToE.lvvit.generate_label -c ToE/lvvit/configs/demo_labels.yaml --checkpoint "$DEMO_OUT/teacher.pth" \
   --data-path data/digits --out "$DEMO_OUT/labels"
 length=()
-[ -z "${DEMO_EPOCHS:-}" ] || read -ra length <<< "$("$PY" -m ToE.common.config demo-flags lvvit "$DEMO_EPOCHS")"
+if [ -n "${DEMO_EPOCHS:-}" ]; then
+  # assigned first: a failure stops the demo instead of training the recipe's own length
+  flags="$("$PY" -m ToE.common.config demo-flags lvvit "$DEMO_EPOCHS")"
+  read -ra length <<< "$flags"
+fi
 "$PY" ToE/lvvit/main.py -c ToE/lvvit/configs/demo.yaml --token-label-data "$DEMO_OUT/labels" \
   --output_dir "$DEMO_OUT/run" "${length[@]}" "$@"
 echo

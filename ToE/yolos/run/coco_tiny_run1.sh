@@ -9,16 +9,15 @@ set -euo pipefail
 SCRIPT=coco_tiny_run1.sh
 CONFIG="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)/configs/coco_tiny.yaml"
 source "$(dirname "${BASH_SOURCE[0]}")/../../common/launch.sh"
-if [ "$#" -lt 3 ] || [ -z "$1" ] || [ -z "$2" ] || [ -z "$3" ] || [[ "$1" == -* ]]; then
-  case "${1:-}" in -h|--help) code=0 ;; *) code=2 ;; esac
+usage() {
   echo "usage: bash ToE/yolos/run/$SCRIPT COCO OUT INIT_CHECKPOINT [extra main.py args]" >&2
   echo "  COCO: train2017/, val2017/, annotations/instances_{train,val}2017.json; OUT: checkpoints and logs;" >&2
   echo "  INIT_CHECKPOINT: the backbone's ImageNet weights (a DeiT .pth). Environment: ToE/common/launch.sh" >&2
-  exit "$code"
-fi
+}
+toe_positionals usage "bash ToE/yolos/run/$SCRIPT COCO OUT INIT_CHECKPOINT" "$@"
 COCO="$1" OUT="$2" INIT="$3"
 shift 3
-[ -d "$COCO" ] || [ "${DRY_RUN:-0}" = "1" ] || toe_fail "COCO folder $COCO does not exist. Pass the folder with train2017/, val2017/ and annotations/ as the first argument"
-[ -f "$INIT" ] || [ "${DRY_RUN:-0}" = "1" ] || toe_fail "init checkpoint $INIT does not exist. Pass the DeiT ImageNet weights as the third argument"
+[ -d "$COCO" ] || toe_dry_run || toe_fail "COCO folder $COCO does not exist. Pass the folder with train2017/, val2017/ and annotations/ as the first argument"
+[ -f "$INIT" ] || toe_dry_run || toe_fail "init checkpoint $INIT does not exist. Pass the DeiT ImageNet weights as the third argument"
 toe_run "$(dirname "${BASH_SOURCE[0]}")/../main.py" --config "$CONFIG" --coco_path "$COCO" --output_dir "$OUT" \
   --init-checkpoint "$INIT" "$@"

@@ -7,7 +7,11 @@
 set -euo pipefail
 "$PY" -m ToE.yolos.digits_det --out data/digits-det
 length=()
-[ -z "${DEMO_EPOCHS:-}" ] || read -ra length <<< "$("$PY" -m ToE.common.config demo-flags yolos "$DEMO_EPOCHS")"
+if [ -n "${DEMO_EPOCHS:-}" ]; then
+  # assigned first: a failure stops the demo instead of training the recipe's own length
+  flags="$("$PY" -m ToE.common.config demo-flags yolos "$DEMO_EPOCHS")"
+  read -ra length <<< "$flags"
+fi
 start=$(date +%s)
 "$PY" ToE/yolos/main.py -c ToE/yolos/configs/demo.yaml --output_dir "$DEMO_OUT" "${length[@]}" "$@"
 echo
