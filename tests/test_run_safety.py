@@ -188,8 +188,11 @@ def test_ctrl_c_says_what_was_saved(data, tmp_path, capsys, monkeypatch, with_ou
 @pytest.mark.e2e
 def test_resume_with_more_epochs_extends_the_cosine_schedule(data, two_epochs, tmp_path):
     """2 epochs planned and done; resumed with --epochs 4: epoch 2 trains at the cosine over 4
-    epochs, not at the minimum learning rate of the finished 2-epoch cycle."""
+    epochs, not at the minimum learning rate of the finished 2-epoch cycle (DeiT steps it after
+    each epoch, as published: epoch 2 at the 4-epoch cosine's lr(1))."""
     from timm.scheduler import create_scheduler_v2
+
+    from ToE.common.schedule import stepped_after_epoch
 
     out = tmp_path / "out"
     out.mkdir()
@@ -199,7 +202,7 @@ def test_resume_with_more_epochs_extends_the_cosine_schedule(data, two_epochs, t
     assert "extending the run from 2 to 4 epochs" in result.stdout
     optimizer = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=1e-3)
     scheduler, _ = create_scheduler_v2(optimizer, sched="cosine", num_epochs=4, warmup_epochs=0, min_lr=1e-5)
-    scheduler.step(2)
+    scheduler.step(stepped_after_epoch(2))
     expected = optimizer.param_groups[0]["lr"]
     assert expected > 1e-4  # far from the 1e-5 floor the old schedule had reached
     assert read_log(out)[0]["lr"] == pytest.approx(expected, rel=1e-9)

@@ -26,7 +26,8 @@ from ToE.yolos.loss import HungarianMatcher, SetCriterion
 from ToE.yolos.main import cli
 from ToE.yolos.model import (YOLOS, create_backbone, load_init_checkpoint, postprocess, resize_patch_pos_embed,
                              sincos_position_table)
-from ToE.yolos.trainer import parameter_groups, schedule_epoch
+from ToE.common.schedule import stepped_after_epoch
+from ToE.yolos.trainer import parameter_groups
 
 BACKBONE = "vit_tiny_patch16_224"
 KWARGS = dict(img_size=32, patch_size=8, embed_dim=32, depth=3, num_heads=2)
@@ -306,7 +307,7 @@ def test_crop_drops_boxes_outside_and_collate_pads():
 
 
 def test_lr_per_epoch_and_parameter_groups():
-    assert [schedule_epoch(e) for e in range(4)] == [0, 0, 1, 2]
+    assert [stepped_after_epoch(e) for e in range(4)] == [0, 0, 1, 2]
     model = _detector()
     groups = parameter_groups(model, 1e-4)
     names = {id(p): n for n, p in model.named_parameters()}

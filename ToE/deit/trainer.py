@@ -10,11 +10,17 @@ import torch
 
 from ToE.common.classification import ClassificationTask
 from ToE.common.errors import UserError
+from ToE.common.schedule import SteppedAfterEpoch
 from ToE.deit.losses import DistillationLoss
 
 
 class DeiTTask(ClassificationTask):
     """DeiT classification with Token Expansion (the loss may distil from a teacher)."""
+
+    def build_scheduler(self):
+        """timm's schedule stepped as the published DeiT ``main.py`` steps it, after each epoch:
+        epochs 0 and 1 train at ``--warmup-lr``, epoch e at lr(e - 1) (``ToE.common.schedule``)."""
+        return SteppedAfterEpoch(super().build_scheduler())
 
     def build_criterion(self, base: torch.nn.Module) -> torch.nn.Module:
         args = self.args

@@ -19,6 +19,7 @@ import token_select
 from ToE.common.data import check_images
 from ToE.common.errors import UserError
 from ToE.common.lifecycle import ConstantPlan, EpochPlan, autocast, epoch_loader
+from ToE.common.schedule import SteppedAfterEpoch
 from ToE.yolos.data import CocoDetection, collate, eval_transform, train_transform
 from ToE.yolos.evaluation import evaluate, write_results
 from ToE.yolos.loss import HungarianMatcher, SetCriterion
@@ -44,25 +45,6 @@ def parameter_groups(model: torch.nn.Module, weight_decay: float) -> List[Dict[s
             decay.append(param)
     return [{"params": head, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0},
             {"params": decay, "weight_decay": weight_decay}]
-
-
-class ShiftedSchedule:
-    """The cosine stepped at ``schedule_epoch(epoch)`` (the lifecycle steps it at ``epoch``)."""
-
-    def __init__(self, scheduler: CosineLRScheduler) -> None:
-        self.scheduler = scheduler
-
-    def step(self, epoch: int) -> None:
-        self.scheduler.step(schedule_epoch(epoch))
-
-    def state_dict(self) -> Dict[str, Any]:
-        return self.scheduler.state_dict()
-
-
-def schedule_epoch(epoch: int) -> int:
-    """The scheduler position of ``epoch``: published YOLOS steps the cosine with ``step(e)`` AFTER
-    epoch e, so epochs 0 and 1 both train at the base lr and epoch e >= 1 at cosine(e - 1)."""
-    return max(epoch - 1, 0)
 
 
 class DetectionTask:
@@ -105,7 +87,8 @@ class DetectionTask:
         self.optimizer = torch.optim.AdamW(parameter_groups(model, args.weight_decay), lr=args.lr,
                                            weight_decay=args.weight_decay)
         # a pure function of the epoch and the flags: a resume rebuilds it instead of loading it
-        self.lr_scheduler = ShiftedSchedule(CosineLRScheduler(
+        # published YOLOS steps its cosine after each epoch: epochs 0 and 1 at the base lr
+        self.lr_scheduler = SteppedAfterEpoch(CosineLRScheduler(
             self.optimizer, t_initial=args.epochs, lr_min=args.min_lr, warmup_t=args.warmup_epochs,
             warmup_lr_init=args.warmup_lr))
         self.updates_per_epoch = None
