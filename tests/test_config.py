@@ -168,6 +168,7 @@ def test_scaled_stages():
 def test_lvvit_defaults_are_its_published_recipe_file_and_the_published_aliases_work():
     args = parse("lvvit", [])
     recipe = load_config(config_path("lvvit", "imagenet_small"))
+    assert recipe.pop("global_batch") == 1024 and args.global_batch is None  # the run scripts pass -c for it
     assert {key: getattr(args, key) for key in recipe} == recipe
     assert (args.model, args.epochs, args.cooldown_epochs, args.lr) == ("lvvit_s", 300, 10, 1.6e-3)
     args = parse("lvvit", ["-b", "32", "--img-size", "192", "--apex-amp", "--no-model-ema"])
@@ -300,3 +301,12 @@ def test_ablation_flags_reach_the_operator(trainer):
     default = build_token_select(parse(trainer, []))
     assert (default.initialization, default.expansion, default.merging, default.distance_rank) == \
         ("stride", "farthest", "mean", "similarity")
+
+
+def test_ablation_switches_with_the_random_drop_baseline_are_refused(capsys):
+    from ToE.deit.main import cli
+
+    with pytest.raises(SystemExit) as stop:
+        cli(["--token-drop", "random", "--merging", "drop", "--check-only"])
+    err = capsys.readouterr().err.strip()
+    assert stop.value.code == 2 and "--merging drop switches a part of ToE's operator" in err, err

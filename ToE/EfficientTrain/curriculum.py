@@ -30,6 +30,7 @@ import torch
 import torch.nn.functional as F
 
 from ToE.common.errors import UserError
+from ToE.common.schedule import split_global_batch
 
 PRESETS = ("et", "etpp", "table", "none")
 ET_CROPS_224 = (160, 160, 160, 192, 224)
@@ -89,11 +90,7 @@ def plan_curriculum(preset: str, epochs: int, base_size: int, patch_size: int, b
     """The segments of a run of ``epochs`` global epochs (``etpp``: a budget of ``epochs`` base-size
     epochs). ``batch_size`` is the per-process batch at full resolution; ``global_batch`` the images
     per update over all ``world_size`` processes. Every mistake is a :class:`UserError`."""
-    if global_batch % world_size or global_batch // world_size % batch_size:
-        raise UserError(f"--global-batch {global_batch} cannot be reached with {world_size} process(es) of "
-                        f"--batch-size {batch_size}: it must be a multiple of {world_size * batch_size}. Pass "
-                        f"--global-batch {max(1, global_batch // (world_size * batch_size)) * world_size * batch_size}"
-                        " or another --batch-size")
+    batch_size, _ = split_global_batch(global_batch, world_size, batch_size)  # the full-resolution micro-batch
     per_process = global_batch // world_size
     rows: List[tuple] = []  # (end, crop, magnitude, batch)
     if preset == "et":

@@ -20,8 +20,7 @@ import sys
 if __package__ in (None, ""):  # run as a script: make the repository root importable
     sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
 
-from ToE.common.args import (OneLineParser, add_classification_args, add_toe_args, positive_int,  # noqa: E402
-                             trainer_entry)
+from ToE.common.args import (OneLineParser, add_classification_args, add_toe_args, trainer_entry)
 from ToE.EfficientTrain.curriculum import PRESETS  # noqa: E402
 
 
@@ -34,9 +33,6 @@ def add_curriculum_args(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--segments", nargs="+", default=None, metavar="END:CROP:MAGNITUDE[:BATCH]",
                        help="--curriculum table: each segment's last epoch + 1, crop size in px, RandAugment "
                             "magnitude and optional per-process batch, e.g. 9:24:1 18:24:3 27:24:5 36:28:7 45:32:9")
-    group.add_argument("--global-batch", type=positive_int, default=None,
-                       help="images per update over all processes, kept by gradient accumulation; the lr "
-                            "scales with it (default: --batch-size x processes)")
     group.add_argument("--low-pass", default="fft", choices=["fft", "resize"],
                        help="low-resolution view: fft, the published low-frequency crop; resize, "
                             "EfficientTrain++'s downscaling (bicubic, antialiased, on the device) (default: fft)")

@@ -251,6 +251,12 @@ def check_training_flags(args: argparse.Namespace) -> List[str]:
                         "otherwise)")
     if args.start_epoch >= args.epochs:
         raise UserError(f"--start_epoch {args.start_epoch} is not below --epochs {args.epochs}: nothing to train")
+    ablations = [f"--{name.replace('_', '-')} {getattr(args, name)}" for name, toe in (
+        ("initialization", ("stride", "uniform")), ("expansion", ("farthest",)), ("merging", ("mean",)),
+        ("distance_rank", ("similarity",))) if getattr(args, name) not in toe]
+    if args.token_drop != "toe" and ablations:
+        raise UserError(f"{' '.join(ablations)} switches a part of ToE's operator, which --token-drop "
+                        f"{args.token_drop} replaces. Leave them out, or use --token-drop toe")
     if args.vpt and not args.finetune:
         raise UserError(f"--vpt {args.vpt} tunes prompts for a trained backbone: pass it with --finetune FILE (a "
                         "random backbone would stay random)")
@@ -294,6 +300,10 @@ def add_classification_args(parser: argparse.ArgumentParser) -> None:
                        help="keep an exponential moving average of the weights, "
                             "evaluated with all tokens (default: on)")
     model.add_argument("--model-ema-decay", type=decay_rate, default=0.99996, help="EMA decay (default: 0.99996)")
+    model.add_argument("--best-of", default="model", choices=["model", "ema"],
+                       help="whose evaluation makes best_checkpoint.pth and the best top-1 of the log and summary: "
+                            "the online model (published DeiT) or the EMA (published LV-ViT; its recipes set it) "
+                            "(default: model)")
 
     optim = parser.add_argument_group("optimizer and schedule")
     optim.add_argument("--opt", default="adamw", help="timm optimizer name (default: adamw)")
@@ -374,6 +384,14 @@ def add_run_args(parser: argparse.ArgumentParser) -> None:
                           "float16 with loss scaling on older GPUs, float32 (off) on the CPU; bfloat16 also runs on "
                           "the CPU, float16 on GPUs only (default: auto)")
     run.add_argument("--seed", default=0, type=non_negative_int, help="random seed, + rank per process (default: 0)")
+    run.add_argument("--eval-amp", action=argparse.BooleanOptionalAction, default=True,
+                     help="evaluate under the training's mixed precision (--amp-dtype); --no-eval-amp evaluates in "
+                          "float32, as the published LV-ViT and YOLOS do (their defaults) (default: on)")
+    run.add_argument("--global-batch", type=positive_int, default=None,
+                     help="images per optimizer update over all processes, reached on any number of processes with "
+                          "the per-process batch and gradient accumulation; the trainer's lr rule applies to it. The "
+                          "published recipe files set their published value (default: the per-process batch x "
+                          "processes)")
     run.add_argument("--resume", default="", help="checkpoint to continue from (or to evaluate with --eval)")
     run.add_argument("--auto-resume", action="store_true",
                      help="continue from OUTPUT/checkpoint.pth when it exists, start afresh when it does not "

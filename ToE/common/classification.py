@@ -35,6 +35,7 @@ from ToE.common.data import check_images, train_val_folders
 from ToE.common.distributed import all_reduce_sum
 from ToE.common.errors import UserError
 from ToE.common.pretrained import finetune
+from ToE.common.schedule import split_global_batch
 from ToE.common.vpt import add_prompts, freeze_backbone, prompt_tokens
 from ToE.common.lifecycle import ConstantPlan, EpochPlan, SkipFirst, autocast, epoch_loader, to_device
 from ToE.common.transforms import build_eval_transform, build_train_transform
@@ -162,7 +163,9 @@ class ClassificationTask:
     # -- build steps (a trainer replaces what is its own) ---------------------------------------------
     def build_plan(self):
         # timm's convention: --cooldown-epochs at the minimum lr come after the --epochs of the schedule
-        return ConstantPlan(self.args.epochs + self.args.cooldown_epochs, self.args.batch_size)
+        args, world = self.args, self.env.world_size
+        batch, accum = split_global_batch(args.global_batch or args.batch_size * world, world, args.batch_size)
+        return ConstantPlan(args.epochs + args.cooldown_epochs, batch, accum)
 
     def build_datasets(self) -> Tuple[torch.utils.data.Dataset, torch.utils.data.Dataset]:
         """Train and val image folders; one class list (train's) labels both splits."""
@@ -349,7 +352,8 @@ class ClassificationTask:
         return loss, metrics, images.shape[0]
 
     def evaluate(self, model: torch.nn.Module) -> Dict[str, float]:
-        return evaluate(model, self.val_loader, self.device, self.amp_dtype, self.args.dist_eval, self.view)
+        return evaluate(model, self.val_loader, self.device, self.amp_dtype if self.args.eval_amp else None,
+                        self.args.dist_eval, self.view)
 
     def eval_text(self, stats: Dict[str, float]) -> str:
         return f"top-1 {stats['acc1']:.2f} %"
@@ -359,7 +363,8 @@ class ClassificationTask:
         kept = token_select.kept_tokens_per_stage(self.num_patches, args.keep_rate, args.initialization_keep_rate,
                                                   args.expansion_multiple_stage)
         return (f"{args.model}: {self.num_patches} patch tokens, the ToE stages keeping {kept} patch tokens; "
-                f"{len(self.train_set)} train / {len(self.val_set)} val images; lr {self.lr:.2e}")
+                f"{len(self.train_set)} train / {len(self.val_set)} val images; lr {self.lr:.2e} "
+                f"({'--lr as given' if args.unscale_lr else f'--lr {args.lr:g} x {self.total_batch} / 512'})")
 
     def outputs_info(self) -> Dict[str, Any]:
         # the class count comes from the data: the summary's FLOP count needs the head

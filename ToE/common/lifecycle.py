@@ -60,6 +60,8 @@ NOT_IDENTITY = frozenset({
     "stop_after_epochs", "time_limit", "log_interval", "device", "amp_dtype", "num_workers", "pin_mem", "dist_eval",
     "eval_batch_size", "results_json", "data_path", "teacher_path", "token_label_data", "init_checkpoint", "model_ema",
     "finetune", "data_backend",
+    "global_batch",  # checked as the images per update the run resolved (_resume), not as the flag
+    "best_of", "eval_amp",  # what is reported and how it is evaluated, not what trains
 })
 AMP_DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": None}
 
@@ -82,15 +84,16 @@ class EpochPlan:
 
 
 class ConstantPlan:
-    """Every epoch alike: ``batch`` per process, no accumulation, ``epochs`` epochs, the lr stepped
-    per epoch. A plan also has ``identity``: derived values stored with the run, checked on resume."""
+    """Every epoch alike: ``batch`` per process and ``accum`` micro-batches per update (see
+    ``ToE.common.schedule.split_global_batch``), ``epochs`` epochs, the lr stepped per epoch. A plan
+    also has ``identity``: derived values stored with the run, checked on resume."""
 
     identity: Dict[str, Any] = {}
     per_update = False
 
-    def __init__(self, epochs: int, batch: int) -> None:
+    def __init__(self, epochs: int, batch: int, accum: int = 1) -> None:
         self.epochs = epochs
-        self._plan = EpochPlan(batch=batch)
+        self._plan = EpochPlan(batch=batch, accum=accum)
 
     def __call__(self, epoch: int) -> EpochPlan:
         return self._plan
@@ -226,8 +229,12 @@ class Run:
         self.epochs = task.plan.epochs
         # the resolved configuration: the flags and what the run derived from them (args.yaml, resume identity)
         # (the flags as given, so that "-c OUT/args.yaml" runs it again; derived values beside them)
-        self.derived = {"run_epochs": self.epochs, **task.plan.identity}
-        self.config = {**vars(args), "resume": self.resume_path, **self.derived}
+        first = task.plan(0)
+        self.global_batch = first.batch * first.accum * self.env.world_size  # images per optimizer update
+        self.derived = {"run_epochs": self.epochs, "accumulation": first.accum, **task.plan.identity}
+        # args.yaml records the global batch the run trains with, whether a flag, a recipe or the
+        # per-process batch x processes gave it: "-c OUT/args.yaml" reruns it on any number of processes
+        self.config = {**vars(args), "global_batch": self.global_batch, "resume": self.resume_path, **self.derived}
         model = task.model
         self.model = model
         if self.env.distributed:
@@ -275,6 +282,10 @@ class Run:
         if args.eval:
             self.toe.update_current_stage(epoch)
             return
+        if stored.get("global_batch") not in (None, self.global_batch):
+            raise UserError(f"resume file {path} was trained with --global-batch {stored['global_batch']} (images per "
+                            f"update), this run gives {self.global_batch}. Resume with --global-batch "
+                            f"{stored['global_batch']}, or start a new run")
         for key, value in task.plan.identity.items():  # what the run derived (e.g. a curriculum) must match too
             if key in stored and stored[key] != value:
                 raise UserError(f"resume file {path} was trained with {key} {stored[key]}, this run plans {value}. "
@@ -366,8 +377,12 @@ class Run:
             self.watch.install()  # from here a stop signal is acted on at the next check, with a checkpoint
             self._start_outputs()
             if env.is_main:
+                first = task.plan(0)
+                split = f"{first.batch} per process" + (f" x {first.accum} accumulation steps"
+                                                        if first.accum > 1 else "")
                 print(f"{task.describe()}; ToE stages start at epochs {args.expansion_step}; "
-                      f"{env.world_size} process(es) on {self.device.type}", flush=True)
+                      f"{env.world_size} process(es) on {self.device.type}; global batch {self.global_batch} "
+                      f"({split})", flush=True)
             if self.rng is not None and self.position is None:
                 set_rng_state(self.rng, self.device)  # mid-epoch: restored once the loader exists
             last_epoch = self.epochs
@@ -452,9 +467,10 @@ class Run:
         test = task.evaluate(task.model)
         ema = task.evaluate(self.model_ema.module) if self.model_ema is not None else None
         metric = task.best_metric
-        is_best = plan.counts_for_best and test[metric] > self.best
+        judged = ema if ema is not None and getattr(self.args, "best_of", "model") == "ema" else test
+        is_best = plan.counts_for_best and judged[metric] > self.best
         if is_best:
-            self.best = test[metric]
+            self.best = judged[metric]
         record = {"epoch": epoch, "stage": stage, **stats, **{f"test_{k}": v for k, v in test.items()},
                   f"best_{metric}": self.best, **plan.log}
         if ema is not None:
@@ -556,7 +572,8 @@ class Run:
             return {"stopped_at_step": stopped_at, "sums": total}
         images, steps = max(total["images"], 1.0), max(total["steps"], 1.0)
         stats = {f"train_{name}": total[name] / images for name in names}
-        stats.update({"lr": optimizer.param_groups[0]["lr"], "epoch_seconds": total["seconds"],
+        stats.update({"lr": optimizer.param_groups[0]["lr"], "updates": micro_steps // accum,
+                      "epoch_seconds": total["seconds"],
                       "patch_tokens": _whole(total["patch_tokens"] / steps),
                       "kept_tokens": _whole(total["kept_tokens"] / steps)})
         return stats

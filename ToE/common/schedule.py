@@ -1,4 +1,12 @@
-"""When an epoch schedule is stepped: the published DeiT and YOLOS ``main.py`` step it AFTER an epoch.
+"""The optimizer's schedule: how many images one update sees, and when an epoch schedule is stepped.
+
+The global batch. A published run is defined by its images per optimizer update (DeiT-S and
+LV-ViT-S: 4 GPUs x 256 = 1,024; YOLOS-Ti: 8 x 2 = 16), not by its GPU count. ``split_global_batch``
+reaches that number on any number of processes with the per-process batch and gradient
+accumulation, or refuses in one line when it cannot; the lr rule of each trainer then applies to
+the same global batch, so a run on 1, 2, 4 or 8 GPUs trains the same schedule.
+
+The stepping: the published DeiT and YOLOS ``main.py`` step the lr schedule AFTER an epoch.
 
 Both create timm's scheduler (which sets the optimizer to the schedule's first lr: ``warmup_lr``
 with a warm-up, the base lr without) and call ``lr_scheduler.step(epoch)`` after training epoch
@@ -14,7 +22,29 @@ every epoch at the same lr as a straight run.
 
 from __future__ import annotations
 
-from typing import Any, Dict
+from typing import Any, Dict, Tuple
+
+from .errors import UserError
+
+
+def split_global_batch(global_batch: int, world_size: int, batch_size: int) -> Tuple[int, int]:
+    """``(per-process batch, accumulation steps)`` that give ``global_batch`` images per update over
+    ``world_size`` processes, with at most ``batch_size`` images per process and step: the
+    per-process share is ``global_batch / world_size``, split into micro-batches of ``batch_size``
+    (or the whole share when it is smaller). A split that does not divide is one UserError line."""
+    if global_batch % world_size:
+        fits = [n for n in (1, 2, 4, 8, 16, 32, 64) if global_batch % n == 0]
+        raise UserError(f"--global-batch {global_batch} cannot be split evenly over {world_size} processes. Run on a "
+                        f"number of processes that divides it (e.g. {', '.join(map(str, fits))}), or pass "
+                        f"--global-batch {max(1, round(global_batch / world_size)) * world_size}")
+    share = global_batch // world_size
+    batch = min(batch_size, share)
+    if share % batch:
+        fit = max(divisor for divisor in range(1, batch + 1) if share % divisor == 0)
+        raise UserError(f"--global-batch {global_batch} gives each of {world_size} process(es) {share} images per "
+                        f"update, which micro-batches of --batch-size {batch_size} do not divide. Pass --batch-size "
+                        f"{fit} (or another divisor of {share})")
+    return batch, share // batch
 
 
 def stepped_after_epoch(epoch: int) -> int:

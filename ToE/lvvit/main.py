@@ -66,6 +66,9 @@ def get_args_parser() -> argparse.ArgumentParser:
     add_toe_args(parser)
     # LV-ViT's defaults are its published LV-ViT-S recipe, as in the published main.py; the one copy is the YAML
     set_config_defaults(parser, config_path("lvvit", "imagenet_small"))
+    # except its images per update: the run scripts (-c the recipe) train the published 1,024; a bare
+    # command line trains --batch-size x processes, as every trainer does without a recipe
+    parser.set_defaults(global_batch=None)
     return parser
 
 

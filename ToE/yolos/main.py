@@ -101,7 +101,7 @@ def get_args_parser() -> argparse.ArgumentParser:
     data.add_argument("--results-json", default="",
                       help="where --eval writes the detections (default: OUTPUT_DIR/detections_val2017.json)")
     add_run_args(parser)
-    parser.set_defaults(seed=42)
+    parser.set_defaults(seed=42, eval_amp=False)  # published YOLOS evaluates (and trains) in float32
     add_toe_args(parser)
     return parser
 

@@ -19,7 +19,7 @@ import token_select
 from ToE.common.data import check_images
 from ToE.common.errors import UserError
 from ToE.common.lifecycle import ConstantPlan, EpochPlan, autocast, epoch_loader
-from ToE.common.schedule import SteppedAfterEpoch
+from ToE.common.schedule import SteppedAfterEpoch, split_global_batch
 from ToE.yolos.data import CocoDetection, collate, eval_transform, train_transform
 from ToE.yolos.evaluation import evaluate, write_results
 from ToE.yolos.loss import HungarianMatcher, SetCriterion
@@ -71,7 +71,10 @@ class DetectionTask:
     def __init__(self, args: argparse.Namespace, run) -> None:
         self.args, self.env, self.device, self.toe = args, run.env, run.device, run.toe
         self.amp_dtype = run.amp_dtype
-        self.plan = ConstantPlan(args.epochs, args.batch_size)
+        world = self.env.world_size
+        # the published global batch (8 GPUs x 2 for YOLOS-Ti) on any number of processes
+        self.plan = ConstantPlan(args.epochs, *split_global_batch(args.global_batch or args.batch_size * world, world,
+                                                                  args.batch_size))
         backbone = create_backbone(args.backbone_name, args.backbone_kwargs)
         if args.init_checkpoint:
             load_init_checkpoint(backbone, args.init_checkpoint)
@@ -120,9 +123,11 @@ class DetectionTask:
         if not args.check_only:  # a corrupt val image fails the set-up, not the first evaluation
             check_images(self.val_set, "val", range(env.rank, len(self.val_set), env.world_size),
                          num_workers=args.num_workers)
-        if len(self.train_set) // env.world_size < args.batch_size and not args.eval:
-            raise UserError(f"the training split has {len(self.train_set)} images, fewer than one batch of "
-                            f"{args.batch_size} per process ({env.world_size} processes). Lower --batch_size")
+        update = self.plan(0).batch * self.plan(0).accum  # images per process and update
+        if len(self.train_set) // env.world_size < update and not args.eval:
+            raise UserError(f"the training split has {len(self.train_set)} images, fewer than one update of "
+                            f"{update} per process ({env.world_size} processes). Lower --batch_size or "
+                            "--global-batch")
         self.train_sampler = DistributedSampler(self.train_set, num_replicas=env.world_size, rank=env.rank,
                                                 shuffle=True, seed=args.seed, drop_last=True)
         # each process takes every world_size-th image, so every image is scored exactly once
@@ -148,7 +153,7 @@ class DetectionTask:
         return losses["loss"], metrics, images.shape[0]
 
     def evaluate(self, model: torch.nn.Module) -> Dict[str, float]:
-        with autocast(self.device, self.amp_dtype):
+        with autocast(self.device, self.amp_dtype if self.args.eval_amp else None):
             stats, _, _ = evaluate(model, self.eval_criterion, self.val_loader, self.val_set.coco, self.device)
         return stats
 
@@ -162,7 +167,7 @@ class DetectionTask:
                                                   args.expansion_multiple_stage)
         return (f"YOLOS on {args.backbone_name}: {args.det_token_num} detection tokens, {self.num_classes} classes "
                 f"(on the {grid[0]}x{grid[1]} grid ToE keeps {kept} patch tokens); {len(self.train_set)} train / "
-                f"{len(self.val_set)} val images")
+                f"{len(self.val_set)} val images; lr {args.lr:.2e} (--lr as given, as published)")
 
     def outputs_info(self) -> Dict[str, Any]:
         backbone = self.model.backbone
@@ -171,7 +176,7 @@ class DetectionTask:
 
     def evaluate_only(self, model: torch.nn.Module) -> None:
         args = self.args
-        with autocast(self.device, self.amp_dtype):
+        with autocast(self.device, self.amp_dtype if args.eval_amp else None):
             stats, results, summary = evaluate(model, self.eval_criterion, self.val_loader, self.val_set.coco,
                                                self.device, show_progress=self.env.is_main)
         if self.env.is_main:
