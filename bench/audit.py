@@ -2110,7 +2110,7 @@ def write_markdown(records: List[dict], path: Path) -> None:
                      f"{m['jobs']} jobs)")
     lines.append("")
     lines += ["## Counts", ""]
-    header = "| trainer | cases | " + " | ".join(f"{c} {label}" for c in CLASSES for label in labels) + " |"
+    header = "| group | cases | " + " | ".join(f"{c} {label}" for c in CLASSES for label in labels) + " |"
     lines += [header, "|" + "---|" * (2 + len(CLASSES) * len(labels))]
     recorded = {r["case"] for r in records}
     trainers = [t for t in TRAINERS if any(c.trainer == t and c.name in recorded for c in CASES)]
