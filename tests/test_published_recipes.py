@@ -96,10 +96,11 @@ def test_each_trainer_reports_and_evaluates_as_published():
     from ToE.yolos.main import parse_args as yolos
 
     assert (deit([]).best_of, deit([]).eval_amp, et([]).best_of, et([]).eval_amp) == ("model", True, "model", True)
-    assert (lvvit([]).best_of, lvvit([]).eval_amp) == ("ema", False)  # timm's train.py: the EMA, in float32
+    # timm's train.py: the EMA's top-1, evaluated in the training's mixed precision (apex O1 there)
+    assert (lvvit([]).best_of, lvvit([]).eval_amp) == ("ema", True)
     assert yolos([]).eval_amp is False  # published YOLOS evaluates (and trains) in float32
-    args = lvvit(["--best-of", "model", "--eval-amp"])
-    assert (args.best_of, args.eval_amp) == ("model", True)
+    args = lvvit(["--best-of", "model", "--no-eval-amp"])
+    assert (args.best_of, args.eval_amp) == ("model", False)
 
 
 @pytest.mark.e2e
