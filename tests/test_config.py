@@ -251,7 +251,7 @@ def test_published_run_script_smoke_test_with_epochs_1(tmp_path):
     result = subprocess.run(
         ["bash", "ToE/deit/run/imagenet_small_run1.sh", str(data), str(out), "--epochs", "1",
          "--model", "vit_tiny_patch16_224", "--model-kwargs", "embed_dim=32", "depth=2", "num_heads=2",
-         "--input-size", "32", "--patch-size", "4", "--batch-size", "4", "--num_workers", "0"],
+         "--input-size", "32", "--patch-size", "4", "--batch-size", "4", "--global-batch", "4", "--num_workers", "0"],
         cwd=ROOT, env={**os.environ, "NPROC": "1", "CUDA_VISIBLE_DEVICES": ""}, capture_output=True, text=True,
         timeout=600)
     assert result.returncode == 0, result.stderr[-3000:]

@@ -251,7 +251,8 @@ def test_preemption_under_torchrun_through_the_run_script_exits_3_in_one_line(da
     env = {**child_env(), "NPROC": "2", "PYTHON": sys.executable, "CUDA_VISIBLE_DEVICES": "",
            "MASTER_PORT": str(free_port())}
     result = subprocess.run(["bash", str(ROOT / "ToE" / "deit" / "run" / "imagenet_tiny_run1.sh"), str(data), str(out),
-                             *flags(data, out, 3, "--time-limit", "0.05", "--log-interval", "1")[4:]], cwd=ROOT,
+                             *flags(data, out, 3, "--time-limit", "0.05", "--log-interval", "1", "--global-batch",
+                                    "8")[4:]], cwd=ROOT,
                             env=env, capture_output=True, text=True, timeout=240)
     lines = stderr_lines(result.stderr)
     assert result.returncode == 3, result.stderr

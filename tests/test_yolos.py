@@ -370,7 +370,7 @@ def _set_box(data, value):
     ("other_categories", "categories (id, name) of"),
     ("category", "category_id 7"),
     ("init_checkpoint", "does not fit the backbone"),
-    ("batch", "fewer than one batch of 9"),
+    ("batch", "fewer than one update of 9"),
 ])
 def test_bad_input_is_one_line_exit_2_and_keeps_outputs(tmp_path, coco_root, capsys, case, expected):
     out = tmp_path / "out"

@@ -214,6 +214,10 @@ class Run:
                 # (a checkpoint from before a switch existed trained with its default)
                 self.toe = build_token_select(argparse.Namespace(**{**vars(args),
                                                                     **{k: stored[k] for k in TOE_KEYS if k in stored}}))
+            if not args.eval and args.global_batch is None and stored.get("global_batch"):
+                # a resumed run keeps its images per update on any number of processes (accumulation
+                # makes up the difference); an explicit --global-batch is checked against it in _resume
+                args = self.args = argparse.Namespace(**{**vars(args), "global_batch": int(stored["global_batch"])})
         self.env = init_distributed("cpu" if args.check_only else args.device)
         self.device = self.env.device
         # --check-only runs on the CPU, but checks the precision of the device the run will use
@@ -353,7 +357,8 @@ class Run:
         seed_everything(self.args.seed + env.rank + 100_003 * self.start_epoch)
         if env.is_main:
             print(f"warning: {path} was written by {stored_world} process(es), this run has {env.world_size}: every "
-                  "process starts a fresh random stream (and the lr follows the new total batch); the run continues, "
+                  f"process starts a fresh random stream (the {self.global_batch} images per update are kept); the "
+                  "run continues, "
                   "but not bit for bit as it would have", flush=True)
         return None
 
