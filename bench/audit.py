@@ -2034,11 +2034,11 @@ def messages_flops_json_into_folder(ctx: Context) -> Outcome:
 
 @case("messages")
 def messages_gpu_check_out_is_a_file(ctx: Context) -> Outcome:
-    """python -m ToE.common.gpu_check --out FILE (an existing file, e.g. a typo for its folder). Expected:
+    """python -m ToE.gpu_check --out FILE (an existing file, e.g. a typo for its folder). Expected:
     refused in one line naming --out, the file intact."""
     target = ctx.tmp / "notes.txt"
     target.write_text("mine")
-    result = ctx.module("ToE.common.gpu_check", "--out", target, "--only", "operator")
+    result = ctx.module("ToE.gpu_check", "--out", target, "--only", "operator")
     if target.read_text() != "mine":
         return Outcome(LOST, "the file given to --out was changed")
     return judge_refusal(result, needles=["--out"])

@@ -8,4 +8,4 @@
 # needs CUDA is skipped and named, and it says "CUDA was not exercised: no GPU visible".
 # Sets up .venv on first use, as run/test.sh does.
 source "$(dirname "${BASH_SOURCE[0]}")/_env.sh"
-exec "$PY" -m ToE.common.gpu_check "$@"
+exec "$PY" -m ToE.gpu_check "$@"

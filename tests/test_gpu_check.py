@@ -10,7 +10,7 @@ import subprocess
 import pytest
 from helpers import ROOT
 
-from ToE.common.gpu_check import CHECKS, NO_CUDA
+from ToE.gpu_check import CHECKS, NO_CUDA
 
 
 @pytest.mark.e2e

@@ -203,7 +203,7 @@ def test_flops_warns_of_stages_the_run_never_reaches(capsys):
 def test_gpu_check_out_is_refused_in_one_line(tmp_path, capsys, case):
     """Old: --out FILE and --out FILE/sub were tracebacks (FileExistsError, NotADirectoryError) and a folder
     with the user's files was written into (its runs/ replaced by gpu_check's)."""
-    from ToE.common.gpu_check import parse_args
+    from ToE.gpu_check import parse_args
 
     (tmp_path / "file").write_text("mine")
     (tmp_path / "mine").mkdir()
@@ -218,7 +218,7 @@ def test_gpu_check_out_is_refused_in_one_line(tmp_path, capsys, case):
 
 
 def test_gpu_check_out_accepts_a_new_folder_or_an_earlier_report(tmp_path):
-    from ToE.common.gpu_check import parse_args
+    from ToE.gpu_check import parse_args
 
     assert parse_args(["--out", str(tmp_path / "a" / "b")]).out == str(tmp_path / "a" / "b")
     (tmp_path / "earlier" / "runs").mkdir(parents=True)

@@ -1,5 +1,5 @@
 """Every CUDA path of an install, checked in minutes: ``bash run/gpu_check.sh`` (or
-``python -m ToE.common.gpu_check``).
+``python -m ToE.gpu_check``).
 
 Each check asserts; a failed check says what went wrong, the command exits 1, and a table of
 the checks (pass / fail / skip, seconds) ends the output. The report is ``OUT/gpu_check.json``
@@ -41,7 +41,7 @@ from typing import Any, Callable, Dict, List, Optional
 import numpy as np
 import torch
 
-ROOT = Path(__file__).resolve().parents[2]
+ROOT = Path(__file__).resolve().parents[1]
 NO_CUDA = "CUDA was not exercised: no GPU visible"
 
 # -- the tiny recipes --------------------------------------------------------------------------------
