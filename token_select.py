@@ -17,6 +17,9 @@ Contents:
 - ``TokenSelect``: the operator, with the published interface (``expansion_step``,
   ``keep_rate``, ``initialization_keep_rate``, ``expansion_multiple_stage``, ``distance``,
   ``update_current_stage(epoch)``, ``token_select(x) -> (x, index)``, ``sparse_inference``).
+- Baseline reducers at ToE's place, on ToE's schedule and counts, with another choice of tokens:
+  ``make_reducer(name, ...)`` for ``name`` in ``REDUCERS`` (``toe``; ``random``, PatchDropout;
+  ``topk``, the tokens most like the class token; ``tome``, bipartite soft matching).
 - ``attach(model, token_select)``: puts the operator after block 0 of an unmodified ViT: timm's
   ``VisionTransformer``, torchvision's ``VisionTransformer`` or a Hugging Face transformers ViT,
   DeiT, Dinov2 (with or without registers) or CLIP vision model (``placement`` says where).
@@ -40,6 +43,11 @@ from torch import nn
 
 __all__ = [
     "TokenSelect",
+    "REDUCERS",
+    "make_reducer",
+    "RandomReducer",
+    "TopKReducer",
+    "ToMeReducer",
     "attach",
     "detach",
     "reduction_problem",
@@ -343,6 +351,8 @@ class TokenSelect(nn.Module):
     depend on the input dtype or the autocast precision; x_out has x's dtype and gradient path.
     """
 
+    reducer = "toe"  # which choice of tokens (the baselines of make_reducer replace _choose)
+
     def __init__(
         self,
         expansion_step: Sequence[int] = (0, 100, 200),
@@ -428,6 +438,24 @@ class TokenSelect(nn.Module):
         seeds, steps = self._plan(num_patches)
         return seeds + sum(steps)
 
+    def kept_in_last_forward(self, num_patches: int) -> int:
+        """The patch tokens the last forward really carried after the operator: ``num_patches``
+        when it did not reduce (the one rule the trainers count kept tokens by)."""
+        if self.last_index is None:
+            return num_patches
+        return int(self.last_index.shape[1]) - self.num_prefix_tokens - self.num_suffix_tokens
+
+    def prepare(self, num_patches: int, device: torch.device) -> None:
+        """Fill the current stage's caches (its plan, its seed positions) outside any forward. A
+        compiled model then only ever traces cache hits: one graph per stage, not a second one after
+        the first call filled the cache. Call it after ``update_current_stage`` and ``grid_size``."""
+        if not is_reducing_stage(self.current_stage, self.keep_rate):
+            return
+        seeds_count, step_sizes = self._plan(num_patches)
+        if self.initialization != "random":
+            self._seeds(num_patches, torch.device(device),
+                        seeds_count + sum(step_sizes) if self.expansion == "none" else None)
+
     def _seeds(self, num_patches: int, device: torch.device, count: Optional[int] = None
                ) -> Tuple[torch.Tensor, torch.Tensor]:
         """(seed positions, the other positions in increasing order), cached per token count;
@@ -484,61 +512,24 @@ class TokenSelect(nn.Module):
 
         batch, _, channels = x.shape
         start, stop = self.num_prefix_tokens, self.num_prefix_tokens + num_patches
-        patches = x[:, start:stop]                                            # (B, P, C)
-        sim = self._similarity(patches)                                       # (B, P, P)
-
         with torch.no_grad():
-            if self.expansion == "none":  # every kept token placed by the initialization rule
-                seeds_count, step_sizes = seeds_count + sum(step_sizes), []
-            if self.initialization == "random":
-                shuffled = torch.rand(batch, num_patches, device=x.device).argsort(dim=1)
-                selected = shuffled[:, :seeds_count].sort(dim=1).values          # (B, S)
-                unselected = shuffled[:, seeds_count:].sort(dim=1).values        # (B, U) in order
-                seed_rows = selected.unsqueeze(-1).expand(-1, -1, num_patches)
-                best = sim.gather(1, seed_rows).amax(dim=1)
-            else:
-                seeds, rest = self._seeds(num_patches, x.device,
-                                          seeds_count if self.expansion == "none" else None)
-                unselected = rest.unsqueeze(0).expand(batch, -1)              # (B, U) in order
-                selected = seeds.unsqueeze(0).expand(batch, -1)               # (B, S)
-                # best[b, i]: similarity of token i to its closest selected token. sim is symmetric,
-                # so the rows of the selected tokens hold their similarity to every token.
-                best = sim[:, seeds].amax(dim=1)                              # (B, P)
-            added = [selected]
-            for size in step_sizes:
-                if self.expansion == "random":
-                    order = torch.rand(unselected.shape, device=x.device).argsort(dim=1)
-                else:
-                    # Ascending sort of the unselected tokens' best similarity: the least-like first.
-                    order = best.gather(1, unselected).sort(dim=1, stable=True).indices
-                unselected = unselected.gather(1, order)
-                new, unselected = unselected[:, :size], unselected[:, size:]
-                if size == 0:  # the sort still reorders the unselected tokens, as published
-                    continue
-                added.append(new)
-                new_rows = sim.gather(1, new.unsqueeze(-1).expand(-1, -1, num_patches))  # (B, m, P)
-                best = torch.maximum(best, new_rows.amax(dim=1))
-            selected = torch.cat(added, dim=1)                                # (B, K)
+            selected, unselected, target = self._choose(x, seeds_count, step_sizes)
             kept = selected.shape[1]
-            if self.merging == "mean":
-                # Merge: each unselected token goes to its most similar selected token.
-                rows = sim.gather(1, unselected.unsqueeze(-1).expand(-1, -1, num_patches))   # (B, U, P)
-                target = rows.gather(2, selected.unsqueeze(1).expand(-1, rows.shape[1], -1)).argmax(dim=2)
+            drop = target is None
             # dest[b, n]: the output slot that input token n ends in. Prefix and suffix tokens keep
             # their own slots; a kept patch token has its slot, a merged one its target's. One
             # scatter-add over all N tokens then does the whole merge, and its backward is a
             # single gather of the output gradient: no slices, no zero-filled (B, N, C) buffers.
             num_out = x.shape[1] - num_patches + kept
-            # merging="drop": the unselected tokens go to one extra slot, cut off below
-            slots_total = num_out + (self.merging == "drop")
+            # dropped tokens (no target) go to one extra slot, cut off below
+            slots_total = num_out + int(drop)
             slots = torch.arange(start, start + kept, device=x.device).expand(batch, -1)
             dest = torch.empty(batch, x.shape[1], dtype=torch.long, device=x.device)
             dest[:, :start] = torch.arange(start, device=x.device)
             dest[:, stop:] = torch.arange(start + kept, num_out, device=x.device)
             patch_dest = dest[:, start:stop]
             patch_dest.scatter_(1, selected, slots)
-            patch_dest.scatter_(1, unselected, target + start if self.merging == "mean" else
-                                torch.full_like(unselected, num_out))     # "drop": the extra slot
+            patch_dest.scatter_(1, unselected, torch.full_like(unselected, num_out) if drop else target + start)
             compute = _compute_dtype(x.dtype)
             counts = torch.zeros(batch, slots_total, dtype=compute, device=x.device)
             counts.scatter_add_(1, dest, torch.ones_like(dest, dtype=compute))
@@ -556,8 +547,250 @@ class TokenSelect(nn.Module):
         self.last_index = index
         return out, index
 
+    def _choose(self, x: torch.Tensor, seeds_count: int, step_sizes: List[int]
+                ) -> Tuple[torch.Tensor, torch.Tensor, Optional[torch.Tensor]]:
+        """The choice of tokens, without gradient: ``(selected, unselected, target)``.
+
+        ``selected`` (B, K): the patch positions (0..P-1) that become the K output tokens, in output
+        order; ``unselected`` (B, P - K): the other positions; ``target`` (B, P - K): the output slot
+        (0..K-1) each unselected token is averaged into, or None to drop them. K is
+        ``seeds_count + sum(step_sizes)``. This is ToE's "initialization, expansion, merging"; the
+        baseline reducers (``make_reducer``) replace this method only.
+        """
+        batch = x.shape[0]
+        start = self.num_prefix_tokens
+        num_patches = x.shape[1] - self.num_prefix_tokens - self.num_suffix_tokens
+        patches = x[:, start:start + num_patches]                             # (B, P, C)
+        sim = self._similarity(patches)                                       # (B, P, P)
+        if self.expansion == "none":  # every kept token placed by the initialization rule
+            seeds_count, step_sizes = seeds_count + sum(step_sizes), []
+        if self.initialization == "random":
+            shuffled = torch.rand(batch, num_patches, device=x.device).argsort(dim=1)
+            selected = shuffled[:, :seeds_count].sort(dim=1).values          # (B, S)
+            unselected = shuffled[:, seeds_count:].sort(dim=1).values        # (B, U) in order
+            seed_rows = selected.unsqueeze(-1).expand(-1, -1, num_patches)
+            best = sim.gather(1, seed_rows).amax(dim=1)
+        else:
+            seeds, rest = self._seeds(num_patches, x.device, seeds_count if self.expansion == "none" else None)
+            unselected = rest.unsqueeze(0).expand(batch, -1)              # (B, U) in order
+            selected = seeds.unsqueeze(0).expand(batch, -1)               # (B, S)
+            # best[b, i]: similarity of token i to its closest selected token. sim is symmetric,
+            # so the rows of the selected tokens hold their similarity to every token.
+            best = sim[:, seeds].amax(dim=1)                              # (B, P)
+        added = [selected]
+        for size in step_sizes:
+            if self.expansion == "random":
+                order = torch.rand(unselected.shape, device=x.device).argsort(dim=1)
+            else:
+                # Ascending sort of the unselected tokens' best similarity: the least-like first.
+                order = best.gather(1, unselected).sort(dim=1, stable=True).indices
+            unselected = unselected.gather(1, order)
+            new, unselected = unselected[:, :size], unselected[:, size:]
+            if size == 0:  # the sort still reorders the unselected tokens, as published
+                continue
+            added.append(new)
+            new_rows = sim.gather(1, new.unsqueeze(-1).expand(-1, -1, num_patches))  # (B, m, P)
+            best = torch.maximum(best, new_rows.amax(dim=1))
+        selected = torch.cat(added, dim=1)                                # (B, K)
+        if self.merging == "drop":
+            return selected, unselected, None
+        # Merge: each unselected token goes to its most similar selected token.
+        rows = sim.gather(1, unselected.unsqueeze(-1).expand(-1, -1, num_patches))   # (B, U, P)
+        target = rows.gather(2, selected.unsqueeze(1).expand(-1, rows.shape[1], -1)).argmax(dim=2)
+        return selected, unselected, target
+
     def forward(self, x: torch.Tensor) -> Tuple[torch.Tensor, Optional[torch.Tensor]]:
         return self.token_select(x)
+
+
+# ---------------------------------------------------------------------------------------------
+# Baseline reducers: ToE's place and schedule, another choice of tokens
+# ---------------------------------------------------------------------------------------------
+REDUCERS = ("toe", "random", "topk", "tome")
+
+
+class _BaselineReducer(TokenSelect):
+    """A ``TokenSelect`` whose choice of tokens is a baseline's instead of ToE's.
+
+    Everything but the choice is ToE's: the place (after block 0, through ``attach``), the stage
+    schedule and the kept count of every stage (``kept_patch_tokens``, the published integer
+    rules), the prefix and suffix tokens passed through untouched, ``reducing``, ``last_index``,
+    ``sparse_inference``, identity in eval mode, and the gradient path of the kept tokens (one
+    scatter-add mean). Only ``_choose`` differs, so a comparison with ToE changes the tokens and
+    nothing else. ``initialization_keep_rate`` and ``expansion_multiple_stage`` only set the kept
+    counts (ToE's seed and repetition rules give them); ToE's own options (distance,
+    initialization, expansion, merging, distance_rank) do not exist here.
+    """
+
+    reducer = ""
+
+    def __init__(
+        self,
+        expansion_step: Sequence[int] = (0, 100, 200),
+        keep_rate: Sequence[float] = (0.5, 0.75, 1.0),
+        initialization_keep_rate: float = 0.25,
+        expansion_multiple_stage: int = 2,
+        num_prefix_tokens: int = 1,
+        num_suffix_tokens: int = 0,
+        grid_size: Optional[Tuple[int, int]] = None,
+        sparse_inference: bool = False,
+    ) -> None:
+        super().__init__(expansion_step, keep_rate, initialization_keep_rate, expansion_multiple_stage,
+                         num_prefix_tokens=num_prefix_tokens, num_suffix_tokens=num_suffix_tokens,
+                         grid_size=grid_size, sparse_inference=sparse_inference)
+
+    def extra_repr(self) -> str:
+        return (f"reducer={self.reducer!r}, expansion_step={self.expansion_step}, keep_rate={self.keep_rate}, "
+                f"initialization_keep_rate={self.initialization_keep_rate}, "
+                f"expansion_multiple_stage={self.expansion_multiple_stage}, "
+                f"num_prefix_tokens={self.num_prefix_tokens}, current_stage={self.current_stage}")
+
+    def _patches(self, x: torch.Tensor) -> torch.Tensor:
+        """The patch tokens of x (B, P, C), detached, in the compute dtype."""
+        stop = x.shape[1] - self.num_suffix_tokens
+        return x[:, self.num_prefix_tokens:stop].detach().to(_compute_dtype(x.dtype))
+
+
+def _split_by_order(order: torch.Tensor, kept: int) -> Tuple[torch.Tensor, torch.Tensor]:
+    """(the first ``kept`` positions of ``order``, the rest), each in increasing position order."""
+    return order[:, :kept].sort(dim=1).values, order[:, kept:].sort(dim=1).values
+
+
+def _unit(tokens: torch.Tensor) -> torch.Tensor:
+    # clamp: an all-zero token (padding) has similarity 0 to everything, not NaN
+    return tokens / tokens.norm(dim=-1, keepdim=True).clamp_min(1e-12)
+
+
+class RandomReducer(_BaselineReducer):
+    """Keep uniformly random patch tokens and drop the rest: PatchDropout (Liu et al., 2022; FLIP),
+    at ToE's place and counts. A fresh draw for every image and every forward call, from torch's
+    generator of the input's device (as dropout), so a run is reproducible under ``torch.manual_seed``.
+    The kept tokens are in increasing position order."""
+
+    reducer = "random"
+
+    def _choose(self, x, seeds_count, step_sizes):
+        num_patches = x.shape[1] - self.num_prefix_tokens - self.num_suffix_tokens
+        order = torch.rand(x.shape[0], num_patches, device=x.device).argsort(dim=1)
+        return (*_split_by_order(order, seeds_count + sum(step_sizes)), None)
+
+
+class TopKReducer(_BaselineReducer):
+    """Keep the patch tokens most similar (cosine) to the class token and drop the rest.
+
+    The cheap stand-in for pruning by the class token's attention scores (EViT, and the top-K
+    baseline of "Which Tokens to Use?", ICCVW 2023): fused attention
+    (``F.scaled_dot_product_attention``, what timm uses) never forms the attention matrix, so the
+    scores are not there to read without giving up the fused kernel; the cosine of each patch
+    token with the class token at the output of block 0 ranks the tokens instead, without
+    gradient. The class token is the first prefix token; a model without prefix tokens ranks by
+    the similarity to the mean patch token. Ties keep the earlier position; the kept tokens are
+    in increasing position order.
+    """
+
+    reducer = "topk"
+
+    def _choose(self, x, seeds_count, step_sizes):
+        with _autocast_off(x.device):
+            patches = self._patches(x)
+            query = x[:, 0].detach().to(patches.dtype) if self.num_prefix_tokens else patches.mean(dim=1)
+            score = (_unit(patches) @ _unit(query).unsqueeze(-1)).squeeze(-1)        # (B, P)
+        order = score.argsort(dim=1, descending=True, stable=True)
+        return (*_split_by_order(order, seeds_count + sum(step_sizes)), None)
+
+
+class ToMeReducer(_BaselineReducer):
+    """Token Merging (Bolya et al., ICLR 2023) used in training: bipartite soft matching merges
+    the patch tokens down to ToE's kept count in one place (after block 0).
+
+    One round: the tokens, in raster order of their positions, alternate between sets A and B;
+    each A token finds its most similar B token (cosine), and the ``r`` A tokens with the most
+    similar partners are merged into them. Rounds repeat, each merging at most half of the
+    tokens, until the kept count is reached (one round for a keep rate of 1/2 or more; a round
+    that merges all of A keeps the B tokens, so at a keep rate of exactly 1/2 the content decides
+    the groups, not which positions survive). A merged
+    token is the size-weighted mean of the tokens it absorbed, i.e. the mean of all the input
+    patch tokens in its group, and later rounds compare these means. The output tokens are the
+    surviving B (and unmerged A) tokens in raster order; ``last_index`` gives each its own
+    position. Prefix and suffix tokens are never merged.
+
+    Departures from ToMe, said plainly: the similarity is the cosine of the tokens themselves at
+    the output of block 0 (ToMe uses the attention keys, averaged over heads, which the hook
+    after the block does not see), all merging happens at one place instead of r tokens per
+    block, and there is no proportional attention (ToMe adds log(size) to the attention logits
+    of a merged token; here a merged token counts once in attention, as ToE's merged tokens do).
+    """
+
+    reducer = "tome"
+
+    def _choose(self, x, seeds_count, step_sizes):
+        batch, device = x.shape[0], x.device
+        kept = seeds_count + sum(step_sizes)
+        with _autocast_off(device):
+            patches = self._patches(x)                                           # (B, P, C)
+            num_patches, channels = patches.shape[1], patches.shape[2]
+            group = torch.arange(num_patches, device=device).expand(batch, -1)   # (B, P): each patch's token now
+            rep = group                                                          # (B, n): each token's position
+            features, count = patches, num_patches
+            while count > kept:  # static: the counts are Python integers
+                merges = min(count - kept, count // 2)
+                side_a = torch.arange(0, count, 2, device=device)
+                side_b = torch.arange(1, count, 2, device=device)
+                unit = _unit(features)
+                scores = unit[:, side_a] @ unit[:, side_b].transpose(1, 2)      # (B, |A|, |B|)
+                best, partner = scores.max(dim=-1)                               # (B, |A|)
+                src = best.argsort(dim=1, descending=True, stable=True)[:, :merges]
+                src_pos, dst_pos = side_a[src], side_b[partner.gather(1, src)]   # (B, r) in the current sequence
+                merged = torch.zeros(batch, count, dtype=torch.long, device=device).scatter_(1, src_pos, 1)
+                # the survivors keep their current (raster) order: sort the merged ones past the end
+                survivors = (torch.arange(count, device=device) + count * merged).sort(dim=1).values
+                survivors = survivors[:, :count - merges]
+                new_id = torch.empty(batch, count, dtype=torch.long, device=device)
+                new_id.scatter_(1, survivors, torch.arange(count - merges, device=device).expand(batch, -1))
+                new_id.scatter_(1, src_pos, new_id.gather(1, dst_pos))          # a merged token: its partner's
+                group, rep, count = new_id.gather(1, group), rep.gather(1, survivors), count - merges
+                sizes = torch.zeros(batch, count, dtype=patches.dtype, device=device)
+                sizes.scatter_add_(1, group, torch.ones_like(patches[..., 0]))
+                sums = torch.zeros(batch, count, channels, dtype=patches.dtype, device=device)
+                sums.scatter_add_(1, group.unsqueeze(-1).expand(-1, -1, channels), patches)
+                features = sums / sizes.unsqueeze(-1)                            # size-weighted means
+        chosen = torch.zeros(batch, num_patches, dtype=torch.long, device=device).scatter_(1, rep, 1)
+        unselected = (torch.arange(num_patches, device=device) + num_patches * chosen).sort(dim=1).values
+        unselected = unselected[:, :num_patches - kept]
+        return rep, unselected, group.gather(1, unselected)
+
+
+_REDUCER_CLASSES = {"toe": TokenSelect, "random": RandomReducer, "topk": TopKReducer, "tome": ToMeReducer}
+# ToE's own options and the values at which a baseline reducer can ignore them (the seed layout
+# rule only places ToE's seeds; either rule gives the same kept counts)
+_TOE_ONLY = {"distance": ("cosine",), "initialization": ("stride", "uniform"), "expansion": ("farthest",),
+             "merging": ("mean",), "distance_rank": ("similarity",)}
+
+
+def make_reducer(name: str = "toe", **kwargs) -> TokenSelect:
+    """The token reducer ``name`` (one of ``REDUCERS``) with ToE's schedule arguments.
+
+    ``toe``: ``TokenSelect(**kwargs)``, the operator as it is. ``random``, ``topk``, ``tome``:
+    ``RandomReducer``, ``TopKReducer``, ``ToMeReducer``, subclasses of ``TokenSelect`` that keep
+    exactly ToE's tokens per stage at ToE's place and differ only in which tokens they keep.
+    The schedule arguments (``expansion_step``, ``keep_rate``, ``initialization_keep_rate``,
+    ``expansion_multiple_stage``) and ``num_prefix_tokens``, ``num_suffix_tokens``,
+    ``grid_size``, ``sparse_inference`` go to every reducer; ToE's own options (``distance``,
+    ``initialization``, ``expansion``, ``merging``, ``distance_rank``) are accepted by a baseline
+    only at ToE's values (``initialization`` "stride" or "uniform"), where they change nothing,
+    and are otherwise a ``ValueError``.
+    """
+    if name not in _REDUCER_CLASSES:
+        raise ValueError(f"reducer must be one of {REDUCERS}; got {name!r}")
+    if name == "toe":
+        return TokenSelect(**kwargs)
+    for option, ignorable in _TOE_ONLY.items():
+        if option in kwargs:
+            value = kwargs.pop(option)
+            if value not in ignorable:
+                raise ValueError(f"{option}={value!r} switches a part of ToE's operator, which the {name!r} reducer "
+                                 f"does not have: leave it at its default ({ignorable[0]!r}) or use reducer 'toe'")
+    return _REDUCER_CLASSES[name](**kwargs)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -812,3 +1045,10 @@ def detach(model: nn.Module) -> None:
     object.__delattr__(block, "_toe_mask_args")
     object.__delattr__(model, "_toe_hook")
     del model.token_select
+
+
+def patch_size(model: nn.Module) -> int:
+    """The side in pixels of the patches of a timm-style model (``model.patch_embed.patch_size``, an
+    int or a pair; 1 when the embedding names none): the one rule every trainer reads it by."""
+    patch = getattr(getattr(model, "patch_embed", None), "patch_size", None)
+    return int(patch[0] if isinstance(patch, (tuple, list)) else patch or 1)

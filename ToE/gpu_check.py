@@ -41,6 +41,8 @@ from typing import Any, Callable, Dict, List, Optional
 import numpy as np
 import torch
 
+from ToE.trainers import TRAINERS
+
 ROOT = Path(__file__).resolve().parents[1]
 NO_CUDA = "CUDA was not exercised: no GPU visible"
 
@@ -66,8 +68,6 @@ YOLOS = ["--backbone_name", "vit_tiny_patch16_224", "--backbone-kwargs", "img_si
          "--mid_pe_size", "32", "32", "--scales", "24", "32", "40", "--max-size", "56", "--select-scales", "24", "32",
          "--crop-size", "16", "24", "--eval_size", "32", "--num_workers", "0", "--batch_size", "2", "--lr", "1e-3",
          "--expansion-step", "0", "1", "--keep-rate", "0.5", "1.0", "--seed", "0"]
-MAINS = {"deit": "ToE/deit/main.py", "lvvit": "ToE/lvvit/main.py", "et": "ToE/EfficientTrain/main.py",
-         "yolos": "ToE/yolos/main.py"}
 
 # Operator tolerances (outputs; the kept indices must be equal). The selection is computed in
 # float32 with autocast off on both devices, and the inputs below make it exact (see
@@ -191,7 +191,7 @@ class Context:
         return result
 
     def main(self, trainer: str, *args, name: str, expect_rc: int = 0, launcher=None) -> subprocess.CompletedProcess:
-        command = [*(launcher or [sys.executable]), str(ROOT / MAINS[trainer]), *args]
+        command = [*(launcher or [sys.executable]), str(ROOT / TRAINERS[trainer].main), *args]
         return self.run(command, name, expect_rc)
 
 
@@ -200,10 +200,16 @@ def load(path: Path) -> Dict[str, Any]:
     return torch.load(path, map_location="cpu", weights_only=True)
 
 
-def read_log(out: Path) -> List[Dict[str, Any]]:
-    path = out / "log.txt"
-    expect(path.is_file(), f"{path} was not written")
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+def run_log(out: Path) -> List[Dict[str, Any]]:
+    """The epoch records of the run in ``out`` (``ToE.common.log.read_log``); a missing, empty or
+    damaged log fails the check."""
+    from ToE.common.errors import UserError
+    from ToE.common.log import read_log
+
+    try:
+        return read_log(str(out))
+    except UserError as error:
+        raise CheckFailed(str(error)) from None
 
 
 def finite_weights(state: Dict[str, torch.Tensor], what: str) -> None:
@@ -217,7 +223,7 @@ def check_epochs(out: Path, epochs: int, what: str) -> List[Dict[str, Any]]:
     expect(checkpoint["epoch"] == epochs - 1, f"{what}: checkpoint epoch {checkpoint['epoch']}, expected {epochs - 1}")
     expect("position" not in checkpoint, f"{what}: the final checkpoint still holds a mid-epoch position")
     finite_weights(checkpoint["model"], f"{what}: model")
-    log = read_log(out)
+    log = run_log(out)
     expect([r["epoch"] for r in log] == list(range(epochs)),
            f"{what}: log.txt has epochs {[r['epoch'] for r in log]}, expected 0..{epochs - 1}")
     losses = [r.get("train_loss") for r in log]
@@ -336,16 +342,60 @@ def _find_sync(error: BaseException) -> str:
     return f"{frame.filename}:{frame.lineno} ({frame.line})"
 
 
+class SyncDetector:
+    """``torch.cuda.set_sync_debug_mode("error")`` while armed (on a GPU; the CPU has no detector),
+    and the training steps taken while armed."""
+
+    def __init__(self, cuda: bool) -> None:
+        self.cuda, self.armed, self.steps = cuda, False, 0
+
+    def arm(self) -> None:
+        if self.cuda:
+            torch.cuda.set_sync_debug_mode("error")
+        self.armed = True
+
+    def disarm(self) -> None:
+        if self.cuda:
+            torch.cuda.set_sync_debug_mode(0)
+        self.armed = False
+
+    def step(self) -> None:
+        """One training step began."""
+        if self.armed:
+            self.steps += 1
+
+
+def sync_checked(task_class: type, detector: SyncDetector):
+    """A task class and a ``Run`` class that tell ``detector`` about the steps: the task's public
+    ``train_step`` counts each step (then trains as ``task_class`` does), and the run's public
+    ``check_finite``, the loop's first deliberate sync after the last step, disarms it first."""
+    from ToE.common.lifecycle import Run
+
+    class CountedTask(task_class):
+        def train_step(self, model, batch):
+            detector.step()
+            return super().train_step(model, batch)
+
+    class SyncCheckedRun(Run):
+        def check_finite(self, non_finite, epoch):
+            detector.disarm()
+            return super().check_finite(non_finite, epoch)
+
+    return CountedTask, SyncCheckedRun
+
+
 def check_no_host_sync(ctx: Context) -> Dict[str, Any]:
-    """20 steps of the lifecycle's step loop (``Run._train_steps``: the task's ``train_step`` under
+    """20 steps of the lifecycle's step loop (``Run.train_steps``: the task's ``train_step`` under
     bf16 autocast, backward, AdamW, EMA, ToE in stage 1) under ``torch.cuda.set_sync_debug_mode("error")``.
     ``--log-interval`` is larger than the steps, so the loop's deliberate reads (loss, stop check)
     do not fall inside; its end-of-pass reductions (after the last step) run with the mode off.
     The batches are read before the steps (only the step is checked), and 5 warm-up steps come first
     (lazy optimizer state, the operator's seed cache). fp16's GradScaler reads its inf check on the
     host in every step by design (``GradScaler.step``), so the check runs bf16 (no scaler). On the
-    CPU the same 20 steps run without the detector (a CUDA feature), in float32."""
-    from ToE.common.lifecycle import Run
+    CPU the same 20 steps run without the detector (a CUDA feature), in float32.
+
+    The run is DeiT's, through public means only: a subclass of its task counts the steps, a
+    subclass of ``Run`` disarms the detector at its ``check_finite``."""
     from ToE.deit.main import parse_args
     from ToE.deit.trainer import DeiTTask
 
@@ -354,37 +404,21 @@ def check_no_host_sync(ctx: Context) -> Dict[str, Any]:
     amp = "bfloat16" if ctx.cuda else "float32"
     args = parse_args(["--data-path", str(ctx.images), *DEIT, "--device", ctx.dev_flag, "--amp-dtype", amp,
                        "--log-interval", "1000000", "--epochs", "3"])
+    detector = SyncDetector(ctx.cuda)
+    task_class, run_class = sync_checked(DeiTTask, detector)
     torch.manual_seed(0)
-    run = Run(args, DeiTTask)
+    run = run_class(args, task_class)
     task = run.task
     stage = run.toe.update_current_stage(0)
     expect(run.toe.reducing, f"the operator does not reduce in stage {stage}")
-    plan = task.plan(0)
+    plan = task.plan[0]
     batches: List[Any] = []
     epoch = 0
     while len(batches) < warmup + steps:  # the batches are read before the steps: only the step is measured
         batches += list(task.train_loader(epoch, plan, 0))
         epoch += 1
     full = task.num_patches
-    run._train_steps(0, plan, batches[:warmup], 0, None)  # lazy set-up: optimizer state, caches, kernels
-    calls = [0]
-    step = task.train_step
-
-    def counted(model, batch):
-        calls[0] += 1
-        return step(model, batch)
-
-    task.train_step = counted
-    stop_check = run._stop_if_non_finite
-    armed = [False]
-
-    def disarm_then_check(non_finite, epoch):  # the loop's first deliberate sync after the last step
-        if ctx.cuda:
-            torch.cuda.set_sync_debug_mode(0)
-        armed[0] = False
-        return stop_check(non_finite, epoch)
-
-    run._stop_if_non_finite = disarm_then_check
+    run.train_steps(0, plan, batches[:warmup], 0, None)  # lazy set-up: optimizer state, caches, kernels
     detail: Dict[str, Any] = {"steps": steps, "amp": amp}
     try:
         if ctx.cuda:
@@ -396,19 +430,17 @@ def check_no_host_sync(ctx: Context) -> Dict[str, Any]:
             except RuntimeError:
                 pass
             expect(torch.cuda.get_sync_debug_mode() == 2, "the sync debug mode is not 'error'")
-        armed[0] = True
+        detector.arm()
         try:
-            stats = run._train_steps(0, plan, batches[warmup:warmup + steps], 0, None)
+            stats = run.train_steps(0, plan, batches[warmup:warmup + steps], 0, None)
         except RuntimeError as error:
-            if armed[0] and "synchroniz" in str(error):
-                raise CheckFailed(f"a host sync inside the training step (after {calls[0]} armed steps) at "
+            if detector.armed and "synchroniz" in str(error):
+                raise CheckFailed(f"a host sync inside the training step (after {detector.steps} armed steps) at "
                                   f"{_find_sync(error)}: {str(error).splitlines()[0]}") from error
             raise
     finally:
-        if ctx.cuda:
-            torch.cuda.set_sync_debug_mode(0)
-        task.train_step, run._stop_if_non_finite = step, stop_check
-    expect(calls[0] == steps, f"{calls[0]} training steps ran, expected {steps}")
+        detector.disarm()
+    expect(detector.steps == steps, f"{detector.steps} training steps ran, expected {steps}")
     expect(np.isfinite(stats["train_loss"]), f"train loss {stats['train_loss']}")
     expect(stats["kept_tokens"] < full, f"stage 1 kept {stats['kept_tokens']} of {full} patch tokens")
     detail.update(kept_tokens=stats["kept_tokens"], patch_tokens=full,
@@ -543,28 +575,34 @@ def check_yolos(ctx: Context) -> Dict[str, Any]:
 # first, as init_distributed does per rank) and makes the run treat itself as distributed, so
 # DDP, the reductions, the barrier and all_gather_object of the checkpoint go through it.
 DIST_WRAPPER = """
-import os, runpy, sys
-sys.path.insert(0, {root!r})
+import os, sys
 import torch
 import torch.distributed as dist
 from ToE.common import distributed
+from {module} import cli
 
 use_cuda = torch.cuda.is_available()
 if use_cuda:
     torch.cuda.set_device(int(os.environ["LOCAL_RANK"]))
 dist.init_process_group(backend="nccl" if use_cuda else "gloo")
 print(f"gpu_check: process group {{dist.get_backend()}}, world size {{dist.get_world_size()}}", flush=True)
-distributed.DistEnv.distributed = property(lambda self: dist.is_available() and dist.is_initialized())
-main = os.path.join({root!r}, {main!r})
-sys.argv = [main] + sys.argv[1:]
-runpy.run_path(main, run_name="__main__")
+set_up = distributed.DistEnv.__post_init__
+
+
+def counting_this_group(self):  # distributed: more than one process, or this one-process group
+    set_up(self)
+    self.distributed = self.distributed or dist.is_initialized()
+
+
+distributed.DistEnv.__post_init__ = counting_this_group
+cli(sys.argv[1:])
 """
 
 
 def check_nccl(ctx: Context) -> Dict[str, Any]:
     work = ctx.folder("nccl")
     wrapper = work / "dist_wrapper.py"
-    wrapper.write_text(DIST_WRAPPER.format(root=str(ROOT), main=MAINS["deit"]))
+    wrapper.write_text(DIST_WRAPPER.format(module=TRAINERS["deit"].module))
     out = work / "out"
     torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "1", str(wrapper)]
     result = ctx.run([*torchrun, "--data-path", ctx.images, "--output_dir", out, *DEIT, "--device", ctx.dev_flag,
@@ -585,49 +623,52 @@ def check_nccl(ctx: Context) -> Dict[str, Any]:
 
 
 # -- 8. SIGUSR1 mid-epoch, then --auto-resume ---------------------------------------------------------
-SIGNAL_WRAPPER = """
-import os, runpy, signal, sys
-sys.path.insert(0, {root!r})
-from ToE.common.lifecycle import Run
+# DeiT with a task that sends its own process SIGUSR1 when training step {when} (counted over the
+# run) begins, written beside the run and started through the public trainer entry
+# (``trainer_entry``: flags, lifecycle, one-line errors and exit codes as ToE/deit/main.py's)
+SIGNAL_TRAINER = """# gpu_check's sigusr1 check: DeiT, whose training step {when} sends SIGUSR1 to its own process
+import itertools
+import os
+import signal
 
-steps, calls = Run._train_steps, [0]
+from ToE.common.lifecycle import trainer_entry
+from {package}.main import get_args_parser
+from {package}.trainer import DeiTTask
 
-def train_steps(self, *args):
-    step = self.task.train_step
+STEPS = itertools.count(1)
 
-    def counted(model, batch):
-        calls[0] += 1
-        if calls[0] == {when}:
+
+class SignalAtStep(DeiTTask):
+    def train_step(self, model, batch):
+        if next(STEPS) == {when}:
             os.kill(os.getpid(), signal.SIGUSR1)
-        return step(model, batch)
-    self.task.train_step = counted
-    try:
-        return steps(self, *args)
-    finally:
-        self.task.train_step = step
-Run._train_steps = train_steps
-main = os.path.join({root!r}, {main!r})
-sys.argv = [main] + sys.argv[1:]
-runpy.run_path(main, run_name="__main__")
+        return super().train_step(model, batch)
+
+
+parse_args, main, cli = trainer_entry("DeiT that signals itself at step {when} (gpu_check)", get_args_parser,
+                                      __name__ + ":SignalAtStep")
+
+if __name__ == "__main__":
+    cli()
 """
 
 
 def check_sigusr1(ctx: Context) -> Dict[str, Any]:
     work = ctx.folder("sigusr1")
-    wrapper = work / "signal_wrapper.py"
-    wrapper.write_text(SIGNAL_WRAPPER.format(root=str(ROOT), main=MAINS["deit"], when=9))  # epoch 1, step 3 of 6
+    trainer = work / "signal_trainer.py"
+    trainer.write_text(SIGNAL_TRAINER.format(package=TRAINERS["deit"].package, when=9))  # epoch 1, step 3 of 6
     out = work / "out"
     flags = ["--data-path", ctx.images, "--output_dir", out, *DEIT, "--device", ctx.dev_flag, "--epochs", "3",
              "--log-interval", "1", "--auto-resume"]
-    stopped = ctx.run([sys.executable, wrapper, *flags], "sigusr1_stopped", expect_rc=3)
+    stopped = ctx.run([sys.executable, trainer, *flags], "sigusr1_stopped", expect_rc=3)
     expect("SIGUSR1 received in epoch 1 after step" in stopped.stderr,
            f"the stop message does not name SIGUSR1 in epoch 1:\n{stopped.stderr[-1500:]}")
     checkpoint = load(out / "checkpoint.pth")
     position = checkpoint.get("position")
     expect(position is not None and position["epoch"] == 1 and position["step"] > 0,
            f"the mid-epoch checkpoint holds position {position}, expected epoch 1 and a step > 0")
-    expect([r["epoch"] for r in read_log(out)] == [0], "the log after the stop should hold epoch 0 only")
-    result = ctx.run([sys.executable, MAINS["deit"], *flags], "sigusr1_resumed")
+    expect([r["epoch"] for r in run_log(out)] == [0], "the log after the stop should hold epoch 0 only")
+    result = ctx.main("deit", *flags, name="sigusr1_resumed")
     on_device(result, ctx, "resumed run")
     check_epochs(out, 3, "SIGUSR1 + --auto-resume")
     return {"stopped_at": {"epoch": position["epoch"], "step": position["step"]}, "exit_code": 3, "resumed_to": 3}
@@ -763,7 +804,7 @@ CHECKS: Dict[str, Callable[[Context], Dict[str, Any]]] = {
 
 SUMMARIES = {
     "operator": "TokenSelect on CUDA equals the CPU (kept indices, outputs, gradients), every distance, bf16/fp16",
-    "no_host_sync": "20 training steps (Run._train_steps, bf16, ToE, EMA) under set_sync_debug_mode('error')",
+    "no_host_sync": "20 training steps (Run.train_steps, bf16, ToE, EMA) under set_sync_debug_mode('error')",
     "deit_amp": "DeiT bf16 + EMA; DeiT fp16 (GradScaler) --stop-after-epochs, then --auto-resume",
     "lvvit": "LV-ViT with token labels from ToE.lvvit.generate_label and a tiny teacher",
     "efficienttrain": "EfficientTrain over two curriculum segments (24 -> 32 px), torch and DALI input",
@@ -864,6 +905,12 @@ def main(argv=None) -> int:
         for name in CHECKS:
             print(f"{name:15s} {SUMMARIES[name]}")
         return 0
+    from ToE.common.distributed import unusable_gpu
+
+    problem = unusable_gpu()  # a GPU torch cannot use: the CPU stand-ins would pass and say nothing of it
+    if problem:
+        print(f"gpu_check FAILED: {problem}", file=sys.stderr)
+        return 1
     out = Path(args.out) if args.out else Path(tempfile.mkdtemp(prefix="toe_gpu_check_"))
     out.mkdir(parents=True, exist_ok=True)
     out = out.resolve()

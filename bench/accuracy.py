@@ -9,7 +9,7 @@ Trains the demo recipe ``ToE/deit/configs/demo.yaml`` (or ``--config FILE``: tim
 ``vit_tiny_patch16_224`` at 96 wide, 6 blocks, 3 heads, 32 px images, 4 px patches: 64 tokens)
 on the embedded digits data through the real DeiT trainer (``main.py --config FILE`` plus the
 configuration's flags, a subprocess per run), reading each run's ``log.txt`` through
-``ToE.common.results``: the final test top-1 and the seconds spent training. Configurations
+``bench.common``: the final test top-1 and the seconds spent training. Configurations
 (all for the same epochs, the expansion steps at thirds of the run):
 
 - ``full``: full tokens (the schedule ``--expansion-step 0 --keep-rate 1.0``, i.e. ToE off);
@@ -19,7 +19,7 @@ configuration's flags, a subprocess per run), reading each run's ``log.txt`` thr
 - ``deit-stride-k1`` / ``deit-stride-k3``: the DeiT schedule with stride seeds and 1 or 3
   repetition steps per stage instead of 2 (``--expansion-multiple-stage``).
 
-Runs go through ``ToE.common.results.run_repeated``: interleaved by seed (every configuration
+Runs go through ``bench.common.run_repeated``: interleaved by seed (every configuration
 with seed 0, then with seed 1, ...), the order of the configurations rotated from seed to seed
 (seed i starts at configuration i mod n), so drift of the machine and the place in the order hit
 every configuration alike; every run kept as one JSON line in ``accuracy_runs.jsonl``, in the
@@ -39,9 +39,9 @@ import sys
 import tempfile
 from typing import Dict, List, Optional, Sequence
 
-from bench.common import demo_config, describe_machine, git_commit, recipe, run_trainer, trainer_command
+from bench.common import (demo_config, describe_machine, git_commit, mean_se, mean_std, paired_by_seed, read_runs,
+                          recipe, run_numbers, run_repeated, run_trainer, trainer_command)
 from ToE.common.digits import build_digits
-from ToE.common.results import mean_se, mean_std, paired_by_seed, read_runs, run_numbers, run_repeated
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 DIGITS = os.path.join(ROOT, "data", "digits")

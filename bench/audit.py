@@ -50,14 +50,20 @@ import numpy as np
 import torch
 from PIL import Image
 
+from ToE.common.errors import UserError
+from ToE.common.log import read_log
+from ToE.trainers import TRAINERS
+
 HERE = Path(__file__).resolve().parents[1]
 RESULTS = HERE / "bench" / "results"
 CLASSES = ("ok", "poor", "traceback", "silent", "lost")
 OK, POOR, TRACEBACK, SILENT, LOST = CLASSES
-# groups of cases: a trainer, the tools, or (issue 27's hardening) the root a case belongs to
+# groups of cases: a trainer (the newer ones first, DeiT last), the tools, or (issue 27's hardening) the root a
+# case belongs to
 ROOTS = ("lost", "recipes", "combos", "writes", "scripts", "messages")
-TRAINERS = ("lvvit", "et", "yolos", "deit", "tools", *ROOTS)
-TRAINER_TITLES = {"lvvit": "LV-ViT", "et": "EfficientTrain", "yolos": "YOLOS", "deit": "DeiT",
+NEWER_FIRST = tuple(sorted(TRAINERS, key=lambda name: name == "deit"))
+GROUPS = (*NEWER_FIRST, "tools", *ROOTS)
+TRAINER_TITLES = {**{name: trainer.title for name, trainer in TRAINERS.items()},
                   "tools": "Tools (FLOP calculator)",
                   "lost": "Lost data (builders, one writer per output folder)",
                   "recipes": "Recipe values (-c FILE.yaml through the flags' own checks)",
@@ -65,8 +71,7 @@ TRAINER_TITLES = {"lvvit": "LV-ViT", "et": "EfficientTrain", "yolos": "YOLOS", "
                   "writes": "Interrupted and failing writes (what was saved, signals, full disk)",
                   "scripts": "Scripts (demo, Slurm, label generation)",
                   "messages": "Messages that name the real problem and the fix"}
-MAIN = {"deit": "ToE/deit/main.py", "lvvit": "ToE/lvvit/main.py", "et": "ToE/EfficientTrain/main.py",
-        "yolos": "ToE/yolos/main.py"}
+MAIN = {name: trainer.main for name, trainer in TRAINERS.items()}  # relative to the checkout under audit
 # what every trainer prints when training starts (both checkouts): an error after it is a late one
 STARTED = "ToE stages start at epochs"
 
@@ -189,13 +194,6 @@ def judge_ran(result: Result) -> Optional[Outcome]:
         lines = error_lines(result)
         return Outcome(POOR if len(lines) != 1 else OK, f"refused: {short(lines[0] if lines else '')}")
     return judge_refusal(result)
-
-
-def read_log(out: Path) -> List[dict]:
-    path = out / "log.txt"
-    if not path.is_file():
-        return []
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -559,7 +557,7 @@ def et_patch_size_in_model_kwargs(ctx: Context) -> Outcome:
                       "--output_dir", str(out), "--stop-after-epochs", "1"])
     if result.rc != 0:
         return judge_refusal(result, needles=["patch"])
-    log = read_log(out)
+    log = read_log(out, missing_ok=True)
     if not log:
         return Outcome(SILENT, "exit 0 but no log.txt")
     crop, tokens = log[0].get("resolution"), log[0].get("patch_tokens")
@@ -580,7 +578,7 @@ def et_segments_without_table(ctx: Context) -> Outcome:
                       "--output_dir", out, "--stop-after-epochs", 1)
     said = [line for line in result.text.splitlines() if "--segments" in line and "warning" in line.lower()]
     if result.rc == 0:
-        log = read_log(out)
+        log = read_log(out, missing_ok=True)
         crop = log[0].get("resolution") if log else None
         if crop == 16:
             return Outcome(OK, "the --segments table was used (epoch 0 at 16 px)")
@@ -598,7 +596,7 @@ def et_global_batch_larger_than_data(ctx: Context) -> Outcome:
     out = ctx.tmp / "out"
     result = ctx.main("et", "--data-path", ctx.fixtures.images(), "--global-batch", 64, "--output_dir", out,
                       "--stop-after-epochs", 1)
-    log = read_log(out)
+    log = read_log(out, missing_ok=True)
     return judge_refusal(result, needles=[("batch", "global")], accepted=Outcome(
         SILENT, f"trained an epoch of no update (log: {short(json.dumps(log[0]) if log else 'none', 120)})"))
 
@@ -866,8 +864,9 @@ def _aa_rand_zz(ctx: Context, trainer: str) -> Outcome:
         SILENT, "accepted --aa rand-zz (timm skips 'zz': trains timm's default RandAugment m10)"))
 
 
-RUN_SCRIPTS = {"deit": "ToE/deit/run/imagenet_tiny_run1.sh", "lvvit": "ToE/lvvit/run/imagenet_small_run1.sh",
-               "et": "ToE/EfficientTrain/run/imagenet_tiny_run1.sh", "yolos": "ToE/yolos/run/coco_tiny_run1.sh"}
+RUN_SCRIPTS = {name: f"ToE/{TRAINERS[name].folder}/run/{script}" for name, script in {
+    "deit": "imagenet_tiny_run1.sh", "lvvit": "imagenet_small_run1.sh", "et": "imagenet_tiny_run1.sh",
+    "yolos": "coco_tiny_run1.sh"}.items()}
 
 
 def _overwrite_through_script(ctx: Context, trainer: str) -> Outcome:
@@ -892,13 +891,13 @@ def _overwrite_through_script(ctx: Context, trainer: str) -> Outcome:
     if (failed := judge_ran(first)) is not None:
         return Outcome(failed.cls, f"the first run failed: {failed.reason}")
     log = out / "log.txt"
-    marked = [dict(r, audit_marker=1) for r in read_log(out)]
+    marked = [dict(r, audit_marker=1) for r in read_log(out, missing_ok=True)]
     log.write_text("".join(json.dumps(r) + "\n" for r in marked))
     flags = [f for f in ("--auto-resume", "--overwrite") if f in command]
     result = ctx.main(trainer, *data_args, "--output_dir", out, "--epochs", 2, *flags)
     if result.rc != 0:
         return judge_refusal(result, needles=[("--overwrite", "--auto-resume")])
-    kept_old = any(r.get("audit_marker") for r in read_log(out))
+    kept_old = any(r.get("audit_marker") for r in read_log(out, missing_ok=True))
     if kept_old:
         return Outcome(SILENT, f"the command holds {' and '.join(flags)}; the old run was resumed, --overwrite "
                                "ignored without a word")
@@ -906,7 +905,7 @@ def _overwrite_through_script(ctx: Context, trainer: str) -> Outcome:
                    ("" if both else " (the script did not add --auto-resume)"))
 
 
-for _trainer in ("lvvit", "et", "yolos", "deit"):
+for _trainer in NEWER_FIRST:
     def _aa(ctx: Context, trainer: str = _trainer) -> Outcome:
         return _aa_rand_zz(ctx, trainer)
 
@@ -1017,8 +1016,8 @@ def _stop(process: subprocess.Popen) -> None:
 def _epochs_once(out: Path) -> Optional[Outcome]:
     """LOST when log.txt holds an epoch twice (two writers) or is unreadable."""
     try:
-        epochs = [r.get("epoch") for r in read_log(out)]
-    except json.JSONDecodeError:
+        epochs = [r.get("epoch") for r in read_log(out, missing_ok=True)]
+    except UserError:  # a damaged line
         return Outcome(LOST, "log.txt was garbled by two writers")
     if len(epochs) != len(set(epochs)):
         return Outcome(LOST, f"two writers: log.txt holds epochs {epochs}")
@@ -1074,7 +1073,7 @@ def lost_two_deit_runs_at_once(ctx: Context) -> Outcome:
     if len(ran) != 1:
         return Outcome(TRACEBACK if refused else SILENT,
                        f"{len(ran)} of the two runs trained: {short(last_line(refused[0].err)) if refused else ''}")
-    epochs = [r.get("epoch") for r in read_log(out)]
+    epochs = [r.get("epoch") for r in read_log(out, missing_ok=True)]
     if epochs != list(range(20)):
         return Outcome(LOST, f"log.txt holds epochs {epochs}")
     return judge_refusal(refused[0], needles=["in use", "pid"])
@@ -1139,7 +1138,7 @@ def lost_lvvit_resume_after_kill9(ctx: Context) -> Outcome:
         return Outcome(failed.cls if failed.cls != OK else POOR, f"refused after a kill -9: {failed.reason}")
     if (damage := _epochs_once(out)) is not None:
         return damage
-    epochs = [r.get("epoch") for r in read_log(out)]
+    epochs = [r.get("epoch") for r in read_log(out, missing_ok=True)]
     if epochs != list(range(len(epochs))) or len(epochs) < 2:
         return Outcome(SILENT, f"log.txt holds epochs {epochs} after the resume")
     return Outcome(OK, f"resumed after kill -9 (epochs {epochs[0]}-{epochs[-1]} logged once each)")
@@ -1417,7 +1416,7 @@ def combos_lvvit_random_drop_baseline(ctx: Context) -> Outcome:
     tokens under the label of the baseline is silent."""
     out = ctx.tmp / "out"
     result = ctx.main("lvvit", *ctx.data_args("lvvit"), "--token-drop", "random", "--output_dir", out)
-    kept = [r.get("kept_tokens") for r in read_log(out)]
+    kept = [r.get("kept_tokens") for r in read_log(out, missing_ok=True)]
     return judge_refusal(result, needles=["--token-drop"], accepted=Outcome(
         SILENT, f"trained; log.txt says kept_tokens {kept} of 16, but LV-ViT never calls PatchDropout: every "
                 "token trained"))
@@ -2113,7 +2112,7 @@ def write_markdown(records: List[dict], path: Path) -> None:
     header = "| group | cases | " + " | ".join(f"{c} {label}" for c in CLASSES for label in labels) + " |"
     lines += [header, "|" + "---|" * (2 + len(CLASSES) * len(labels))]
     recorded = {r["case"] for r in records}
-    trainers = [t for t in TRAINERS if any(c.trainer == t and c.name in recorded for c in CASES)]
+    trainers = [t for t in GROUPS if any(c.trainer == t and c.name in recorded for c in CASES)]
     for trainer in trainers + ["all"]:
         names = [c.name for c in CASES if (trainer == "all" or c.trainer == trainer) and c.name in recorded]
         cells = []
@@ -2149,8 +2148,8 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
                         help="name of this checkout in the results (default: 'after' for this checkout, else "
                              "'before')")
     parser.add_argument("--only", nargs="+", default=None, metavar="CASE", help="run these cases only")
-    parser.add_argument("--groups", nargs="+", default=None, choices=TRAINERS, metavar="GROUP",
-                        help=f"run the cases of these groups only ({', '.join(TRAINERS)})")
+    parser.add_argument("--groups", nargs="+", default=None, choices=GROUPS, metavar="GROUP",
+                        help=f"run the cases of these groups only ({', '.join(GROUPS)})")
     parser.add_argument("--jobs", type=int, default=2, help="cases run at once (default: 2)")
     parser.add_argument("--timeout", type=int, default=300, help="seconds per command (default: 300)")
     parser.add_argument("--results", type=Path, default=RESULTS, help="folder of audit.jsonl and audit.md")

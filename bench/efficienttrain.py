@@ -20,7 +20,7 @@ speedup in round r is sum over epochs of the full step / sum over epochs of its 
 per-epoch step count is the same in every phase); the table gives the median over rounds and
 the A/A's median and largest deviation. ``accuracy`` runs ``ToE/EfficientTrain/main.py --config
 FILE`` plus the configuration's flags per configuration and seed (``--curriculum none`` for
-full/toe/random) through ``ToE.common.results.run_repeated``, which appends one JSON line per run
+full/toe/random) through ``bench.common.run_repeated``, which appends one JSON line per run
 to ``bench/results/efficienttrain_runs.jsonl``; runs already there are skipped.
 """
 
@@ -40,10 +40,10 @@ import torch
 from torch import nn
 
 import token_select
-from bench.common import demo_config, describe_machine, git_commit, recipe, rotated, run_trainer, trainer_command
+from bench.common import (demo_config, describe_machine, git_commit, mean_std, read_runs, recipe, rotated, run_numbers,
+                          run_repeated, run_trainer, trainer_command)
 from ToE.common.config import scaled_stages
 from ToE.common.digits import build_digits
-from ToE.common.results import mean_std, read_runs, run_numbers, run_repeated
 from ToE.EfficientTrain.curriculum import freq_crop, plan_curriculum, segment_at
 from ToE.flops import create_model
 

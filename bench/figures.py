@@ -25,7 +25,7 @@ import numpy as np
 import torch
 
 import token_select
-from ToE.common.results import paired_ratios
+from bench.common import paired_ratios
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 FIGS = os.path.join(ROOT, "Figs")
@@ -243,7 +243,7 @@ def draw_speed(results_path: Optional[str] = None, path: Optional[str] = None) -
 def draw_accuracy(results_path: Optional[str] = None, path: Optional[str] = None) -> str:
     """Figs/accuracy_time.png: mean top-1 against mean training time (error bars: std over seeds).
 
-    Each epoch's time counts at its stage's median epoch time (``ToE.common.results.robust_seconds``);
+    Each epoch's time counts at its stage's median epoch time (``bench.common.robust_seconds``);
     the speedup in the legend is the mean of the per-seed paired ratios of the table.
     """
     plt = _pyplot()

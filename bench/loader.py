@@ -5,6 +5,7 @@ and the CPU cores one GPU needs to feed deit_small in each ToE stage.
     python -m bench.loader --workers 1 --rounds 3
     python -m bench.loader --render              # measure nothing: rewrite loader.md from loader.json
     python -m bench.loader --quick --out DIR     # smoke run: 48 photos, batch 8, 1 round
+    python -m bench.loader --before-after        # the DALI loader at HEAD against the working tree's
 
 ToE's speedup exists only if the input pipeline keeps up with the faster model: stage 1 of the
 DeiT-S recipe runs about 1.9x as many images per second through the GPU as full tokens, so it
@@ -19,7 +20,7 @@ are. A seeded generator per file makes the folder reproducible; it sits in Image
 
 The augmentation is the DeiT recipe's at 224 px, built by the trainer's own code with the DeiT
 trainer's default flags (random-resized crop 0.08-1, flip 0.5, RandAugment rand-m9-mstd0.5-inc1,
-random erasing 0.25, normalisation): the torch path is ``ToE.common.transforms.build_train_transform``
+random erasing 0.25, normalisation): the torch path is ``ToE.common.data.build_train_transform``
 in ``ToE.common.data.image_folder`` read by ``ToE.common.lifecycle.epoch_loader`` (the trainer's
 DataLoader: PIL decode and augmentation in ``--num_workers`` worker processes); DALI is
 ``ToE.common.dali.train_loader`` with the CPU decoder and ``--num_workers`` pipeline threads.
@@ -40,11 +41,22 @@ where the GPU images/s are assumptions (``GPU_ASSUMPTIONS``, not measured here) 
 speedups the FLOP model's (``token_select.vit_step_flops``) for the published deit_small schedule
 (ToE/deit/configs/imagenet_small.yaml), i.e. assuming the GPU realises the FLOP speedup.
 Results go to ``bench/results/loader.{md,json}``.
+
+``--before-after`` measures only the DALI loader, as the trainer uses it, before and after issue 32:
+``ToE/common/dali.py`` at ``--before-ref`` (imported from ``git show``: a new pipeline per epoch, files
+read one after another in the training thread) against the working tree's (one ``TrainLoader`` per
+run, files read ahead). A measurement is one run of ``--epochs`` epochs, each with another sample
+order and seed; per epoch it records the start cost (wall and CPU seconds from asking for the
+epoch to its first batch) and the rate of the batches after ``--warmup`` more (images per second
+and per CPU-second of this process, which holds DALI's threads and the reader threads). Each loader
+is measured twice per round (A/A), the order rotated per round; the section is added to
+``loader.json`` and ``loader.md`` with the other measurements kept as they are.
 """
 
 from __future__ import annotations
 
 import argparse
+import atexit
 import hashlib
 import json
 import os
@@ -59,8 +71,7 @@ from typing import Dict, List, Optional, Sequence
 import numpy as np
 import torch
 
-from bench.common import ROOT, describe_machine, git_commit, recipe, rotated
-from ToE.common.results import paired_ratios
+from bench.common import ROOT, describe_machine, git_commit, paired_ratios, recipe, rotated
 
 __all__ = ["PHOTO_ROOT", "GPU_ASSUMPTIONS", "build_photo_folder", "photo_manifest", "stage_speedups",
            "cores_needed", "summarise", "format_markdown", "measure", "main"]
@@ -68,6 +79,10 @@ __all__ = ["PHOTO_ROOT", "GPU_ASSUMPTIONS", "build_photo_folder", "photo_manifes
 RESULTS = os.path.join(ROOT, "bench", "results")
 PHOTO_ROOT = os.path.join(ROOT, "data", "photos")
 RECIPE = os.path.join(ROOT, "ToE", "deit", "configs", "imagenet_small.yaml")
+# the defaults of the flags that --before-after measures with other values
+MAIN_DEFAULTS = {"photos": 3000, "photo_root": PHOTO_ROOT, "batch_size": 64, "warmup": 2, "timed": 10, "rounds": 5}
+BEFORE_AFTER_DEFAULTS = {"photos": 400, "photo_root": os.path.join(ROOT, "data", "photos_before_after"),
+                         "batch_size": 32, "warmup": 1, "timed": 6, "rounds": 3}
 
 # GPU training throughput of deit_small_patch16_224 with full tokens, images/s: assumptions, not
 # measurements of this bench. The RTX 3090 figure is timm's published training benchmark
@@ -253,8 +268,8 @@ def measure(backend: str, workers: int, samples, indices: Sequence[int], batch: 
     order = list(indices)[:(warmup + timed) * batch]
     if backend == "torch":
         from ToE.common.data import image_folder
-        from ToE.common.lifecycle import epoch_loader
-        from ToE.common.transforms import build_train_transform
+        from ToE.common.data import epoch_loader
+        from ToE.common.data import build_train_transform
 
         transform = build_train_transform(
             args.input_size, auto_augment=args.aa, color_jitter=args.color_jitter,
@@ -303,6 +318,215 @@ def configurations(backends: Sequence[str], workers: Sequence[int]) -> List[Dict
 
 
 # ---------------------------------------------------------------------------------------------
+# the DALI loader before and after issue 32: per-epoch start cost and images per CPU-second
+# ---------------------------------------------------------------------------------------------
+BEFORE_AFTER = ("before", "after")
+
+
+def dali_before(ref: str = "HEAD"):
+    """``ToE/common/dali.py`` as committed at ``ref`` (the loader that built a pipeline per epoch), imported
+    as a module of ``ToE.common`` from a temporary file; (module, the commit's short hash)."""
+    import importlib.util
+    import subprocess
+
+    def git(*args: str) -> str:
+        return subprocess.run(["git", *args], cwd=ROOT, capture_output=True, text=True, check=True).stdout
+
+    commit = git("rev-parse", "--short", ref).strip()
+    source = git("show", f"{commit}:ToE/common/dali.py")
+    with open(os.path.join(ROOT, "ToE", "common", "dali.py")) as handle:
+        if handle.read() == source:
+            raise SystemExit(f"ToE/common/dali.py at {commit} is the working tree's: nothing to compare. Pass "
+                             "--before-ref with the commit before the one-pipeline loader")
+    folder = tempfile.mkdtemp(prefix="toe_dali_before_")  # kept while the process runs: DALI reads the source
+    atexit.register(shutil.rmtree, folder, True)  # of the graph functions (its conditionals) at every build
+    path = os.path.join(folder, f"dali_{commit}.py")
+    with open(path, "w") as handle:
+        handle.write(source)
+    spec = importlib.util.spec_from_file_location(f"ToE.common._dali_{commit}", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)  # its relative imports resolve in ToE.common
+    return module, commit
+
+
+def measure_epochs(version: str, before, samples, orders: Sequence[Sequence[int]], seeds: Sequence[int], batch: int,
+                   warmup: int, workers: int) -> Dict[str, object]:
+    """One run of ``len(orders)`` epochs with the DALI loader ``version`` ("before": ``before.train_loader``
+    builds each epoch's pipeline, as the trainer did; "after": one ``TrainLoader`` asked for each epoch, as
+    the trainer does now), CPU decoder: per epoch the wall and CPU seconds from asking for the epoch to its
+    first batch (the start cost), and of its batches after ``warmup`` more (the steady rate). CPU seconds
+    are this process's (DALI's threads and the reader threads run in it)."""
+    from ToE.common import dali
+
+    args = trainer_args(workers)
+    device = torch.device("cpu")
+    loader = dali.TrainLoader(samples, args.input_size, args, device, max_batch=batch) if version == "after" else None
+    built = dali.BUILDS["train"]
+    epochs = []
+    for order, seed in zip(orders, seeds):
+        wall, cpu = time.perf_counter(), time.process_time()
+        if loader is None:
+            batches = before.train_loader(samples, order, batch, args.input_size, args, args.aa, device, seed)
+        else:
+            batches = loader.epoch(order, batch, args.aa, seed)
+        iterator = iter(batches)
+        next(iterator)
+        start_s, start_cpu_s = time.perf_counter() - wall, time.process_time() - cpu
+        for _ in range(warmup):
+            next(iterator)
+        wall, cpu, images = time.perf_counter(), time.process_time(), 0
+        for images_batch, _ in iterator:
+            images += images_batch.shape[0]
+        epochs.append({"start_s": start_s, "start_cpu_s": start_cpu_s, "images": images,
+                       "wall_s": time.perf_counter() - wall, "cpu_s": time.process_time() - cpu})
+        del iterator, batches
+    return {"epochs": epochs, "pipelines_built": (dali.BUILDS["train"] - built) if loader is not None else len(orders),
+            "load": _load()}
+
+
+def before_after_configs() -> List[Dict[str, object]]:
+    """before, before#2, after, after#2: each loader twice per round (the A/A control)."""
+    return [{"name": name + suffix, "version": name, **({"aa_of": name} if suffix else {})}
+            for name in BEFORE_AFTER for suffix in ("", "#2")]
+
+
+def run_before_after(args, log=print) -> Dict[str, object]:
+    """The measurements of ``--before-after`` (rounds of every configuration, the order rotated per round)."""
+    import PIL
+
+    from ToE.common.data import image_folder
+
+    before, commit = dali_before(args.before_ref)
+    load_before = _load()
+    torch.set_num_threads(1)
+    build_photo_folder(args.photo_root, args.photos, args.classes)
+    samples = image_folder(args.photo_root, "train").samples
+    per_epoch = (1 + args.warmup + args.timed) * args.batch_size
+    if per_epoch > len(samples):
+        raise SystemExit(f"{per_epoch} images per epoch but --photos {len(samples)}")
+    configs = before_after_configs()
+    # untimed: the first pipeline a process builds pays one-time costs (DALI's conditionals, imports) that
+    # would fall on whichever loader came first
+    for version in BEFORE_AFTER:
+        measure_epochs(version, before, samples, [list(range((1 + args.warmup) * args.batch_size))], [0],
+                       args.batch_size, args.warmup, args.workers[0])
+    rounds = []
+    for index in range(args.rounds):
+        rng = np.random.default_rng(index)
+        orders = [[int(i) for i in rng.permutation(len(samples))[:per_epoch]] for _ in range(args.epochs)]
+        seeds = [int(s) for s in rng.integers(2 ** 31, size=args.epochs)]
+        measurements = []
+        for name in rotated([c["name"] for c in configs], index):
+            version = next(c["version"] for c in configs if c["name"] == name)
+            result = measure_epochs(version, before, samples, orders, seeds, args.batch_size, args.warmup,
+                                    args.workers[0])
+            measurements.append({"config": name, **result})
+            log(f"[bench] round {index + 1}/{args.rounds} {name}: start " + ", ".join(
+                f"{e['start_s']:.2f}" for e in result["epochs"]) + " s, " + ", ".join(
+                f"{e['images'] / e['cpu_s']:.0f}" for e in result["epochs"]) + " images per CPU-second", flush=True)
+        rounds.append({"order": [m["config"] for m in measurements], "measurements": measurements})
+    return {"machine": describe_machine(), "commit": git_commit(), "before_commit": commit,
+            "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
+            "command": " ".join(["python -m bench.loader", *args.argv]),
+            "load": {"before": load_before, "after": _load()}, "pillow_version": PIL.__version__,
+            "params": {"photos": len(samples), "photo_root": _shown(args.photo_root), "batch": args.batch_size,
+                       "epochs": args.epochs, "warmup": args.warmup, "timed": args.timed, "workers": args.workers[0],
+                       "torch_threads_main": 1},
+            "configs": configs, "rounds": rounds}
+
+
+def summarise_before_after(section: Dict[str, object]) -> Dict[str, object]:
+    """Per configuration: the start cost of a run's first epoch and of its later ones (medians over rounds,
+    and over epochs), the steady images per CPU-second and per second; paired per round, the A/A ratios
+    and after / before."""
+    def runs(name: str) -> List[Dict[str, object]]:
+        return [m for r in section["rounds"] for m in r["measurements"] if m["config"] == name]
+
+    def per_round(name: str, key: str) -> List[float]:
+        return [_run_figures(m)[key] for m in runs(name)]
+
+    for config in section["configs"]:
+        figures = [_run_figures(m) for m in runs(config["name"])]
+        for key in ("first_start_s", "later_start_s", "later_start_cpu_s", "images_per_cpu_s", "images_per_s"):
+            config[key] = _spread([f[key] for f in figures if f[key] is not None]) \
+                if any(f[key] is not None for f in figures) else None
+        config["pipelines_built"] = statistics.median(m["pipelines_built"] for m in runs(config["name"]))
+
+    def paired(first: str, second: str) -> Dict[str, object]:
+        pair = {"configs": [first, second]}
+        for key in ("later_start_s", "images_per_cpu_s"):
+            ratios = paired_ratios(per_round(second, key), per_round(first, key))
+            pair[key] = {"ratios": ratios, "median": statistics.median(ratios),
+                         "max_deviation": max(abs(1.0 - r) for r in ratios)}
+        return pair
+
+    section["aa_controls"] = [paired(c["aa_of"], c["name"]) for c in section["configs"] if "aa_of" in c]
+    section["after_vs_before"] = paired("before", "after")
+    return section
+
+
+def _run_figures(run: Dict[str, object]) -> Dict[str, Optional[float]]:
+    epochs = run["epochs"]
+    later = epochs[1:]
+    images, cpu, wall = (sum(e[k] for e in epochs) for k in ("images", "cpu_s", "wall_s"))
+    return {"first_start_s": epochs[0]["start_s"],
+            "later_start_s": statistics.median(e["start_s"] for e in later) if later else None,
+            "later_start_cpu_s": statistics.median(e["start_cpu_s"] for e in later) if later else None,
+            "images_per_cpu_s": images / cpu, "images_per_s": images / wall}
+
+
+def format_before_after(section: Dict[str, object]) -> List[str]:
+    """The markdown lines of the before/after section."""
+    p, load, machine = section["params"], section["load"], section["machine"]
+    lines = ["", "## The DALI loader before and after issue 32 (one pipeline per run, files read ahead)", "",
+             f"Command: `{section['command']}` (commit {section.get('commit') or 'not recorded'}, {section['date']}; "
+             f"before = ToE/common/dali.py at {section['before_commit']}, imported from `git show`). Machine: "
+             f"{machine['cpu_model']}, {machine['cpu_count']} cores, shared with other jobs: load average "
+             f"{load['before']} before and {load['after']} after (1, 5, 15 min). DALI's CPU decoder, "
+             f"{p['workers']} DALI thread(s), one torch thread; {p['photos']} of the photo JPEGs above "
+             f"({p['photo_root']}). Each measurement is one run of {p['epochs']} epochs of "
+             f"{1 + p['warmup'] + p['timed']} batches of {p['batch']} (the DeiT recipe's augmentation at 224 px: "
+             "RandAugment, random erasing 0.25), another order and seed per epoch. Start cost: seconds from "
+             "asking for an epoch (the trainer's `_dali_loader`) to its first batch; the first epoch of a run "
+             f"builds the pipeline in both. Rate: the {p['timed']} batches after {p['warmup']} more, images per "
+             "CPU-second of this process (DALI's and the reader threads included). Medians over "
+             f"{len(section['rounds'])} rounds (min - max); later epochs: median over epochs 2-{p['epochs']}. One run "
+             "of each loader before the rounds, untimed, takes the process's one-time costs.", "",
+             "| loader | first epoch: s to first batch | later epochs: s to first batch | later epochs: CPU-s "
+             "to first batch | images per CPU-second | images/s | pipelines built per run |",
+             "|---|---|---|---|---|---|---|"]
+
+    def cell(spread: Optional[Dict[str, float]], digits: int) -> str:
+        if not spread:
+            return "n/a"
+        return f"{spread['median']:.{digits}f} ({spread['min']:.{digits}f} - {spread['max']:.{digits}f})"
+
+    for c in section["configs"]:
+        lines.append(f"| {c['name']} | {cell(c['first_start_s'], 2)} | {cell(c['later_start_s'], 3)} | "
+                     f"{cell(c['later_start_cpu_s'], 3)} | {cell(c['images_per_cpu_s'], 1)} | "
+                     f"{cell(c['images_per_s'], 1)} | {c['pipelines_built']:g} |")
+
+    def ratio_text(pair: Dict[str, object]) -> str:
+        parts = []
+        for key, what in (("later_start_s", "later epochs' start cost"), ("images_per_cpu_s", "images per CPU-second")):
+            r = pair[key]
+            parts.append(f"{what} ratio median {r['median']:.3f}, rounds {min(r['ratios']):.3f} to "
+                         f"{max(r['ratios']):.3f} (largest |1 - ratio| {r['max_deviation']:.3f})")
+        return "; ".join(parts)
+
+    lines.append("")
+    for aa in section["aa_controls"]:
+        lines += [f"A/A control, {aa['configs'][1]} / {aa['configs'][0]} (the same loader twice per round, paired by "
+                  f"round): {ratio_text(aa)}.", ""]
+    lines += [f"After / before, paired by round: {ratio_text(section['after_vs_before'])}. A ratio inside its A/A "
+              "band cannot be told from noise.", "",
+              "The first table's DALI rows were measured before this change (commit "
+              f"{section['before_commit']}'s loader, a fresh pipeline per measurement, timed after warm-up: the "
+              "steady rate, not the start cost)."]
+    return lines
+
+
+# ---------------------------------------------------------------------------------------------
 # summary and report
 # ---------------------------------------------------------------------------------------------
 def _spread(values: Sequence[float]) -> Dict[str, float]:
@@ -312,7 +536,11 @@ def _spread(values: Sequence[float]) -> Dict[str, float]:
 def summarise(results: Dict[str, object]) -> Dict[str, object]:
     """Fill in the figures derived from the measurements (``main`` and ``--render``): per configuration
     the spread of its rates, per A/A pair the paired ratios, per backend the per-core rate and the
-    cores per GPU per stage."""
+    cores per GPU per stage; and the DALI before/after section's (``summarise_before_after``)."""
+    if "dali_before_after" in results:
+        summarise_before_after(results["dali_before_after"])
+    if "configs" not in results:  # the before/after section alone
+        return results
     configs = results["configs"]
     for config in configs:
         runs = [m for r in results["rounds"] for m in r["measurements"] if m["config"] == config["name"]]
@@ -369,6 +597,9 @@ def summarise(results: Dict[str, object]) -> Dict[str, object]:
 
 
 def format_markdown(results: Dict[str, object]) -> str:
+    if "configs" not in results:  # the before/after section alone
+        return "\n".join(["# The DALI loader before and after", *format_before_after(results["dali_before_after"])[2:]]
+                         ) + "\n"
     machine = results["machine"]
     load = results.get("load", {})
     p = results["params"]
@@ -439,6 +670,8 @@ def format_markdown(results: Dict[str, object]) -> str:
     lines += ["", "DALI here is its CPU fallback. On a GPU node DALI decodes with nvJPEG on the GPU (\"mixed\") "
                   "and augments there, so it needs far fewer cores than this table's DALI column; that was not "
                   "measured (no GPU)."]
+    if "dali_before_after" in results:
+        lines += format_before_after(results["dali_before_after"])
     return "\n".join(lines) + "\n"
 
 
@@ -448,16 +681,28 @@ def format_markdown(results: Dict[str, object]) -> str:
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m bench.loader", description=__doc__.split("\n\n")[0],
                                      formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    parser.add_argument("--photos", type=int, default=3000, help="JPEGs in the photo folder")
-    parser.add_argument("--photo-root", default=PHOTO_ROOT, help="folder of the photos (made once, reused)")
+    parser.add_argument("--photos", type=int, default=None, help="JPEGs in the photo folder (default: 3000; "
+                                                                  "400 with --before-after)")
+    parser.add_argument("--photo-root", default=None, help="folder of the photos, made once and reused (default: "
+                                                          "data/photos; data/photos_before_after with --before-after)")
     parser.add_argument("--classes", type=int, default=4, help="class folders")
-    parser.add_argument("--batch-size", type=int, default=64, help="images per batch")
-    parser.add_argument("--warmup", type=int, default=2, help="untimed batches of each measurement")
-    parser.add_argument("--timed", type=int, default=10, help="timed batches of each measurement")
-    parser.add_argument("--rounds", type=int, default=5, help="rounds (each measures every configuration)")
+    parser.add_argument("--batch-size", type=int, default=None, help="images per batch (default: 64; 32 with "
+                                                                     "--before-after)")
+    parser.add_argument("--warmup", type=int, default=None,
+                        help="untimed batches of each measurement (default: 2; with --before-after: of each epoch "
+                             "after its first, 1)")
+    parser.add_argument("--timed", type=int, default=None, help="timed batches of each measurement (default: 10; "
+                                                                "with --before-after: of each epoch, 6)")
+    parser.add_argument("--rounds", type=int, default=None, help="rounds, each measuring every configuration "
+                                                                 "(default: 5; 3 with --before-after)")
     parser.add_argument("--workers", type=int, nargs="+", default=[1, 2], help="workers/threads to measure")
     parser.add_argument("--backends", nargs="+", default=["torch", "dali"], choices=["torch", "dali"])
     parser.add_argument("--recipe", default=RECIPE, help="the recipe whose ToE stages the cores table uses")
+    parser.add_argument("--before-after", action="store_true",
+                        help="measure only the DALI loader of --before-ref against the working tree's: per-epoch "
+                             "start cost and images per CPU-second (added to loader.json/.md, the rest kept)")
+    parser.add_argument("--before-ref", default="HEAD", help="the commit whose ToE/common/dali.py is 'before'")
+    parser.add_argument("--epochs", type=int, default=3, help="epochs per run with --before-after")
     parser.add_argument("--render", action="store_true", help="measure nothing: rewrite loader.md from loader.json")
     parser.add_argument("--quick", action="store_true",
                         help="smoke run: 48 photos, batch 8, 1 + 2 batches, 1 round, 1 worker")
@@ -493,10 +738,27 @@ def main(argv: Optional[Sequence[str]] = None) -> Dict[str, object]:
         print(_write(results, out))
         return results
     out = args.out or (os.path.join(tempfile.gettempdir(), "toe_bench") if args.quick else RESULTS)
+    args.argv = list(sys.argv[1:] if argv is None else argv)
+    defaults = BEFORE_AFTER_DEFAULTS if args.before_after else MAIN_DEFAULTS
+    for key, value in defaults.items():
+        if getattr(args, key) is None:
+            setattr(args, key, value)
     if args.quick:
         args.photos, args.batch_size, args.warmup, args.timed, args.rounds, args.workers = 48, 8, 1, 2, 1, [1]
-        if args.photo_root == PHOTO_ROOT:
+        args.epochs = 2
+        if args.photo_root == defaults["photo_root"]:
             args.photo_root = os.path.join(out, "photos")
+    if args.before_after:
+        section = summarise_before_after(run_before_after(args))
+        stored = os.path.join(out, "loader.json")
+        results = {}
+        if os.path.isfile(stored):
+            with open(stored) as handle:
+                results = json.load(handle)
+        results["dali_before_after"] = section
+        results = summarise(results)
+        print(_write(results, out))
+        return results
     backends = list(args.backends)
     dali_version = None
     if "dali" in backends:

@@ -11,9 +11,9 @@ through ``ToE/lvvit/main.py --config FILE`` with the token labels of ``--labels`
   toe_no_tl     ToE, no label data (every token's target is the image label)
   toe_tl_kept   ToE with token labels, dense loss over the kept positions only
 Each run's last-epoch top-1 (online model and EMA, both evaluated with all tokens) and its training
-seconds are read from its log.txt (``ToE.common.results.run_numbers``); the table gives mean ±
+seconds are read from its log.txt (``bench.common.run_numbers``); the table gives mean ±
 standard error over the seeds and, per seed, the paired difference to ``toe_tl``. Runs go through
-``ToE.common.results.run_repeated`` (seed-major, the order rotated per seed), each kept as a JSON
+``bench.common.run_repeated`` (seed-major, the order rotated per seed), each kept as a JSON
 line of ``--out``_runs.jsonl; the runs already there are not trained again.
 """
 
@@ -25,10 +25,10 @@ import os
 import sys
 from typing import Dict, List, Optional, Sequence
 
-from bench.common import demo_config, describe_machine, recipe, run_trainer, trainer_command
+from bench.common import (demo_config, describe_machine, mean_se, paired_by_seed, recipe, run_numbers, run_repeated,
+                          run_trainer, trainer_command)
 from ToE.common.config import demo_epoch_flags
 from ToE.common.digits import build_digits
-from ToE.common.results import mean_se, paired_by_seed, run_numbers, run_repeated
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 DEMO = demo_config("lvvit")

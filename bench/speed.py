@@ -1,6 +1,6 @@
 """Measured training-step speed and activation memory of ToE, per stage, against full tokens.
 
-    python -m bench.speed --steps 7                # deit_tiny, deit_small (224 px, batch 32), demo (batch 64)
+    python -m bench.speed --steps 7                # deit_tiny, deit_small (224 px, batch 32; 256 on CUDA), demo (64)
     python -m bench.speed --models demo --steps 25
     python -m bench.speed --render                 # measure nothing: rewrite speed.md from speed.json
     python -m bench.speed --quick                  # smoke run: the demo model, batch 16, 2 steps
@@ -37,7 +37,8 @@ stage-1 step. Results go to ``bench/results/speed.{md,json}``.
 
 Precision as a GPU user trains: ``--amp-dtype`` (the trainers' flag; auto = bfloat16 on CUDA,
 float32 on the CPU) runs forward and loss under ``torch.autocast`` (float16 with loss scaling),
-and TF32 matmuls and convolutions are on with CUDA. Under autocast the saved-for-backward count
+and TF32 follows the trainers' one policy (``ToE.common.distributed.set_float32_policy``: off, float32 is
+IEEE float32). Under autocast the saved-for-backward count
 includes the low-precision copies of the weights that autocast saves.
 """
 
@@ -58,11 +59,10 @@ import torch
 from torch import nn
 
 import token_select
-from bench.common import demo_config, describe_machine, git_commit, recipe, rotated
+from bench.common import demo_config, describe_machine, git_commit, paired_ratios, recipe, rotated
 from ToE.common.args import add_toe_args
 from ToE.common.errors import UserError
-from ToE.common.lifecycle import AMP_DTYPES, resolve_amp_dtype
-from ToE.common.results import paired_ratios
+from ToE.common.distributed import AMP_DTYPES, TF32, resolve_amp_dtype, set_float32_policy
 from ToE.common.vpt import add_prompts, freeze_backbone
 from ToE.flops import analytic_step_flops, create_model, model_shape
 
@@ -71,6 +71,7 @@ __all__ = ["MODELS", "model_spec", "SavedTensorBytes", "saved_activation_bytes",
            "amp_dtype_of", "main"]
 
 RESULTS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
+CUDA_BATCH = 256  # the default batch of 224-px models on CUDA (deit_small: not launch-bound)
 
 DEMO = demo_config("deit")
 # name -> (timm name, create_model kwargs, input size, default batch size); "demo" is the DeiT demo
@@ -311,7 +312,9 @@ def measure_model(name: str, batch_size: Optional[int], steps: int, warmup: int,
     timm_name, kwargs, input_size, default_batch = model_spec(name, recipe_file)
     if timm_name.startswith("lvvit"):
         import ToE.lvvit  # noqa: F401  (registers the LV-ViT models in timm; only when measured)
-    batch = batch_size or default_batch
+    # on a GPU, 224-px models at a batch that keeps it busy (batch 32 is launch-bound on an H100 and would
+    # understate every speedup); the CPU keeps the small default
+    batch = batch_size or (CUDA_BATCH if device.type == "cuda" and input_size >= 224 else default_batch)
     torch.manual_seed(0)
     model = create_model(timm_name, input_size, **kwargs).to(device).train()
     shape = model_shape(model)
@@ -531,14 +534,15 @@ def build_parser() -> argparse.ArgumentParser:
                         choices=sorted([*MODELS, "demo"]), help="models to measure (demo: the model of --config)")
     parser.add_argument("--config", default=DEMO, help="the recipe file of the demo model (default: the DeiT demo's)")
     parser.add_argument("--batch-size", type=int, default=None,
-                        help="batch size for every model (default: 32 at 224 px, 64 for the demo)")
+                        help=f"batch size for every model (default: 32 at 224 px on the CPU, {CUDA_BATCH} on CUDA; "
+                             "64 for the demo)")
     parser.add_argument("--steps", type=int, default=7, help="timed rounds (one step of each configuration each)")
     parser.add_argument("--warmup", type=int, default=2, help="untimed rounds first")
     parser.add_argument("--threads", type=int, default=2, help="torch.set_num_threads")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="cpu or cuda")
     parser.add_argument("--amp-dtype", default="auto", choices=["auto", *AMP_DTYPES],
                         help="autocast precision, the trainers' flag (auto: bfloat16 on CUDA, float32 on the CPU; "
-                             "float16 with loss scaling, CUDA only); TF32 is on with CUDA")
+                             "float16 with loss scaling, CUDA only); TF32 as the trainers (off)")
     # The trainers' ToE flags (one definition in ToE/common). Every stage is measured, so
     # --expansion-step plays no part here; --sparse-eval neither (training steps only).
     add_toe_args(parser)
@@ -585,9 +589,8 @@ def main(argv: Optional[Sequence[str]] = None) -> Dict[str, object]:
         amp_dtype = amp_dtype_of(args.amp_dtype, device)
     except UserError as error:
         parser.error(str(error))
-    if device.type == "cuda":  # as a GPU user trains: TF32 matmuls and convolutions
-        torch.backends.cuda.matmul.allow_tf32 = True
-        torch.backends.cudnn.allow_tf32 = True
+    if device.type == "cuda":  # as the trainers run: the project's one TF32 policy (float32 is IEEE float32)
+        set_float32_policy()
     schedule = {"expansion_step": list(range(len(args.keep_rate))), "keep_rate": args.keep_rate,
                 "initialization_keep_rate": args.initialization_keep_rate,
                 "expansion_multiple_stage": args.expansion_multiple_stage, "initialization": args.initialization,
@@ -601,7 +604,8 @@ def main(argv: Optional[Sequence[str]] = None) -> Dict[str, object]:
         parser.error(str(error))
     results = {"machine": describe_machine(), "commit": git_commit(), "device": str(device), "schedule": schedule,
                "command": " ".join(["python -m bench.speed", *(sys.argv[1:] if argv is None else argv)]),
-               "amp_dtype": str(amp_dtype or torch.float32).replace("torch.", ""), "tf32": device.type == "cuda",
+               "amp_dtype": str(amp_dtype or torch.float32).replace("torch.", ""),
+               "tf32": device.type == "cuda" and TF32,
                "memory_note": MEMORY_NOTE.get(device.type, ""),
                "load_before": _load()}
     # Every model's memory first, in one meter: the timed steps grow the heap (glibc's usual mmap

@@ -7,13 +7,13 @@ Every run is the demo recipe ``ToE/yolos/configs/demo.yaml`` (or ``--config FILE
 model, schedule) through ``ToE/yolos/main.py --config FILE`` with ``--seed S``, its ToE stages
 scaled to ``--epochs`` (``ToE.common.config.demo_epoch_flags``); "full" adds one keep-1.0 stage
 (all tokens in every epoch), "toe" is the recipe's schedule. Runs go through
-``ToE.common.results.run_repeated``: seed-major, the configuration order rotated per seed (full
+``bench.common.run_repeated``: seed-major, the configuration order rotated per seed (full
 first for the first seed, ToE first for the next, ...), so slow phases of the machine do not all
 fall on one configuration; each run is one JSON line of ``bench/results/yolos_accuracy.jsonl``
 (after a header line: machine, commit, command), and a run already there is kept, not retrained
 (the runs are deterministic), so adding seeds trains only the new ones. AP is the last epoch's
 pycocotools bbox AP on the 300 val canvases, all tokens; the ToE - full differences and time
-ratios are paired by seed (``ToE.common.results.paired_by_seed``).
+ratios are paired by seed (``bench.common.paired_by_seed``).
 """
 
 from __future__ import annotations
@@ -24,9 +24,9 @@ import os
 import sys
 from typing import Dict, List, Optional, Sequence
 
-from bench.common import demo_config, describe_machine, git_commit, run_trainer, trainer_command
+from bench.common import (demo_config, describe_machine, git_commit, mean_se, paired_by_seed, read_runs, run_numbers,
+                          run_repeated, run_trainer, trainer_command)
 from ToE.common.config import demo_epoch_flags
-from ToE.common.results import mean_se, paired_by_seed, read_runs, run_numbers, run_repeated
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 RESULTS = os.path.join(ROOT, "bench", "results")

@@ -31,9 +31,8 @@ from typing import Dict, NamedTuple, Optional, Sequence, Tuple
 import torch
 
 import token_select
-from bench.common import demo_config, describe_machine, git_commit, recipe, rotated
+from bench.common import demo_config, describe_machine, git_commit, paired_ratios, recipe, rotated
 from bench.speed import SavedTensorBytes
-from ToE.common.results import paired_ratios
 from ToE.yolos.loss import HungarianMatcher, SetCriterion
 from ToE.yolos.model import YOLOS, create_backbone
 

@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # The main job on embedded real data, for one trainer:
-#   bash run/demo.sh [deit|lvvit|et|yolos] [extra flags for that trainer's main.py]
+#   bash run/demo.sh [TRAINER] [extra flags for that trainer's main.py]   (TRAINER: a name of ToE/trainers.py)
 # deit (the default): a small DeiT with Token Expansion on scikit-learn's handwritten digits,
 # about 4.5 minutes on 2 CPU cores. Each trainer's demo lives in ToE/<trainer>/run/demo.sh and
 # prints its result and per-stage speed the same way.
@@ -14,14 +14,28 @@
 set -euo pipefail
 ROOT_DIR="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 source "$ROOT_DIR/ToE/common/launch.sh"  # the scripts' shared argument checks (toe_fail, toe_int)
-USAGE="Usage: bash run/demo.sh [deit|lvvit|et|yolos] [main.py flags]"
+# the trainers and their folders, from their one list (ToE/trainers.py: standard library only, so the
+# system python3 reads it before _env.sh has made .venv)
+LIST_PY="$ROOT_DIR/.venv/bin/python"
+[ -x "$LIST_PY" ] || LIST_PY=python3
+NAMES=()
+declare -A FOLDER=()
+while read -r name folder; do
+  NAMES+=("$name")
+  FOLDER["$name"]="$folder"
+done < <("$LIST_PY" "$ROOT_DIR/ToE/trainers.py")
+[ "${#NAMES[@]}" -gt 0 ] || toe_fail "cannot read the trainers from $ROOT_DIR/ToE/trainers.py. Run it with python3 to see why"
+USAGE="Usage: bash run/demo.sh [$(IFS='|'; echo "${NAMES[*]}")] [main.py flags]"
 TRAINER=deit
 case "${1:-}" in
-  deit|lvvit|et|yolos) TRAINER="$1"; shift ;;
   ''|-*) ;;
-  *) toe_fail "unknown trainer '$1'. $USAGE" ;;
+  *)
+    for name in "${NAMES[@]}"; do
+      [ "$1" != "$name" ] || TRAINER="$1"
+    done
+    [ "$TRAINER" = "$1" ] || toe_fail "unknown trainer '$1'. $USAGE"
+    shift ;;
 esac
-declare -A FOLDER=([deit]=deit [lvvit]=lvvit [et]=EfficientTrain [yolos]=yolos)
 SCRIPT="$ROOT_DIR/ToE/${FOLDER[$TRAINER]}/run/demo.sh"
 [ -f "$SCRIPT" ] || toe_fail "the $TRAINER trainer has no demo yet ($SCRIPT is missing). Run: bash run/demo.sh deit"
 if [ -n "${DEMO_EPOCHS:-}" ]; then

@@ -16,9 +16,17 @@
 #   * --eval: nothing is added (a requeue evaluates again); --auto-resume given: kept as it is;
 #   * --overwrite is refused: every requeue would delete the run again;
 # - Slurm sends this script SIGUSR1 SIGNAL_LEAD seconds before the time limit (--signal below);
-#   it passes SIGUSR1 to the training processes, which finish their current steps, write a
-#   checkpoint with their position inside the epoch and exit; then the job requeues itself
-#   (scontrol requeue; needs a partition that allows it), and the next start continues;
+#   it passes SIGUSR1 on (scancel --signal=USR1: the job's steps) to each node's torchrun, which
+#   forwards it to its training processes (ToE/common/torchrun.py: torchrun starts them in sessions
+#   of their own, which Slurm's pgid process tracking does not signal; under cgroup tracking they get
+#   it directly as well, and a second one changes nothing). They finish their current steps, write a
+#   checkpoint with their position inside the epoch and exit 3, which torchrun passes on; on exit 3
+#   (this signal, or a SIGTERM of the scheduler's) the job requeues itself (scontrol requeue; needs a
+#   partition that allows it), and the next start continues;
+# - a node whose torchrun fails ends the job (srun --kill-on-bad-exit=1): the other nodes would
+#   otherwise wait in their next collective call until its timeout;
+# - with GPUs the trainer gets --device cuda (unless the flags name a device): a node whose torch
+#   cannot use its GPUs fails in one line instead of training on the CPU;
 # - logs: Slurm's output file (slurm-<job name>-<job id>.out, in the submit folder) holds the
 #   launcher's output; the run's own log.txt, TensorBoard events and checkpoints are in OUTPUT.
 # Environment: GPUS_PER_NODE (default: SLURM_GPUS_ON_NODE, else the devices in CUDA_VISIBLE_DEVICES,
@@ -52,19 +60,20 @@ DRY=0
 if toe_dry_run; then DRY=1; fi
 
 # what the flags ask of a restart
-RESUME="" OUTPUT="" EVAL=0 AUTO_RESUME=0 ON_CPU=0 previous=""
+RESUME="" OUTPUT="" EVAL=0 AUTO_RESUME=0 ON_CPU=0 DEVICE_GIVEN=0 previous=""
 for arg in "$@"; do
   case "$previous" in
     --resume) RESUME="$arg" ;;
     --output_dir|--output-dir) OUTPUT="$arg" ;;
-    --device) [ "$arg" != cpu ] || ON_CPU=1 ;;
+    --device) DEVICE_GIVEN=1; [ "$arg" != cpu ] || ON_CPU=1 ;;
   esac
   case "$arg" in
     --overwrite) toe_fail "--overwrite in a requeued job would delete the run at every restart. Delete OUTPUT by" \
                           "hand (or pick a new --output_dir) and submit without --overwrite" ;;
     --resume=*) RESUME="${arg#*=}" ;;
     --output_dir=*|--output-dir=*) OUTPUT="${arg#*=}" ;;
-    --device=cpu) ON_CPU=1 ;;
+    --device=cpu) ON_CPU=1 DEVICE_GIVEN=1 ;;
+    --device=*) DEVICE_GIVEN=1 ;;
     --eval) EVAL=1 ;;
     --auto-resume) AUTO_RESUME=1 ;;
   esac
@@ -118,6 +127,8 @@ if [ "$((10#$GPUS))" -eq 0 ]; then
                                 "nvidia-smi name none). Submit with sbatch --gpus-per-node N (or set GPUS_PER_NODE=N)," \
                                 "or pass --device cpu to train on the CPU"
   GPUS=1  # one CPU process per node
+elif [ "$DEVICE_GIVEN" = 0 ]; then
+  FLAGS=(--device cuda "${FLAGS[@]}")  # the job has GPUs: a torch that cannot use them is an error, not a CPU run
 fi
 PORT="${MASTER_PORT:-29500}"
 toe_int MASTER_PORT "$PORT" 1 65535 "Set MASTER_PORT to a free TCP port, or unset it for 29500"
@@ -132,10 +143,10 @@ HEAD="$( (scontrol show hostnames "${SLURM_JOB_NODELIST:-localhost}" 2>/dev/null
 HEAD="${HEAD:-127.0.0.1}"
 # (CPUS: srun does not inherit sbatch's --cpus-per-task (Slurm 22.05 on): without it, the loader
 # workers of all the node's ranks would share one core)
-# One torchrun per node. It ignores SIGUSR1 (an inherited SIG_IGN), so the signal reaches the
-# training processes, which catch it themselves; torchrun just sees them end (ToE/common/torchrun.py:
-# with exit 3 and rank 0's one line when they stopped cleanly, not torchrun's report of a crash).
-LAUNCH=(srun --kill-on-bad-exit=0 --cpus-per-task="$CPUS" bash -c 'trap "" USR1; exec "$@"' torchrun
+# One torchrun per node (ToE/common/torchrun.py). SIGUSR1 is ignored until it has set up its handler,
+# which forwards the signal to its training processes; it ends with their exit 3 and rank 0's one line
+# when they stopped cleanly (not torchrun's report of a crash). A node that fails ends the job.
+LAUNCH=(srun --kill-on-bad-exit=1 --cpus-per-task="$CPUS" bash -c 'trap "" USR1; exec "$@"' torchrun
         "$PYTHON" "$TOE_ROOT/ToE/common/torchrun.py" --nnodes "$NNODES" --nproc_per_node "$GPUS"
         --rdzv-backend c10d --rdzv-endpoint "$HEAD:$PORT" --rdzv-id "${SLURM_JOB_ID:-toe}"
         "$MAIN" "${FLAGS[@]}")
@@ -160,9 +171,15 @@ while true; do
   if wait "$STEP"; then STATUS=0; else STATUS=$?; fi
   kill -0 "$STEP" 2>/dev/null || break
 done
-if [ "$PREEMPTED" = "1" ]; then
-  echo "[slurm] checkpoint written; requeueing job $SLURM_JOB_ID (the next start continues ${OUTPUT:-OUTPUT}/checkpoint.pth)"
-  scontrol requeue "$SLURM_JOB_ID"
+# exit 3: the training processes stopped with a checkpoint (this script's SIGUSR1 or a SIGTERM from the
+# scheduler). After our own SIGUSR1 other exits requeue as well, but for a finished run (0) and a user
+# error (2): a node that had already exited 3 may have made srun end the others (--kill-on-bad-exit)
+# with another code.
+if [ "$STATUS" = 3 ] || { [ "$PREEMPTED" = 1 ] && [ "$STATUS" != 0 ] && [ "$STATUS" != 2 ]; }; then
+  echo "[slurm] stopped with exit $STATUS; requeueing job $SLURM_JOB_ID (the next start continues" \
+       "${OUTPUT:-OUTPUT}/checkpoint.pth)"
+  scontrol requeue "$SLURM_JOB_ID" || exit "$STATUS"
   exit 0
 fi
+[ "$PREEMPTED" = 0 ] || echo "[slurm] the run ended (exit $STATUS) before the stop signal took effect: nothing to requeue"
 exit "$STATUS"

@@ -4,5 +4,7 @@
 #   bash run/test.sh -m "not e2e"   # the unit tier: 687 tests, no training process, about 35 s
 #   bash run/test.sh -m e2e         # the end-to-end tier: trainers, torchrun, run scripts, demos
 #   bash run/test.sh -n 0           # in one process (pdb, -x); by default one pytest-xdist worker per core, at most 8
+# The DALI and Hugging Face tests need the optional extras (.ci/run installs them): without them the
+# run ends by naming the tests it skipped and the command that adds them (tests/conftest.py).
 source "$(dirname "${BASH_SOURCE[0]}")/_env.sh"
 exec "$PY" -m pytest tests -q -n auto --maxprocesses 8 "$@"

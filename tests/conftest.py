@@ -100,3 +100,32 @@ class _guard_unit_tests:
         if self.original is not None:
             subprocess.Popen.__init__ = self.original
         return False
+
+
+# -- the optional extras ----------------------------------------------------------------------
+
+# the module a test skips without (pytest.importorskip's "could not import 'X'") -> the extra that installs it
+_EXTRA_OF = {"nvidia.dali": "dali", "nvidia": "dali", "transformers": "hf", "accelerate": "hf"}
+
+
+def pytest_terminal_summary(terminalreporter):
+    """After the run: which tests were skipped because an optional extra (pyproject's dali, hf) is not
+    installed, and the one command that adds them, so that a fresh clone's run says what it left out."""
+    missing = {}  # extra -> {test file: skips}
+    for report in terminalreporter.stats.get("skipped", []):
+        reason = report.longrepr[2] if isinstance(report.longrepr, tuple) else str(report.longrepr or "")
+        found = re.search(r"could not import '([\w.]+)'", reason)
+        extra = _EXTRA_OF.get(found.group(1)) if found else None
+        if extra:
+            where = report.nodeid.split("::")[0] or str(report.location[0] if report.location else "?")
+            files = missing.setdefault(extra, {})
+            files[where] = files.get(where, 0) + 1
+    if not missing:
+        return
+    said = "; ".join(f"{extra}: " + ", ".join(f"{name}" + (f" ({count})" if count > 1 else "")
+                                              for name, count in sorted(files.items()))
+                     for extra, files in sorted(missing.items()))
+    total = sum(sum(files.values()) for files in missing.values())
+    terminalreporter.write_sep("-", "optional extras not installed")
+    terminalreporter.write_line(f"{total} skipped for a missing optional extra ({said}). Add them with: "
+                                f'.venv/bin/pip install -e ".[{",".join(sorted(missing))}]"')

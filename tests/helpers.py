@@ -18,6 +18,8 @@ import numpy as np
 import torch
 from PIL import Image
 
+from ToE.common.log import read_log  # noqa: F401  (the project's one log reader, for the tests)
+
 ROOT = Path(__file__).resolve().parents[1]
 MAIN = ROOT / "ToE" / "deit" / "main.py"
 RUN_DIR = ROOT / "ToE" / "deit" / "run"
@@ -117,10 +119,6 @@ def assert_same_tensors(a: dict, b: dict, what: str):
 
 
 # -- outputs ----------------------------------------------------------------------------------
-
-def read_log(out: Path):
-    return [json.loads(line) for line in (out / "log.txt").read_text().splitlines() if line.strip()]
-
 
 def load(path: Path):
     return torch.load(path, map_location="cpu", weights_only=True)

@@ -1,4 +1,4 @@
-"""Tests of the results toolkit (ToE.common.results, ToE.common.summary) and the bench scripts
+"""Tests of the results toolkit (bench.common, ToE.common.results, ToE.common.summary) and the bench scripts
 (bench/): what each one measures, which recipe it runs and how it reports it. Reports are checked
 by their numbers (the JSON, the cells of the rendered tables), not by their prose."""
 
@@ -16,11 +16,14 @@ from torch import nn
 
 import token_select
 from bench import accuracy, efficienttrain, lvvit_accuracy, speed, yolos_accuracy, yolos_speed
+from bench import common
 from bench.common import rotated
 from ToE import flops
 from ToE.common import results
 from ToE.common.config import config_path, load_config
 from ToE.common.errors import UserError
+from ToE.common.log import read_log
+from ToE.trainers import TRAINERS
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 STORED = ROOT / "bench" / "results"
@@ -255,33 +258,33 @@ def test_run_numbers_read_the_log(tmp_path):
     records = [{"epoch": e, "stage": 1 + e // 2, "kept_tokens": 8, "epoch_seconds": t, "test_acc1": a,
                 "ema_acc1": a - 1} for e, (t, a) in enumerate([(2.0, 50.0), (9.0, 80.0), (3.0, 70.0), (3.0, 75.0)])]
     run = _write_run(tmp_path / "run", records, model="m", input_size=32)
-    numbers_ = results.run_numbers(str(run))
+    numbers_ = common.run_numbers(str(run))
     assert numbers_["acc1"] == 75.0 and numbers_["ema_acc1"] == 74.0 and numbers_["best_acc1"] == 80.0
     assert numbers_["train_seconds"] == 17.0 and numbers_["epoch_seconds"] == [2.0, 9.0, 3.0, 3.0]
     assert numbers_["robust_train_seconds"] == pytest.approx(2 * 5.5 + 2 * 3.0)
-    assert results.run_numbers(str(run), epochs=5) is None  # unfinished for a 5-epoch bench
-    assert results.run_numbers(str(tmp_path / "none")) is None
+    assert common.run_numbers(str(run), epochs=5) is None  # unfinished for a 5-epoch bench
+    assert common.run_numbers(str(tmp_path / "none")) is None
     (run / "log.txt").write_text((run / "log.txt").read_text() + '{"epoch": 4, "sta')
     with pytest.raises(UserError, match="line 5 is damaged"):
-        results.run_numbers(str(run))
+        common.run_numbers(str(run))
 
 
 def test_robust_seconds_count_every_epoch_at_its_stage_median():
     # stage 1: three 2 s epochs, one slowed to 9 s; stage 2: 4 s epochs
     seconds = [2.0, 9.0, 2.0, 2.0, 4.0, 4.0]
-    assert results.robust_seconds(seconds, [1, 1, 1, 1, 2, 2]) == pytest.approx(4 * 2.0 + 2 * 4.0)
-    assert results.slow_epochs(seconds, [1, 1, 1, 1, 2, 2]) == 1
+    assert common.robust_seconds(seconds, [1, 1, 1, 1, 2, 2]) == pytest.approx(4 * 2.0 + 2 * 4.0)
+    assert common.slow_epochs(seconds, [1, 1, 1, 1, 2, 2]) == 1
 
 
 def test_paired_statistics():
     runs = [{"config": "a", "seed": 1, "v": 3.0}, {"config": "b", "seed": 0, "v": 2.0},
             {"config": "a", "seed": 0, "v": 5.0}, {"config": "b", "seed": 1, "v": 1.0},
             {"config": "a", "seed": 2, "v": 9}]
-    assert results.paired_by_seed(runs, "a", "b", lambda x, y: x["v"] - y["v"]) == [(0, 3.0), (1, 2.0)]
-    assert results.paired_by_seed(runs, "a", "b", lambda x, y: x["v"] / y["v"]) == [(0, 2.5), (1, 3.0)]
-    assert results.mean_se([1.0, 2.0, 3.0]) == (2.0, pytest.approx(1 / math.sqrt(3)))
-    assert results.mean_se([4.0]) == (4.0, None) and results.mean_std([4.0]) == (4.0, 0.0)
-    assert results.paired_ratios([2.0, 3.0], [1.0, 2.0]) == [2.0, 1.5]
+    assert common.paired_by_seed(runs, "a", "b", lambda x, y: x["v"] - y["v"]) == [(0, 3.0), (1, 2.0)]
+    assert common.paired_by_seed(runs, "a", "b", lambda x, y: x["v"] / y["v"]) == [(0, 2.5), (1, 3.0)]
+    assert common.mean_se([1.0, 2.0, 3.0]) == (2.0, pytest.approx(1 / math.sqrt(3)))
+    assert common.mean_se([4.0]) == (4.0, None) and common.mean_std([4.0]) == (4.0, 0.0)
+    assert common.paired_ratios([2.0, 3.0], [1.0, 2.0]) == [2.0, 1.5]
     assert results.median_steady([9.0, 1.0, 2.0]) == 1.5 and results.median_steady([9.0, 1.0]) == 5.0
 
 
@@ -299,14 +302,14 @@ def test_launcher_interleaves_rotates_keeps_every_run_and_resumes(tmp_path):
         return {"config": config, "seed": seed, "epochs": 3, "value": len(trained)}
 
     with pytest.raises(RuntimeError):
-        results.run_repeated(["a", "b", "c"], [0, 1, 2], run, str(path), log=lambda line: None)
+        common.run_repeated(["a", "b", "c"], [0, 1, 2], run, str(path), log=lambda line: None)
     assert trained == [("a", 0), ("b", 0), ("c", 0)]  # seed 1 starts at b (rotated), which failed
-    assert [(r["config"], r["seed"]) for r in results.read_runs(str(path))] == trained  # each kept on finishing
-    runs = results.run_repeated(["a", "b", "c"], [0, 1, 2], run, str(path), log=lambda line: None)
+    assert [(r["config"], r["seed"]) for r in common.read_runs(str(path))] == trained  # each kept on finishing
+    runs = common.run_repeated(["a", "b", "c"], [0, 1, 2], run, str(path), log=lambda line: None)
     assert trained[3:] == [("b", 1), ("c", 1), ("a", 1), ("c", 2), ("a", 2), ("b", 2)]  # only what was missing
-    assert len(runs) == 9 and [r["value"] for r in results.read_runs(str(path))] == list(range(1, 10))
+    assert len(runs) == 9 and [r["value"] for r in common.read_runs(str(path))] == list(range(1, 10))
     # runs of another length are not this bench's: keep() leaves them out and they train again
-    again = results.run_repeated(["a"], [0], run, str(path), keep=lambda r: r["epochs"] == 4, log=lambda line: None)
+    again = common.run_repeated(["a"], [0], run, str(path), keep=lambda r: r["epochs"] == 4, log=lambda line: None)
     assert trained[-1] == ("a", 0) and len(again) == 1
 
 
@@ -465,13 +468,13 @@ def _bench_commands(trainer, recipe_file, tmp_path):
              {"epochs": 30, "seed": 1, "token_label": name != "toe_no_tl"}) for name in lvvit_accuracy.CONFIGS]
 
 
-@pytest.mark.parametrize("trainer", ["deit", "et", "yolos", "lvvit"])
+@pytest.mark.parametrize("trainer", list(TRAINERS))
 def test_bench_runs_take_the_recipe_from_the_yaml_file(trainer, tmp_path):
     """The demo's learning rate is written once, in its YAML file: a bench run of a modified copy
     carries the copy's lr, and the bench's own flags (length, seed, schedule) on top of it."""
     import importlib
 
-    parse_args = importlib.import_module(f"ToE.{ {'et': 'EfficientTrain'}.get(trainer, trainer)}.main").parse_args
+    parse_args = importlib.import_module(TRAINERS[trainer].module).parse_args
     demo_lr = float(load_config(config_path(trainer, "demo"))["lr"])
     for command, _ in _bench_commands(trainer, None, tmp_path):
         assert parse_args(command[2:]).lr == pytest.approx(demo_lr)
@@ -584,7 +587,7 @@ def test_accuracy_bench_trains_the_demo_recipe_and_resumes(tmp_path):
     first = accuracy.main(common)
     assert [(r["config"], r["seed"], r["epochs"]) for r in first["runs"]] == [("full", 0, 3), ("deit-uniform", 0, 3)]
     for run in first["runs"]:
-        log = results.read_log(str(tmp_path / "work" / f"{run['config']}_seed0"))
+        log = read_log(str(tmp_path / "work" / f"{run['config']}_seed0"))
         assert run["acc1"] == log[-1]["test_acc1"] and run["time_s"] == pytest.approx(sum(
             r["epoch_seconds"] for r in log))
     assert first["lr"] == load_config(config_path("deit", "demo"))["lr"]

@@ -13,12 +13,12 @@ import pytest
 import torch
 import yaml
 
-from ToE.common.config import TRAINERS, config_path, load_config, scaled_stages
+from ToE.common.config import config_path, load_config, scaled_stages
 from ToE.common.errors import UserError
+from ToE.trainers import TRAINERS
 
 ROOT = Path(__file__).resolve().parents[1]
-PARSERS = {"deit": "ToE.deit.main", "lvvit": "ToE.lvvit.main", "et": "ToE.EfficientTrain.main",
-           "yolos": "ToE.yolos.main"}
+PARSERS = {name: trainer.module for name, trainer in TRAINERS.items()}
 RECIPES = {"deit": ["imagenet_tiny", "imagenet_small", "imagenet_base", "demo"],
            "lvvit": ["imagenet_small", "imagenet_medium", "demo"],
            "et": ["imagenet_tiny", "imagenet_small", "demo"],
@@ -196,14 +196,14 @@ def _demo_with_new_lr(tmp_path: Path, trainer: str, python: str) -> Tuple[Path, 
     """Run the trainer's demo script from a copy of the code whose demo YAML says lr 7.5e-4 (as
     run/demo.sh starts it: PY, DEMO_OUT, DEMO_EPOCHS; .venv's set-up left out, it is this one's)."""
     copy = _copy_repository(tmp_path)
-    recipe = copy / "ToE" / TRAINERS[trainer] / "configs" / "demo.yaml"
+    recipe = copy / "ToE" / TRAINERS[trainer].folder / "configs" / "demo.yaml"
     text = recipe.read_text()
     assert "\nlr: 1.0e-3\n" in text or "\nlr: 5.0e-4\n" in text
     recipe.write_text(text.replace("\nlr: 1.0e-3\n", "\nlr: 7.5e-4\n").replace("\nlr: 5.0e-4\n", "\nlr: 7.5e-4\n"))
     out = tmp_path / "out"
     out.mkdir()
     env = {**os.environ, "PY": python, "DEMO_OUT": str(out), "DEMO_EPOCHS": "1", "PYTHONPATH": str(copy)}
-    result = subprocess.run(["bash", f"ToE/{TRAINERS[trainer]}/run/demo.sh"], cwd=copy, env=env,
+    result = subprocess.run(["bash", f"ToE/{TRAINERS[trainer].folder}/run/demo.sh"], cwd=copy, env=env,
                             capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stderr[-3000:]
     return copy, result

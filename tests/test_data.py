@@ -1,6 +1,6 @@
 """Data loading and transforms: the default recipe runs, and data that would train wrongly is refused.
 
-Covers ``ToE.common.transforms`` (posterize at 0 bits, which current Pillow refuses) and
+Covers ``ToE.common.data`` (posterize at 0 bits, which current Pillow refuses) and
 ``ToE.common.data`` (one class list for train and val, 16-bit and float images, the val check).
 """
 
@@ -22,7 +22,7 @@ from timm.data import auto_augment as timm_aa
 
 from ToE.common.data import check_images, image_folder, load_rgb, train_val_folders
 from ToE.common.errors import UserError
-from ToE.common.transforms import build_train_transform, posterize
+from ToE.common.data import build_train_transform, posterize
 
 TINY = ["--model", "vit_tiny_patch16_224", "--model-kwargs", "embed_dim=32", "depth=2", "num_heads=2",
         "--input-size", "32", "--patch-size", "8", "--no-model-ema", "--batch-size", "32"]

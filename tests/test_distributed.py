@@ -140,7 +140,8 @@ def test_bf16_autocast_step_on_the_cpu(data):
     trainer.task.model.blocks[1].attn.qkv.register_forward_hook(
         lambda m, i, o: seen.append((o.dtype, o.shape[1])))
     records = []
-    trainer.log = type("Log", (), {"write": lambda self, record, step=None: records.append(record)})()
+    trainer.log = type("Log", (), {"write": lambda self, record, step=None: records.append(record),
+                                "write_step": lambda self, record, image: None})()
     # the logged count must come from the forward passes, not from the schedule's arithmetic
     trainer.toe.kept_patch_tokens = lambda num_patches: 999
     trainer.train_epoch(0)

@@ -151,7 +151,7 @@ def _trainer(data, *extra):
 
 def _enter(task, epoch):
     """What the lifecycle does before training ``epoch``: ask the plan, build the epoch's loader."""
-    plan = task.plan(epoch)
+    plan = task.plan[epoch]
     return plan, task.train_loader(epoch, plan, 0)
 
 
@@ -282,7 +282,7 @@ def test_accumulation_equals_one_large_batch(data):
             return F.cross_entropy(model(2 * x), y), {"patch_tokens": 1}, x.shape[0]
 
         task.train_step = step
-        trained._train_steps(0, EpochPlan(batch=batch, accum=accum), loader, 0, None)
+        trained.train_steps(0, EpochPlan(batch=batch, accum=accum), loader, 0, None)
         return task.model.weight.detach()
 
     assert torch.allclose(run(4, 2), run(8, 1), atol=1e-6)
@@ -397,15 +397,17 @@ def test_bench_phases_and_run_level_speedup():
 
 
 def test_patch_size_from_model_kwargs_and_segments_without_a_table(data, capsys):
-    """The curriculum's grid follows --model-kwargs patch_size=N (it read 16 from the model name);
-    --segments without --curriculum table was ignored."""
+    """The curriculum's grid follows --model-kwargs patch_size=N (it read 16 from the model name): the patch
+    size is the model's, built on the meta device; --segments without --curriculum table was ignored."""
     import argparse
 
     from ToE.EfficientTrain.main import cli
-    from ToE.EfficientTrain.trainer import patch_size_of
+    from ToE.EfficientTrain.trainer import EfficientTrainTask
 
-    args = argparse.Namespace(patch_size=None, model_kwargs={"patch_size": 4}, model="vit_tiny_patch16_224")
-    assert patch_size_of(args) == 4
+    task = EfficientTrainTask.__new__(EfficientTrainTask)
+    task.args = argparse.Namespace(patch_size=None, model_kwargs={"patch_size": 4}, model="vit_tiny_patch16_224",
+                                   input_size=32)
+    assert token_select.patch_size(task.meta_model()) == 4
     with pytest.raises(SystemExit) as exit_info:
         cli([*TINY, *FAST, "--data-path", str(data), "--epochs", "5", "--segments", "5:32:9"])
     err = capsys.readouterr().err

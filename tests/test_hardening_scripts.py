@@ -185,13 +185,17 @@ def test_slurm_resume_and_eval_jobs_and_their_requeue(tmp_path):
     out.mkdir()
     (out / "checkpoint.pth").write_bytes(b"")
     own = slurm_command(bash(SLURM, DEIT_MAIN, "--output_dir", out, "--resume", start, "--epochs", "3", **requeued))
-    assert own == ["--output_dir", str(out), "--epochs", "3", "--auto-resume"]
+    # (--device cuda: the job has a GPU, so a torch that cannot use it is an error, not a CPU run)
+    assert own == ["--device", "cuda", "--output_dir", str(out), "--epochs", "3", "--auto-resume"]
     evaluation = slurm_command(bash(SLURM, DEIT_MAIN, "--resume", start, "--eval", **env))
     assert "--auto-resume" not in evaluation
     # without --output_dir a requeue could only go back to FILE: refused up front
     assert_user_error(bash(SLURM, DEIT_MAIN, "--resume", start, **env), "needs --output_dir")
     # the plain job is as before
     assert slurm_command(bash(SLURM, DEIT_MAIN, "--output_dir", out, **env))[-1] == "--auto-resume"
+    # a device the flags name is theirs
+    for device in (["--device", "auto"], ["--device=cpu"]):
+        assert "cuda" not in slurm_command(bash(SLURM, DEIT_MAIN, "--output_dir", out, *device, **env))
 
 
 # -- the summary ----------------------------------------------------------------------------------------

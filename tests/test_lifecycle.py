@@ -68,7 +68,7 @@ from ToE.common.lifecycle import Run
 
 mode, when = {mode!r}, {when!r}
 if mode == "signal":
-    steps, calls = Run._train_steps, [0]
+    steps, calls = Run.train_steps, [0]
 
     def train_steps(self, *args):
         step = self.task.train_step
@@ -83,7 +83,7 @@ if mode == "signal":
             return steps(self, *args)
         finally:
             self.task.train_step = step
-    Run._train_steps = train_steps
+    Run.train_steps = train_steps
 elif mode == "kill":
     replace, writes = os.replace, [0]
 
@@ -292,7 +292,7 @@ def test_nodes_that_found_different_checkpoints_are_refused_in_one_line(datasets
 
 
 def test_amp_auto_picks_bf16_only_where_the_gpu_computes_it(monkeypatch):
-    from ToE.common.lifecycle import resolve_amp_dtype
+    from ToE.common.distributed import resolve_amp_dtype
 
     cuda = torch.device("cuda", 0)
     for native, expected in ((True, torch.bfloat16), (False, torch.float16)):  # A100/H100 vs T4/V100
@@ -345,7 +345,8 @@ def test_yolos_trains_in_bf16_on_the_cpu(datasets):
     seen = []
     run.task.model.backbone.blocks[1].attn.qkv.register_forward_hook(lambda m, i, o: seen.append((o.dtype, o.shape[1])))
     records = []
-    run.log = type("Log", (), {"write": lambda self, record, step=None: records.append(record)})()
+    run.log = type("Log", (), {"write": lambda self, record, step=None: records.append(record),
+                                "write_step": lambda self, record, image: None})()
     run.train_epoch(1)  # stage 1: half of the patch tokens
     kept = [tokens - 1 - 5 for _, tokens in seen[:4]]  # 4 training steps: class token, patches, 5 detection tokens
     assert {dtype for dtype, _ in seen[:4]} == {torch.bfloat16}

@@ -473,3 +473,26 @@ def test_vit_and_lvvit_teachers_write_labels(data, tmp_path, name, kwargs):
                     module="ToE.lvvit.generate_label"))
     assert f"wrote {CLASSES * TRAIN_PER_CLASS} token-label files (8 x 8 maps)" in result.stdout
     assert load_label_map(str(out / "class0" / "0.pt"), CLASSES).shape == (2, 5, 8, 8)
+
+
+@pytest.mark.e2e
+def test_compiled_lvvit_one_graph_per_stage(data, tmp_path):
+    """--torchcompile (aot_eager: the graphs dynamo captures, without C++ code generation) with token
+    labels: the three stages of SCHEDULE compile one graph each (tests/test_compile.py). MixToken draws its
+    box in the forward as Python numbers (a graph per box): refused with --torchcompile, in one line."""
+    import torch._dynamo
+    from torch._dynamo.utils import counters
+
+    from ToE.common.lifecycle import Run
+    from ToE.lvvit.main import parse_args
+    from ToE.lvvit.trainer import LVViTTask
+
+    torch._dynamo.reset()
+    before = counters["stats"]["unique_graphs"]  # (the counter runs on over the tests of this process)
+    args = parse_args([str(a) for a in _common(data, tmp_path)] + ["--torchcompile", "aot_eager", "--no-mix-token"])
+    Run(args, LVViTTask).fit()
+    assert 1 <= counters["stats"]["unique_graphs"] - before <= 3
+    timm.create_model("lvvit_digits", embed_dim=32, depth=2, num_heads=2, stem_dim=8, img_size=16, patch_size=4,
+                      num_classes=CLASSES).load_state_dict(load(tmp_path / "checkpoint.pth")["model"], strict=True)
+    refused = run(*_common(data, tmp_path / "mixed"), "--torchcompile")
+    assert_user_error(refused, "--mix-token", "--no-mix-token")

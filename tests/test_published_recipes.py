@@ -16,6 +16,7 @@ from helpers import ROOT, free_port, ok, read_log, run_main, write_coco
 from ToE.common.config import config_path
 from ToE.common.errors import UserError
 from ToE.common.schedule import split_global_batch
+from ToE.trainers import TRAINERS
 
 
 def test_split_reaches_the_global_batch_or_says_why_not():
@@ -45,7 +46,6 @@ RECIPES = {
                                    "--eval_size", "32", "--device", "cpu", "--num_workers", "0", "--epochs", "1",
                                    "--expansion-step", "1", "2", "3"]),
 }
-MAINS = {"deit": "ToE/deit/main.py", "lvvit": "ToE/lvvit/main.py", "yolos": "ToE/yolos/main.py"}
 
 
 @pytest.fixture(scope="module")
@@ -72,7 +72,7 @@ def test_published_recipe_keeps_its_global_batch_on_one_and_two_processes(traine
     runs = {}
     for processes in (1, 2):
         out = tmp_path / f"out{processes}"
-        main = str(ROOT / MAINS[trainer])
+        main = str(ROOT / TRAINERS[trainer].main)
         cmd = [sys.executable, main] if processes == 1 else \
             [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_addr", "127.0.0.1",
              "--master_port", str(free_port()), main]

@@ -36,14 +36,14 @@ import pytest
 import yaml
 from PIL import Image
 
-from helpers import ROOT, child_env, ok, write_coco, write_images
+from helpers import ROOT, child_env, ok, read_log, write_coco, write_images
 from ToE.common.config import load_config
 from ToE.common.errors import UserError
+from ToE.trainers import TRAINERS
 
 TABLE = ROOT / "docs" / "reproduce.md"
-PARSERS = {"deit": "ToE.deit.main", "lvvit": "ToE.lvvit.main", "et": "ToE.EfficientTrain.main",
-           "yolos": "ToE.yolos.main"}
-FOLDERS = {"deit": "deit", "lvvit": "lvvit", "EfficientTrain": "et", "yolos": "yolos"}
+PARSERS = {name: trainer.module for name, trainer in TRAINERS.items()}
+FOLDERS = {trainer.folder: name for name, trainer in TRAINERS.items()}  # ToE/<folder>/ -> trainer name
 PLACEHOLDERS = ("DATA", "OUT", "LABELS", "COCO", "INIT_T", "INIT_S", "CIFAR10", "CIFAR100", "CKPT_TOE", "CKPT_FULL")
 # every row of the paper's tables that docs/reproduce.md must give a command for
 REQUIRED = {
@@ -356,7 +356,7 @@ def test_every_row_trains_one_epoch_with_a_tiny_model(name, places, tmp_path, ca
         argv += ["--stop-after-epochs", "1"]  # one epoch of the 5-epoch curriculum
     module = importlib.import_module(PARSERS[trainer_of(command)])
     module.main(module.parse_args(argv))
-    log = [line for line in (tmp_path / "out" / "log.txt").read_text().splitlines() if line.strip()]
+    log = read_log(tmp_path / "out")
     assert len(log) == 1 and (tmp_path / "out" / "checkpoint.pth").is_file(), capsys.readouterr().out
 
 
@@ -371,7 +371,7 @@ def test_a_row_per_trainer_trains_one_epoch_through_its_command(name, places, tm
     tokens[0] = "bash" if tokens[0] == "bash" else sys.executable
     ok(subprocess.run(tokens, cwd=ROOT, env=launch_env(PYTHON=sys.executable), capture_output=True, text=True,
                       timeout=600, check=False))
-    log = [line for line in (out / "log.txt").read_text().splitlines() if line.strip()]
+    log = read_log(out)
     assert len(log) == 1, log  # one epoch trained and logged
     assert (out / "checkpoint.pth").is_file()
     stored = yaml.safe_load((out / "args.yaml").read_text())

@@ -170,7 +170,7 @@ def test_ctrl_c_says_what_was_saved(data, tmp_path, capsys, monkeypatch, with_ou
     def interrupted(*args, **kwargs):
         raise KeyboardInterrupt
 
-    monkeypatch.setattr(Run, "_train_steps", interrupted)
+    monkeypatch.setattr(Run, "train_steps", interrupted)
     extra = ["--output_dir", tmp_path / "out"] if with_output else []
     with pytest.raises(SystemExit) as exit_info:
         cli([str(a) for a in [*base(data), *extra]])

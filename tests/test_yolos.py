@@ -19,7 +19,7 @@ import torch.nn.functional as F
 from PIL import Image
 
 import token_select
-from helpers import write_coco
+from helpers import read_log, write_coco
 from ToE.yolos.data import CocoDetection, Normalize, RandomSizeCrop, collate, load_coco, yolos_size
 from ToE.yolos.evaluation import evaluate, score_detections, to_coco_results
 from ToE.yolos.loss import HungarianMatcher, SetCriterion
@@ -452,7 +452,7 @@ def test_resume_equals_an_uninterrupted_run(coco_root, straight_run, tmp_path, c
     assert straight["epoch"] == resumed["epoch"] == 2
     for key, value in straight["model"].items():
         assert torch.equal(value, resumed["model"][key]), key
-    logs = [json.loads(line) for line in (out / "log.txt").read_text().splitlines()]
+    logs = read_log(out)
     assert [r["epoch"] for r in logs] == [0, 1, 2]
     assert logs[1]["kept_tokens"] < logs[1]["patch_tokens"] and logs[0]["kept_tokens"] == logs[0]["patch_tokens"]
 
@@ -491,7 +491,7 @@ def test_toe_training_with_mid_tables_at_batch_size_then_eval_json(coco_root, tm
     code, _, err = _run(TINY + ["--coco_path", coco_root, "--output_dir", str(out), *sizes,
                                 "--stop-after-epochs", "2"], capsys)
     assert code == 0, err
-    logs = [json.loads(line) for line in (out / "log.txt").read_text().splitlines()]
+    logs = read_log(out)
     assert [r["epoch"] for r in logs] == [0, 1]
     assert logs[1]["stage"] == 1 and logs[1]["kept_tokens"] < logs[1]["patch_tokens"]
     assert all(math.isfinite(r["train_loss"]) for r in logs)

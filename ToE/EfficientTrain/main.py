@@ -14,14 +14,10 @@ checkpoint is chosen among full-resolution epochs only.
 from __future__ import annotations
 
 import argparse
-import os
-import sys
 
-if __package__ in (None, ""):  # run as a script: make the repository root importable
-    sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
-
-from ToE.common.args import (OneLineParser, add_classification_args, add_toe_args, trainer_entry)
-from ToE.EfficientTrain.curriculum import PRESETS  # noqa: E402
+from ToE.common.args import (OneLineParser, add_classification_args, add_toe_args)
+from ToE.common.lifecycle import trainer_entry
+from ToE.EfficientTrain.curriculum import PRESETS
 
 
 def add_curriculum_args(parser: argparse.ArgumentParser) -> None:

@@ -14,24 +14,13 @@ model at the final resolution.
 from __future__ import annotations
 
 import math
-import re
 from typing import List
 
+import token_select
 from ToE.common.classification import ClassificationTask
 from ToE.common.errors import UserError
-from ToE.common.lifecycle import EpochPlan
+from ToE.common.schedule import EpochPlan, Plan
 from ToE.EfficientTrain.curriculum import LowPass, Segment, aa_policy, plan_curriculum, segment_at
-
-
-def patch_size_of(args) -> int:
-    """The patch side: ``--patch-size``, else ``--model-kwargs patch_size=N``, else the ``patchN`` in a
-    timm name (16 when it has none). The model built from the same flags is checked against it."""
-    if args.patch_size:
-        return int(args.patch_size)
-    if "patch_size" in args.model_kwargs:
-        return int(args.model_kwargs["patch_size"])
-    found = re.search(r"patch(\d+)", args.model)
-    return int(found.group(1)) if found else 16
 
 
 class PublishedCosine:
@@ -64,42 +53,38 @@ class PublishedCosine:
         return {"total": self.total, "warmup": self.warmup, "warmup_lr": self.warmup_lr, "min_lr": self.min_lr}
 
 
-class Curriculum:
-    """The segments as the run's plan: ``curriculum(epoch)`` is that epoch's EpochPlan; the lr
-    steps per update (published), and every segment's updates hold ``global_batch`` images."""
-
-    per_update = True
-
-    def __init__(self, segments: List[Segment], args, global_batch: int) -> None:
-        self.segments, self.args, self.global_batch = segments, args, global_batch
-        self.epochs = segments[-1].end
-        # stored with the run (args.yaml, checkpoints): a resume must plan the same curriculum
-        self.identity = {"curriculum_plan": [[s.start, s.end, s.crop, s.magnitude] for s in segments]}
-
-    def __call__(self, epoch: int) -> EpochPlan:
-        segment = segment_at(self.segments, epoch)
-        args = self.args
+def curriculum_plan(segments: List[Segment], args, global_batch: int) -> Plan:
+    """The segments as the run's plan: epoch e's EpochPlan is its segment's crop, RandAugment
+    magnitude, batch and accumulation (every segment's updates hold ``global_batch`` images); the lr
+    steps per update (published); the segments are stored with the run (a resume must plan the same)."""
+    epochs = []
+    for epoch in range(segments[-1].end):
+        segment = segment_at(segments, epoch)
         full = segment.crop == args.input_size
         aa = aa_policy(args.aa, segment.magnitude)
-        return EpochPlan(batch=segment.batch, accum=segment.accum, crop=segment.crop, aa=aa,
-                         view=None if full else LowPass(segment.crop, args.low_pass),
-                         # low-resolution epochs are evaluated at their own crop: not comparable
-                         counts_for_best=full,
-                         log={"segment": self.segments.index(segment), "resolution": segment.crop,
-                              "magnitude": segment.magnitude if segment.magnitude >= 0 else None, "aa": aa,
-                              "batch": segment.batch, "accum": segment.accum, "global_batch": self.global_batch})
+        epochs.append(EpochPlan(
+            batch=segment.batch, accum=segment.accum, crop=segment.crop, aa=aa,
+            view=None if full else LowPass(segment.crop, args.low_pass),
+            # low-resolution epochs are evaluated at their own crop: not comparable
+            counts_for_best=full,
+            log={"segment": segments.index(segment), "resolution": segment.crop,
+                 "magnitude": segment.magnitude if segment.magnitude >= 0 else None, "aa": aa,
+                 "batch": segment.batch, "accum": segment.accum, "global_batch": global_batch}))
+    return Plan(epochs, per_update=True,
+                identity={"curriculum_plan": [[s.start, s.end, s.crop, s.magnitude] for s in segments]})
 
 
 class EfficientTrainTask(ClassificationTask):
     """EfficientTrain (+ ToE) classification: the classification task on the curriculum's plan."""
 
-    def build_plan(self) -> Curriculum:
+    def build_plan(self) -> Plan:
         args, world = self.args, self.env.world_size
         global_batch = args.global_batch or args.batch_size * world
         # etpp: --epochs is the budget in full-resolution epochs
-        segments = plan_curriculum(args.curriculum, args.epochs, args.input_size, patch_size_of(args),
+        segments = plan_curriculum(args.curriculum, args.epochs, args.input_size,
+                                   token_select.patch_size(self.meta_model()),
                                    args.batch_size, global_batch, world, args.segments)
-        return Curriculum(segments, args, global_batch)
+        return curriculum_plan(segments, args, global_batch)
 
     @staticmethod
     def check_flags(args) -> List[str]:

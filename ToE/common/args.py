@@ -3,9 +3,7 @@
 from __future__ import annotations
 
 import argparse
-import importlib
-import re
-from typing import Callable, List, Optional, Sequence
+from typing import List
 
 import token_select as operator_module
 from token_select import TokenSelect
@@ -13,9 +11,46 @@ from token_select import TokenSelect
 from .errors import UserError
 
 
+# -- flags by role: every list of flag names lives here ------------------------------------------
 # the flags that define the operator's schedule (stored with every checkpoint)
 TOE_KEYS = ("expansion_step", "keep_rate", "initialization_keep_rate", "expansion_multiple_stage", "distance",
-            "initialization", "expansion", "merging", "distance_rank")
+            "initialization", "expansion", "merging", "distance_rank", "reducer")
+# Flags that do not change what a run computes: a resume may give other values. Every other flag
+# is part of the run's identity and must match its checkpoint (the epoch count is checked apart:
+# it may grow). Paths may move (data, teacher, labels, the init checkpoint only used at the start);
+# the precision may change (a fresh loss scale); an EMA may be added to a run that had none.
+NOT_IDENTITY = frozenset({
+    "config", "output_dir", "resume", "auto_resume", "overwrite", "check_only", "eval", "epochs", "start_epoch",
+    "stop_after_epochs", "time_limit", "log_interval", "device", "amp_dtype", "num_workers", "pin_mem", "dist_eval",
+    "eval_batch_size", "results_json", "data_path", "teacher_path", "token_label_data", "init_checkpoint", "model_ema",
+    "finetune", "data_backend",
+    "global_batch",  # checked as the images per update the run resolved (_resume), not as the flag
+    "best_of", "eval_amp",  # what is reported and how it is evaluated, not what trains
+    "checkpoint_hist", "torchcompile",  # how the run computes, not what
+})
+# flags a config file does not set: where the configuration comes from, and what only the command
+# line decides (a run's args.yaml holds them; read back as a config, they are left out)
+COMMAND_LINE_ONLY = ("config", "check_only", "overwrite", "resume", "auto_resume", "eval")
+# flags spelled with underscores, as DeiT's main.py spells them (every other flag: dashes)
+UNDERSCORED = ("output_dir", "start_epoch", "num_workers")
+# (which flags shape the weights, that --eval must share, is each task's weights_must_match)
+
+
+# the switches of ToE's own operator (its ablations): flag -> the values that are ToE
+TOE_SWITCHES = {"initialization": ("stride", "uniform"), "expansion": ("farthest",), "merging": ("mean",),
+                "distance_rank": ("similarity",), "distance": ("cosine",)}
+
+
+def toe_switches(args: argparse.Namespace) -> List[str]:
+    """The switches of ToE's operator that ``args`` turns away from ToE, as flags (``--merging drop``):
+    meaningless, and refused, when another reducer or PatchDropout chooses the tokens."""
+    return [f"{flag_name(name)} {getattr(args, name)}" for name, toe in TOE_SWITCHES.items()
+            if getattr(args, name, toe[0]) not in toe]
+
+
+def flag_name(key: str) -> str:
+    """``keep_rate`` -> ``--keep-rate`` (the names that keep DeiT's underscores stay as they are)."""
+    return f"--{key}" if key in UNDERSCORED else f"--{key.replace('_', '-')}"
 
 
 def add_toe_args(parser: argparse.ArgumentParser) -> argparse._ArgumentGroup:
@@ -46,15 +81,30 @@ def add_toe_args(parser: argparse.ArgumentParser) -> argparse._ArgumentGroup:
                        help="how manhattan/euclidean rank tokens: 'similarity' (nearest = most alike, as cosine) or "
                             "'published' (the published code's raw distance, which inverts that) (default: "
                             "similarity)")
+    group.add_argument("--reducer", default="toe", choices=list(operator_module.REDUCERS),
+                       help="which tokens the operator after block 0 keeps, on the same schedule and counts: 'toe' "
+                            "(Token Expansion: initialization, expansion, merging), 'random' (uniformly random patch "
+                            "tokens, PatchDropout's choice), 'topk' (the tokens most similar to the class token, a "
+                            "stand-in for attention-score pruning), 'tome' (ToMe's bipartite soft matching merges "
+                            "down to the kept count, size-weighted means, no proportional attention) (default: toe)")
     group.add_argument("--sparse-eval", action="store_true",
                        help="also reduce tokens during evaluation (off by default: evaluation uses all tokens)")
     return group
 
 
 def build_token_select(args: argparse.Namespace) -> TokenSelect:
-    """The TokenSelect described by the flags; a bad schedule becomes a UserError."""
+    """The operator described by the flags (``--reducer``: ToE's TokenSelect or a baseline reducer, a
+    subclass of it); a bad schedule, or a switch of ToE's operator with another reducer, is a UserError."""
+    reducer = getattr(args, "reducer", "toe")
+    if reducer != "toe":
+        # (checked here, not in check_training_flags: every trainer and ToE.flops build the operator first)
+        switched = toe_switches(args)
+        if switched:
+            raise UserError(f"{' '.join(switched)} switches a part of ToE's operator, which --reducer {reducer} "
+                            "replaces. Leave them out, or use --reducer toe")
     try:
-        token_select = TokenSelect(
+        token_select = operator_module.make_reducer(
+            reducer,
             expansion_step=args.expansion_step,
             keep_rate=args.keep_rate,
             initialization_keep_rate=args.initialization_keep_rate,
@@ -134,34 +184,6 @@ class OneLineParser(argparse.ArgumentParser):
         sys.exit(2)
 
 
-def trainer_entry(description: str, get_args_parser: Callable[[], argparse.ArgumentParser], task: str):
-    """The ``parse_args``, ``main`` and ``cli`` of a trainer's main.py.
-
-    ``task`` ("module:Class") is imported when ``main`` runs, so ``--help`` and flag errors stay
-    quick; ``main`` runs it on the one lifecycle (``ToE.common.lifecycle.Run``). ``cli`` turns user
-    errors into one line and exit code 2 (``errors.run_main``)."""
-
-    def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
-        from .config import add_config_arg, parse_with_config
-
-        parser = OneLineParser(description, parents=[get_args_parser()])
-        add_config_arg(parser)
-        return parse_with_config(parser, argv)
-
-    def main(args: argparse.Namespace) -> None:
-        from ToE.common.lifecycle import Run
-
-        module, name = task.split(":")
-        Run(args, getattr(importlib.import_module(module), name)).fit()
-
-    def cli(argv: Optional[Sequence[str]] = None) -> None:
-        from .errors import run_main
-
-        run_main(lambda: main(parse_args(argv)))
-
-    return parse_args, main, cli
-
-
 def _is_number(text: str) -> bool:
     try:
         float(text)
@@ -205,77 +227,19 @@ def duration(text: str) -> float:
     return seconds
 
 
-# LR schedules that step once per epoch without a metric; 'plateau' needs an evaluation metric
-SCHEDULERS = ("cosine", "tanh", "step", "multistep", "poly", "wsd", "rsqrt", "constant", "none")
-
-
-def check_training_flags(args: argparse.Namespace) -> List[str]:
-    """Cross-flag checks of a classification run (DeiT, and the trainers built on its loop).
-
-    Raises ``UserError`` for a value that cannot work, before any data or model is touched;
-    returns warnings for values that work but are probably not what was meant.
-    """
-    import timm.optim
-    from timm.data import create_transform
-
-    warnings: List[str] = []
-    if args.eval:
-        if not args.resume:
-            raise UserError("--eval needs the weights to evaluate: pass --resume CHECKPOINT "
-                            "(evaluating a random initialisation says nothing)")
-        return warnings
-    if args.opt.lower() not in timm.optim.list_optimizers() and args.opt.lower().split("_")[-1] \
-            not in timm.optim.list_optimizers():
-        raise UserError(f"unknown optimizer --opt {args.opt}. Pick one of timm's, e.g. adamw, sgd, lamb "
-                        "(all: python -c \"import timm.optim; print(timm.optim.list_optimizers())\")")
-    if args.sched not in SCHEDULERS:
-        raise UserError(f"unknown or unsupported scheduler --sched {args.sched}. Pick one of {', '.join(SCHEDULERS)}")
-    if args.aa not in ("", "none"):
-        # timm reads each part after the policy name as a key and a number and passes over a part
-        # without a digit in silence ("rand-zz" trains RandAugment at its default magnitude 10)
-        name, *parts = args.aa.split("-")
-        skipped = [part for part in parts
-                   if not re.search(r"\d", part) and not (name == "rand" and part.startswith("t"))]
-        if skipped:
-            raise UserError(f"--aa {args.aa}: timm would skip {', '.join(skipped)} without a word (each part is a key "
-                            "and a number, e.g. rand-m9-mstd0.5-inc1). Fix or remove those parts")
-        try:  # timm parses the policy string when the transform is built; tiny and cheap
-            create_transform(8, is_training=True, auto_augment=args.aa)
-        except (AssertionError, ValueError, KeyError, IndexError) as error:
-            raise UserError(f"unknown augmentation policy --aa {args.aa} ({error}). Use a timm policy such as "
-                            "rand-m9-mstd0.5-inc1, augmix-m5, original, or 'none'") from None
-    if args.warmup_epochs >= args.epochs:
-        # a warning, as in timm and DeiT: "--epochs 1" is the usual smoke test of any recipe
-        warnings.append(f"--warmup-epochs {args.warmup_epochs} is as long as the run (--epochs {args.epochs}): the "
-                        "learning rate never leaves the warmup (fine for a smoke test; lower --warmup-epochs "
-                        "otherwise)")
-    if args.start_epoch >= args.epochs:
-        raise UserError(f"--start_epoch {args.start_epoch} is not below --epochs {args.epochs}: nothing to train")
-    ablations = [f"--{name.replace('_', '-')} {getattr(args, name)}" for name, toe in (
-        ("initialization", ("stride", "uniform")), ("expansion", ("farthest",)), ("merging", ("mean",)),
-        ("distance_rank", ("similarity",))) if getattr(args, name) not in toe]
-    if args.token_drop != "toe" and ablations:
-        raise UserError(f"{' '.join(ablations)} switches a part of ToE's operator, which --token-drop "
-                        f"{args.token_drop} replaces. Leave them out, or use --token-drop toe")
-    if args.vpt and not args.finetune:
-        raise UserError(f"--vpt {args.vpt} tunes prompts for a trained backbone: pass it with --finetune FILE (a "
-                        "random backbone would stay random)")
-    if args.scale[0] > args.scale[1] or args.scale[0] == 0:
-        raise UserError(f"--scale {args.scale[0]} {args.scale[1]} must be a range MIN MAX with 0 < MIN <= MAX <= 1")
-    unreached = [step for step in args.expansion_step if step >= args.epochs + args.cooldown_epochs]
-    if unreached:
-        warnings.append(f"ToE stages starting at epochs {unreached} are never reached in "
-                        f"{args.epochs + args.cooldown_epochs} epochs "
-                        f"(--expansion-step {' '.join(map(str, args.expansion_step))})")
-    return warnings
-
-
 def add_classification_args(parser: argparse.ArgumentParser) -> None:
     """The flags of the shared classification loop, with DeiT's names and defaults (timm's recipe
-    as DeiT uses it); every classification trainer adds its own groups beside them."""
+    as DeiT uses it), group by group; every classification trainer adds its own groups beside them.
+    A trainer may take a subset of the groups: the classification task reads an absent group as off
+    (``ToE.common.classification.GROUP_DEFAULTS``), and args.yaml holds only the flags it has."""
     parser.add_argument("--batch-size", default=64, type=positive_int, help="batch size per process (default: 64)")
     parser.add_argument("--epochs", default=300, type=positive_int, help="training epochs (default: 300)")
+    for add in (add_model_args, add_optimizer_args, add_augment_args, add_mixup_args, add_data_args, add_run_args):
+        add(parser)
 
+
+def add_model_args(parser: argparse.ArgumentParser) -> None:
+    """The model: timm name and arguments, input, fine-tuning and VPT, dropout, EMA."""
     model = parser.add_argument_group("model")
     model.add_argument("--model", default="deit_small_patch16_224",
                        help="timm model name (default: deit_small_patch16_224)")
@@ -305,6 +269,9 @@ def add_classification_args(parser: argparse.ArgumentParser) -> None:
                             "the online model (published DeiT) or the EMA (published LV-ViT; its recipes set it) "
                             "(default: model)")
 
+
+def add_optimizer_args(parser: argparse.ArgumentParser) -> None:
+    """The optimizer and the lr schedule (timm's names)."""
     optim = parser.add_argument_group("optimizer and schedule")
     optim.add_argument("--opt", default="adamw", help="timm optimizer name (default: adamw)")
     optim.add_argument("--opt-eps", default=1e-8, type=positive_float, help="optimizer epsilon (default: 1e-8)")
@@ -321,6 +288,9 @@ def add_classification_args(parser: argparse.ArgumentParser) -> None:
                        help="lowest learning rate of the cycle (default: 1e-5)")
     optim.add_argument("--warmup-epochs", type=non_negative_int, default=5, help="linear warmup epochs (default: 5)")
 
+
+def add_augment_args(parser: argparse.ArgumentParser) -> None:
+    """timm's training augmentation and label smoothing (DeiT's recipe)."""
     aug = parser.add_argument_group("augmentation and regularisation")
     aug.add_argument("--color-jitter", type=non_negative_float, default=0.3,
                      help="colour jitter (default: 0.3; off with --aa)")
@@ -339,6 +309,11 @@ def add_classification_args(parser: argparse.ArgumentParser) -> None:
     aug.add_argument("--reprob", type=probability, default=0.25, help="random erasing probability (default: 0.25)")
     aug.add_argument("--remode", default="pixel", help="random erasing mode (default: pixel)")
     aug.add_argument("--recount", type=positive_int, default=1, help="random erasing count (default: 1)")
+
+
+def add_mixup_args(parser: argparse.ArgumentParser) -> None:
+    """Mixup and CutMix (timm Mixup)."""
+    aug = parser.add_argument_group("mixup and cutmix")
     aug.add_argument("--mixup", type=non_negative_float, default=0.8, help="mixup alpha, 0 for off (default: 0.8)")
     aug.add_argument("--cutmix", type=non_negative_float, default=1.0, help="cutmix alpha, 0 for off (default: 1.0)")
     aug.add_argument("--mixup-prob", type=probability, default=1.0,
@@ -349,6 +324,8 @@ def add_classification_args(parser: argparse.ArgumentParser) -> None:
                      help="mixup mode: batch, pair or elem (default: batch)")
 
 
+def add_data_args(parser: argparse.ArgumentParser) -> None:
+    """The data folders, the input pipeline, evaluation sharding and the token-reduction baseline."""
     run = parser.add_argument_group("data and run")
     run.add_argument("--data-path", default="data/digits",
                      help="folder with train/<class>/ and val/<class>/ (default: data/digits)")
@@ -369,7 +346,6 @@ def add_classification_args(parser: argparse.ArgumentParser) -> None:
     token.add_argument("--cooldown-epochs", type=non_negative_int, default=0,
                        help="epochs at the minimum lr after the --epochs of the schedule (timm's convention: the run "
                             "trains --epochs + --cooldown-epochs) (default: 0)")
-    add_run_args(parser)
 
 
 def add_run_args(parser: argparse.ArgumentParser) -> None:
@@ -377,8 +353,11 @@ def add_run_args(parser: argparse.ArgumentParser) -> None:
     run = parser.add_argument_group("run")
     run.add_argument("--output_dir", "--output-dir", default="",
                      help="where to write checkpoints and logs (default: nothing written)")
-    run.add_argument("--device", default="cuda",
-                     help="cuda or cpu; cuda falls back to cpu without a GPU (default: cuda)")
+    run.add_argument("--device", default="auto", choices=["auto", "cuda", "cpu"],
+                     help="auto: the GPUs when torch can use them, the CPU when there is none (the start line says "
+                          "why), an error when nvidia-smi lists a GPU this torch build cannot use; cuda: the GPUs or "
+                          "an error that says why not (no GPU visible, or torch's and the driver's CUDA versions); "
+                          "cpu: the CPU. Nothing falls back to the CPU unasked (default: auto)")
     run.add_argument("--amp-dtype", default="auto", choices=["auto", "bfloat16", "float16", "float32"],
                      help="mixed precision via torch.amp: auto is bfloat16 on GPUs that compute it natively, "
                           "float16 with loss scaling on older GPUs, float32 (off) on the CPU; bfloat16 also runs on "
@@ -404,8 +383,17 @@ def add_run_args(parser: argparse.ArgumentParser) -> None:
                           "(the run scripts do this once before starting torchrun)")
     run.add_argument("--eval", action="store_true", help="only evaluate the --resume checkpoint")
     run.add_argument("--log-interval", default=50, type=positive_int,
-                     help="steps between reads of the loss (progress bar, non-finite check, stop check); reading "
-                          "it waits for the GPU, so not every step (default: 50)")
+                     help="steps between reads of the loss (progress bar, log_steps.txt and TensorBoard: loss, lr, "
+                          "gradient norm, images/s; non-finite check, stop check); reading it waits for the GPU, so "
+                          "not every step (default: 50)")
+    run.add_argument("--torchcompile", nargs="?", const="inductor", default=None, metavar="BACKEND",
+                     help="compile the training forward with torch.compile (timm's name; BACKEND: inductor when "
+                          "given alone): one graph per ToE stage, compiled on the stage's first step; the compile "
+                          "time is logged apart (compile_seconds), not as training time; checkpoints, the EMA and "
+                          "evaluation stay plain (default: off)")
+    run.add_argument("--checkpoint-hist", default=0, type=non_negative_int,
+                     help="also keep checkpoint-EPOCH.pth of the last N epochs (timm's name; default: 0, only "
+                          "checkpoint.pth and best_checkpoint.pth)")
     run.add_argument("--start_epoch", default=0, type=non_negative_int,
                      help="first epoch when not resuming (default: 0)")
     run.add_argument("--stop-after-epochs", default=None, type=positive_int,

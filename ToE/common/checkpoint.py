@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import math
 import os
 import random
 import shutil
@@ -12,6 +13,7 @@ from typing import Any, Dict, Iterator, Optional, Sequence
 import numpy as np
 import torch
 
+from .args import flag_name
 from .errors import UserError, WriteFailed
 
 
@@ -94,15 +96,45 @@ def writing(path: str, needed: Optional[int] = None) -> Iterator[None]:
         raise WriteFailed(write_problem(path, error, needed)) from None
 
 
+def _fsync(path: str) -> None:
+    """Flush ``path``'s data to its disk (an error, e.g. a network file system's full quota, is raised)."""
+    handle = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(handle)
+    finally:
+        os.close(handle)
+
+
+def _fsync_folder(folder: str) -> None:
+    """Flush ``folder``'s entries (a rename in it) to disk, where the file system can (some cannot
+    fsync a folder: EINVAL, EBADF, ENOTSUP; the file itself is already on disk)."""
+    try:
+        handle = os.open(folder, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(handle)
+    except OSError as error:
+        if error.errno not in (errno.EINVAL, errno.EBADF, errno.ENOTSUP, errno.EROFS):
+            raise
+    finally:
+        os.close(handle)
+
+
 @contextlib.contextmanager
 def replacing(path: str, needed: Optional[int] = None) -> Iterator[str]:
     """Write ``path`` atomically: the caller writes the yielded temporary path, which then replaces
     ``path``. A kill leaves the old file intact; a failed write (WriteFailed) or an interrupted one
-    (Ctrl-C) also removes the partial file, so no ``.tmp`` is left behind and its space is free again."""
+    (Ctrl-C) also removes the partial file, so no ``.tmp`` is left behind and its space is free again.
+    The file is fsynced before the rename and its folder after it."""
     tmp = f"{path}.tmp"
     try:
         yield tmp
+        # on disk before it takes the name: after a crash of the machine (not only of the process) the
+        # name holds the old file or the whole new one, never a renamed file whose data were still cached
+        _fsync(tmp)
         os.replace(tmp, path)
+        _fsync_folder(os.path.dirname(os.path.abspath(path)))  # the rename itself
     except BaseException as error:
         with contextlib.suppress(OSError):
             os.remove(tmp)
@@ -185,11 +217,6 @@ def load_checkpoint(path: str) -> Dict[str, Any]:
                         "Use best_checkpoint.pth or an earlier copy, or start afresh") from None
 
 
-def flag_name(key: str) -> str:
-    """``keep_rate`` -> ``--keep-rate`` (the names that keep DeiT's underscores stay as they are)."""
-    return f"--{key}" if key in ("output_dir", "start_epoch", "num_workers") else f"--{key.replace('_', '-')}"
-
-
 def _shown(value: Any) -> str:
     if isinstance(value, (list, tuple)):
         return " ".join(str(v) for v in value)
@@ -229,8 +256,43 @@ def trained_state(model: torch.nn.Module) -> Dict[str, torch.Tensor]:
     return {key: value for key, value in model.state_dict().items() if key not in frozen}
 
 
-def frozen_checksum(model: torch.nn.Module) -> float:
-    """A fingerprint of the frozen weights (their sum in float64; 0.0 when nothing is frozen): stored
-    with a checkpoint, so that it is not resumed or evaluated on another backbone."""
+def frozen_checksum(model: torch.nn.Module) -> str:
+    """A fingerprint of the frozen weights, stored with a checkpoint so that it is not resumed or
+    evaluated on another backbone: the SHA-256 of each frozen parameter's name, dtype, shape and
+    bytes (on the CPU, contiguous) in the order of their names. The same weights give the same
+    fingerprint on any device and any machine: no sum whose rounding depends on the order of its
+    terms (a float sum on a GPU differs from the CPU's in the last bits). "" when nothing is frozen."""
+    import hashlib
+
+    frozen = sorted((name, p) for name, p in model.named_parameters() if not p.requires_grad)
+    if not frozen:
+        return ""
+    digest = hashlib.sha256()
     with torch.no_grad():
-        return float(sum(p.double().sum().item() for p in model.parameters() if not p.requires_grad))
+        for name, parameter in frozen:
+            value = parameter.detach().cpu().contiguous()
+            digest.update(f"{name}|{value.dtype}|{tuple(value.shape)}|".encode())
+            # bytes through a flat uint8 view (bfloat16 has no NumPy type)
+            digest.update(value.reshape(-1).view(torch.uint8).numpy())
+    return f"sha256:{digest.hexdigest()}"
+
+
+def _legacy_frozen_sum(model: torch.nn.Module) -> float:
+    """The fingerprint checkpoints stored before the hash: the float64 sum of the frozen weights."""
+    with torch.no_grad():
+        return math.fsum(p.detach().cpu().double().sum().item() for p in model.parameters() if not p.requires_grad)
+
+
+def frozen_matches(stored: Any, model: torch.nn.Module) -> bool:
+    """Whether a checkpoint's stored fingerprint (``frozen_checksum``) is that of ``model``'s frozen
+    weights. A checkpoint written before the hash holds their float64 sum: compared to 1e-12 of the
+    weights' absolute sum (the sum's rounding differs between devices and summation orders by about
+    1e-16 of it; another backbone differs by far more)."""
+    if isinstance(stored, str):
+        return stored == frozen_checksum(model)
+    if isinstance(stored, (int, float)):
+        with torch.no_grad():
+            scale = sum(p.detach().cpu().double().abs().sum().item() for p in model.parameters()
+                        if not p.requires_grad)
+        return abs(float(stored) - _legacy_frozen_sum(model)) <= 1e-12 * max(scale, 1.0)
+    return False

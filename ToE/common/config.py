@@ -22,22 +22,19 @@ from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 import yaml
 
+from ..trainers import TRAINERS
+from .args import COMMAND_LINE_ONLY
 from .errors import UserError
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-# trainer name (as in run/demo.sh) -> its folder under ToE/
-TRAINERS = {"deit": "deit", "lvvit": "lvvit", "et": "EfficientTrain", "yolos": "yolos"}
 # keys a run writes into args.yaml beside its flags: what it derived (listed in the file under this key)
 DERIVED = "derived"
-# flags a config file does not set: where the configuration comes from, and what only the command
-# line decides (a run's args.yaml holds them; read back as a config, they are left out)
-COMMAND_LINE_ONLY = ("config", "check_only", "overwrite", "resume", "auto_resume", "eval")
 
 
 def trainer_folder(trainer: str) -> str:
     if trainer not in TRAINERS:
         raise UserError(f"unknown trainer {trainer!r}. Pick one of {', '.join(TRAINERS)}")
-    return os.path.join(ROOT, "ToE", TRAINERS[trainer])
+    return os.path.join(ROOT, "ToE", TRAINERS[trainer].folder)
 
 
 def config_path(trainer: str, name: str) -> str:

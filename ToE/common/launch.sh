@@ -108,8 +108,10 @@ toe_run() {
     fi
   fi
 
+  # no GPU torch can use: the CPU where nvidia-smi is absent too; where it is there, the trainer's
+  # --device auto decides (a GPU this torch cannot use is an error that says why, not a CPU run)
   local device_args=()
-  [ "$gpus" -gt 0 ] || device_args=(--device cpu)
+  [ "$gpus" -gt 0 ] || command -v nvidia-smi >/dev/null 2>&1 || device_args=(--device cpu)
   local resume_args=(--auto-resume) arg
   for arg in "$@"; do
     # --overwrite starts afresh: with --auto-resume it would continue the old run instead

@@ -8,143 +8,186 @@ the epoch loop. In order:
 
     flags -> ToE operator -> output folder -> resume file (flags that must match) -> processes
     -> task (model, data, loss, optimizer) -> resume state -> for each epoch:
-         plan = task.plan(epoch); ToE stage from the epoch; train (stop checks); evaluate; log; checkpoint
+         plan = task.plan[epoch]; ToE stage from the epoch; train (stop checks); evaluate; log; checkpoint
 
-A task is a plain object that holds what is its own (classification: ``ToE/common/classification.py``,
-detection: ``ToE/yolos/trainer.py``). Its class provides:
-
-    best_metric             the evaluation key that makes best_checkpoint.pth ("acc1", "AP")
-    weights_must_match      flags --eval must share (they shape the weights)
-    misfit                  (what the model is, which flags to pass) when weights do not fit
-    check_flags(args)       static: cross-flag checks before any work; returns warnings
-    Task(args, run)         builds model (operator attached, on run.device), data, loss, optimizer,
-                            lr_scheduler (a timm scheduler or None), updates_per_epoch (None: the
-                            lr steps per epoch), plan, num_classes, clip_grad, ema_decay (None: no EMA)
-    task.plan               the run's plan: plan(epoch) is an EpochPlan; plan.epochs, plan.per_update,
-                            plan.identity (derived values stored with the run, checked on resume)
-    train_loader(epoch, plan, skip)   the epoch's batches without its first ``skip``
-    train_step(model, batch)          (loss, metrics {name: per-image mean}, images)
-    evaluate(model)         stats {"loss", best_metric, "images", ...}, the same on every process
-    eval_text(stats), describe(), outputs_info(), evaluate_only(model)
+Entry: each trainer's ``main.py`` calls ``trainer_entry`` (below) with its flags and its task class;
+``main`` builds the ``RunContext`` (flags checked, processes, device, precision, operator), the task
+from it, and runs. A task subclasses ``Task`` (below) and holds what is its own (classification:
+``ToE/common/classification.py``, detection: ``ToE/yolos/trainer.py``); ``Task`` lists what it
+provides. The training step is the task's: ``train_step`` (forward and loss) and
+``before_optimizer_step`` (between backward and the optimizer step: clipping by default); the run
+keeps accumulation, AMP, DDP, the EMA and the stop checks around them.
 """
 
 from __future__ import annotations
 
 import argparse
 import dataclasses
+import importlib
 import os
 import time
 from contextlib import nullcontext
-from typing import Any, Dict, Iterable, Optional
+from typing import Any, Callable, Dict, Iterable, List, Optional, Sequence, Tuple
 
 import torch
-from timm.utils import ModelEmaV3
 from tqdm import tqdm
 
-from ToE.common.args import TOE_KEYS, build_token_select
-from ToE.common.checkpoint import (check_resume_args, frozen_checksum, load_checkpoint, rng_state, save_checkpoint,
-                                   saved_state, seed_everything, set_rng_state, trained_state)
-from ToE.common.distributed import all_reduce_sum, barrier, cleanup, gather_ints, init_distributed
+from ToE.common.args import NOT_IDENTITY, TOE_KEYS, OneLineParser, build_token_select
+from ToE.common.checkpoint import (check_resume_args, frozen_checksum, frozen_matches, load_checkpoint, rng_state,
+                                   save_checkpoint, saved_state, seed_everything, set_rng_state, trained_state)
+from ToE.common.distributed import (DistEnv, all_reduce_sum, autocast, barrier, cleanup, device_note, gather_ints,
+                                    init_distributed, resolve_amp_dtype, resolve_device)
 from ToE.common.errors import Preempted, TrainingInterrupted, TrainingStopped, UserError, WriteFailed
 from ToE.common.lock import OutputLock
-from ToE.common.log import RunLog, check_no_other_run, check_output_dir, remove_run_outputs, save_args
+from ToE.common.log import (RunLog, check_no_other_run, check_output_dir, console_line, remove_run_outputs,
+                            save_args)
 from ToE.common.preemption import StopSignal, StopWatch
 from ToE.common.pretrained import check_resumable, misfit
+from ToE.common.schedule import EpochPlan
 
-# Flags that do not change what a run computes: a resume may give other values. Every other flag
-# is part of the run's identity and must match its checkpoint (the epoch count is checked apart:
-# it may grow). Paths may move (data, teacher, labels, the init checkpoint only used at the start);
-# the precision may change (a fresh loss scale); an EMA may be added to a run that had none.
-NOT_IDENTITY = frozenset({
-    "config", "output_dir", "resume", "auto_resume", "overwrite", "check_only", "eval", "epochs", "start_epoch",
-    "stop_after_epochs", "time_limit", "log_interval", "device", "amp_dtype", "num_workers", "pin_mem", "dist_eval",
-    "eval_batch_size", "results_json", "data_path", "teacher_path", "token_label_data", "init_checkpoint", "model_ema",
-    "finetune", "data_backend",
-    "global_batch",  # checked as the images per update the run resolved (_resume), not as the flag
-    "best_of", "eval_amp",  # what is reported and how it is evaluated, not what trains
-})
-AMP_DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": None}
+def compiled(model: torch.nn.Module, backend: str, plan, toe) -> torch.nn.Module:
+    """``--torchcompile BACKEND``: the training forward compiled whole (dynamo, ``dynamic=False``).
+
+    Whole, not per block: ToE's operator sits between block 0 and block 1, so a per-block compile
+    would leave it eager and its gathers unfused; within a ToE stage every shape is constant, so
+    the whole model is one graph per stage (a curriculum adds one per resolution and batch). The
+    module itself is not replaced: its state_dict keys, the EMA copy, the checkpoints and the
+    evaluation (all tokens, eager) are what they are without compile. Dynamo's recompile limit is
+    raised to the number of distinct (stage, input, batch) the plan holds, so no stage falls back
+    to eager silently. Under DDP the compiled module is wrapped (compile, then DDP): one graph per
+    stage on any number of processes; the gradient all-reduce then follows the backward instead of
+    overlapping it."""
+    import torch._dynamo
+
+    from token_select import stage_of_epoch
+
+    shapes = {(stage_of_epoch(epoch, toe.expansion_step), epoch_plan.crop, epoch_plan.batch)
+              for epoch, epoch_plan in enumerate(plan)}
+
+    limit = getattr(torch._dynamo.config, "recompile_limit", None)
+    if limit is not None and limit < len(shapes) + 2:
+        torch._dynamo.config.recompile_limit = len(shapes) + 2
+    return torch.compile(model, backend=backend, dynamic=False)
+
+
+def compiled_graphs() -> int:
+    """The graphs dynamo has compiled in this process so far (torch's own counter)."""
+    from torch._dynamo.utils import counters
+
+    return int(counters["stats"]["unique_graphs"])
+
+
+def trainer_entry(description: str, get_args_parser: Callable[[], argparse.ArgumentParser], task: str):
+    """The ``parse_args``, ``main`` and ``cli`` of a trainer's main.py.
+
+    ``task`` ("module:Class") is imported when ``main`` runs, so ``--help`` and flag errors stay
+    quick; ``main`` runs it on the one lifecycle (``Run``). ``cli`` turns user errors into one line
+    and exit code 2 (``errors.run_main``)."""
+
+    def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
+        from ToE.common.config import add_config_arg, parse_with_config
+
+        parser = OneLineParser(description, parents=[get_args_parser()])
+        add_config_arg(parser)
+        return parse_with_config(parser, argv)
+
+    def main(args: argparse.Namespace) -> None:
+        module, name = task.split(":")
+        Run(args, getattr(importlib.import_module(module), name)).fit()
+
+    def cli(argv: Optional[Sequence[str]] = None) -> None:
+        from ToE.common.errors import run_main
+
+        run_main(lambda: main(parse_args(argv)))
+
+    return parse_args, main, cli
 
 
 @dataclasses.dataclass(frozen=True)
-class EpochPlan:
-    """What one epoch trains with. A curriculum (EfficientTrain) changes it per epoch; elsewhere
-    it is constant. ``batch``: images per process and micro-batch; ``accum``: micro-batches per
-    update; ``crop``/``aa``/``view``: the classification input (side in px, RandAugment policy, device-side
-    low-resolution view), None for the flags' own; ``counts_for_best``: whether the epoch's metric
-    may make best_checkpoint.pth; ``log``: extra fields of the epoch's log record."""
+class RunContext:
+    """What a task is built from, finished before it: the processes and the device, the precision
+    the step computes in (None: float32) and the ToE operator (not yet attached)."""
 
-    batch: int
-    accum: int = 1
-    crop: Optional[int] = None
-    aa: Optional[str] = None
-    view: Any = None
-    counts_for_best: bool = True
-    log: Dict[str, Any] = dataclasses.field(default_factory=dict)
+    env: DistEnv
+    device: torch.device
+    amp_dtype: Optional[torch.dtype]
+    toe: Any
 
 
-class ConstantPlan:
-    """Every epoch alike: ``batch`` per process and ``accum`` micro-batches per update (see
-    ``ToE.common.schedule.split_global_batch``), ``epochs`` epochs, the lr stepped per epoch. A plan
-    also has ``identity``: derived values stored with the run, checked on resume."""
+class Task:
+    """What a trainer provides to the run. A subclass sets, in ``__init__(args, context)``:
+    ``model`` (operator attached, on the device), ``optimizer``, ``lr_scheduler`` (a timm scheduler
+    or None), ``updates_per_epoch`` (None: the lr steps per epoch), ``plan`` (``plan[epoch]`` is an
+    ``EpochPlan``; ``plan.epochs``, ``plan.per_update``, ``plan.identity``: derived values stored with
+    the run, checked on resume), ``num_classes``, ``ema_decay`` (None: no EMA), and provides:
 
-    identity: Dict[str, Any] = {}
-    per_update = False
+        train_loader(epoch, plan, skip)   the epoch's batches without its first ``skip``
+        train_step(model, batch)          forward and loss: (loss, metrics {name: per-image mean}, images)
+        evaluate(model)                   stats {"loss", best_metric, "images", ...}, alike on every process
+        evaluate_only(model), describe(), outputs_info()
 
-    def __init__(self, epochs: int, batch: int, accum: int = 1) -> None:
-        self.epochs = epochs
-        self._plan = EpochPlan(batch=batch, accum=accum)
+    The defaults below are what every trainer shares; a trainer overrides what is its own."""
 
-    def __call__(self, epoch: int) -> EpochPlan:
-        return self._plan
+    best_metric = "acc1"  # the evaluation key that makes best_checkpoint.pth
+    weights_must_match: Tuple[str, ...] = ()  # flags --eval must share (they shape the weights)
+    misfit = ("the model", "Resume with the flags it was trained with")  # (what, which flags) when weights misfit
+    clip_grad: Optional[float] = None  # the gradient norm before_optimizer_step clips to (None: no clipping)
+    # evaluation stats shown by name on the epoch's console line besides eval_text's words (e.g. "test_f1");
+    # every other number of the epoch's record that is not the run's own is shown there anyway
+    console_metrics: Tuple[str, ...] = ()
 
+    @staticmethod
+    def check_flags(args: argparse.Namespace) -> List[str]:
+        """Cross-flag checks before any work (raise UserError); returns warnings."""
+        return []
 
-def resolve_amp_dtype(name: str, device: torch.device) -> Optional[torch.dtype]:
-    """``--amp-dtype`` on ``device``: auto is bf16 on GPUs that compute it natively (Ampere on),
-    fp16 with loss scaling on older ones (T4, V100 only emulate bf16), off on the CPU."""
-    if name == "auto":
-        if device.type != "cuda":
-            return None
-        native = torch.cuda.is_bf16_supported(including_emulation=False)
-        return torch.bfloat16 if native else torch.float16
-    if name == "float16" and device.type != "cuda":
-        raise UserError("--amp-dtype float16 needs a GPU (its loss scaling is CUDA's). Use bfloat16 on the CPU")
-    return AMP_DTYPES[name]
+    def before_optimizer_step(self, model: torch.nn.Module) -> Optional[torch.Tensor]:
+        """Between the backward of an update's last micro-batch (gradients unscaled) and the optimizer
+        step: clip the gradient norm to ``clip_grad``. Returns the norm before clipping (a device
+        tensor: no host sync), or None when it was not computed (the run computes it to log it)."""
+        if self.clip_grad:
+            return torch.nn.utils.clip_grad_norm_(model.parameters(), self.clip_grad)
+        return None
 
-
-def autocast(device: torch.device, amp_dtype: Optional[torch.dtype]):
-    """torch.amp autocast with ``amp_dtype`` on the run's device; full precision when None."""
-    return nullcontext() if amp_dtype is None else torch.autocast(device_type=device.type, dtype=amp_dtype)
-
-
-def to_device(value, device: torch.device):
-    """``value`` on ``device``: a tensor, or a tuple/list/dict of them (other values as they are)."""
-    if isinstance(value, (tuple, list)):
-        return type(value)(to_device(item, device) for item in value)
-    if isinstance(value, dict):
-        return {key: to_device(item, device) for key, item in value.items()}
-    return value.to(device, non_blocking=True) if torch.is_tensor(value) else value
+    def eval_text(self, stats: Dict[str, float]) -> str:
+        """The evaluation on the epoch's console line."""
+        return f"{self.best_metric} {stats[self.best_metric]:.4g}"
 
 
-class SkipFirst(torch.utils.data.Sampler):
-    """``sampler``'s order for the current epoch without its first ``count`` indices (mid-epoch resume)."""
-
-    def __init__(self, sampler, count: int) -> None:
-        self.sampler, self.count = sampler, count
-
-    def __iter__(self):
-        return iter(list(self.sampler)[self.count:])
-
-    def __len__(self) -> int:
-        return max(0, len(self.sampler) - self.count)
+def gradient_norm(model: torch.nn.Module) -> torch.Tensor:
+    """The total L2 norm of the model's gradients (a device tensor)."""
+    grads = [p.grad for p in model.parameters() if p.grad is not None]
+    if not grads:
+        return torch.zeros(())
+    if hasattr(torch.nn.utils, "get_total_norm"):  # torch 2.6+: foreach kernels
+        return torch.nn.utils.get_total_norm(grads)
+    return torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g) for g in grads]))
 
 
-def epoch_loader(dataset, sampler, epoch: int, plan: EpochPlan, skip: int, **kwargs) -> torch.utils.data.DataLoader:
-    """The training loader of ``epoch``: ``sampler``'s order for that epoch without its first ``skip``
-    batches (a mid-epoch resume; they are not read), in the plan's batches, the last partial one dropped."""
-    sampler.set_epoch(epoch)
-    return torch.utils.data.DataLoader(dataset, batch_size=plan.batch, drop_last=True,
-                                       sampler=SkipFirst(sampler, skip * plan.batch) if skip else sampler, **kwargs)
+def keep_history(output_dir: str, epoch: int, keep: int) -> None:
+    """``--checkpoint-hist N`` (timm's name): checkpoint-EPOCH.pth beside checkpoint.pth for the last N
+    epochs, older ones removed. A hard link where the file system has them (no copy: checkpoint.pth is
+    replaced by a new file, never rewritten in place), else a copy."""
+    source = os.path.join(output_dir, "checkpoint.pth")
+    target = os.path.join(output_dir, f"checkpoint-{epoch}.pth")
+    if os.path.exists(target):
+        os.remove(target)
+    try:
+        os.link(source, target)
+    except OSError:
+        import shutil
+
+        shutil.copyfile(source, target)
+    for old in sorted(history_epochs(output_dir))[:-keep]:
+        os.remove(os.path.join(output_dir, f"checkpoint-{old}.pth"))
+
+
+def history_epochs(output_dir: str) -> List[int]:
+    """The epochs of the checkpoint-EPOCH.pth files in ``output_dir``."""
+    import re
+
+    found = (re.fullmatch(r"checkpoint-(\d+)\.pth", name) for name in os.listdir(output_dir))
+    return [int(match.group(1)) for match in found if match]
 
 
 def auto_resume_path(args: argparse.Namespace) -> str:
@@ -168,14 +211,14 @@ class Run:
     def __init__(self, args: argparse.Namespace, task_class) -> None:
         self.args = args
         self.resume_path = args.resume  # until the set-up picks --auto-resume's file
-        self.watch = StopWatch(args.time_limit)
         # one writer per output folder: the set-up takes the lock; a run refused during it gives it back
         self.output_lock = OutputLock("" if args.eval else args.output_dir)
+        self.watch = StopWatch(args.time_limit)
         # A stop signal or Ctrl-C while the run sets up (data, labels, model, resume file) ends it at
         # once, in one line that says what the output folder holds; once training runs, a signal is
         # acted on at the next stop check (with a checkpoint) instead.
         try:
-            with StopWatch.at_once(), self.output_lock.released_on_error():
+            with self.output_lock.released_on_error(), StopWatch.at_once():
                 self._set_up(task_class)
         except StopSignal as stop:
             raise Preempted(f"{stop} {self._before()}; {self._saved_message()}") from None
@@ -220,20 +263,22 @@ class Run:
                 args = self.args = argparse.Namespace(**{**vars(args), "global_batch": int(stored["global_batch"])})
         self.env = init_distributed("cpu" if args.check_only else args.device)
         self.device = self.env.device
+        self.device_note = device_note(args.device, self.device)  # why this device, for the start line
         # --check-only runs on the CPU, but checks the precision of the device the run will use
-        planned = torch.device("cuda") if args.device.startswith("cuda") and torch.cuda.is_available() else self.device
+        # (and refuses --device cuda without a usable GPU, as the run would)
+        planned = resolve_device(args.device) if args.check_only else self.device
         self.amp_dtype = resolve_amp_dtype(args.amp_dtype, planned if args.check_only else self.device)
         if self.env.is_main:
             for warning in warnings:
                 print(f"warning: {warning}", flush=True)
         seed_everything(args.seed + self.env.rank)
 
-        self.task = task_class(args, self)
+        self.task = task_class(args, RunContext(self.env, self.device, self.amp_dtype, self.toe))
         task = self.task
         self.epochs = task.plan.epochs
         # the resolved configuration: the flags and what the run derived from them (args.yaml, resume identity)
         # (the flags as given, so that "-c OUT/args.yaml" runs it again; derived values beside them)
-        first = task.plan(0)
+        first = self.first_plan = task.plan[0]
         self.global_batch = first.batch * first.accum * self.env.world_size  # images per optimizer update
         self.derived = {"run_epochs": self.epochs, "accumulation": first.accum, **task.plan.identity}
         # args.yaml records the global batch the run trains with, whether a flag, a recipe or the
@@ -241,9 +286,12 @@ class Run:
         self.config = {**vars(args), "global_batch": self.global_batch, "resume": self.resume_path, **self.derived}
         model = task.model
         self.model = model
+        self.compiled = bool(getattr(args, "torchcompile", None)) and not args.eval
+        if self.compiled:
+            self.model = compiled(model, args.torchcompile, task.plan, self.toe)
         if self.env.distributed:
             device_ids = [self.device.index] if self.device.type == "cuda" else None
-            self.model = torch.nn.parallel.DistributedDataParallel(model, device_ids=device_ids)
+            self.model = torch.nn.parallel.DistributedDataParallel(self.model, device_ids=device_ids)
         self.model_ema = self._new_ema() if task.ema_decay is not None else None
         self.scaler = torch.amp.GradScaler("cuda", enabled=self.amp_dtype == torch.float16)
         self.start_epoch = args.start_epoch
@@ -251,7 +299,8 @@ class Run:
         self.position: Optional[Dict[str, Any]] = None  # where inside an epoch a preempted run stopped
         self.rng: Optional[Dict[str, Any]] = None  # this process's RNG state to restore on resume
         self.finished = False  # --auto-resume found a run that has trained all its epochs
-        self.log = RunLog("", enabled=False)  # opened in fit(), once the outputs are set up
+        self.images_trained = 0  # images trained over all processes so far (resumed from the checkpoint)
+        self.log: Optional[RunLog] = None  # opened in fit(), once the outputs are set up
         if self.resume_path:
             self._resume(checkpoint, stored)
         del checkpoint  # the loaded tensors are not kept beyond set-up
@@ -259,8 +308,10 @@ class Run:
             self._agree_on_start()
 
     # -- set-up ------------------------------------------------------------------------------------
-    def _new_ema(self) -> ModelEmaV3:
+    def _new_ema(self):
         """An EMA copy of the current weights (operator included, so --sparse-eval follows it)."""
+        from timm.utils import ModelEmaV3  # here: --help and flag errors do not import timm
+
         return ModelEmaV3(self.task.model, decay=self.task.ema_decay, device=self.device)
 
     def _resume(self, checkpoint: Dict[str, Any], stored: Dict[str, Any]) -> None:
@@ -279,7 +330,7 @@ class Run:
         if problem:
             raise UserError(f"resume file {path} does not fit {task.misfit[0]} ({problem}). {task.misfit[1]}")
         task.model.load_state_dict(weights, strict=False)
-        if frozen and checkpoint.get("frozen_checksum") != frozen_checksum(task.model):
+        if frozen and not frozen_matches(checkpoint.get("frozen_checksum"), task.model):
             raise UserError(f"resume file {path} was tuned on other frozen weights than those of --finetune "
                             f"{getattr(args, 'finetune', '')}. Pass the backbone it was tuned from")
         epoch = int(checkpoint.get("epoch", 0))
@@ -322,6 +373,7 @@ class Run:
                 if env.is_main:
                     print(f"note: {path} holds no EMA weights; the EMA starts from its model weights", flush=True)
         self.best = float(checkpoint.get(f"best_{task.best_metric}", 0.0))
+        self.images_trained = int(checkpoint.get("images_trained", 0))
         self.rng = self._rng_to_restore(checkpoint, path)
 
     def _load_scaler(self, state: Optional[Dict[str, Any]], stored: Dict[str, Any]) -> None:
@@ -382,11 +434,12 @@ class Run:
             self.watch.install()  # from here a stop signal is acted on at the next check, with a checkpoint
             self._start_outputs()
             if env.is_main:
-                first = task.plan(0)
+                first = self.first_plan
                 split = f"{first.batch} per process" + (f" x {first.accum} accumulation steps"
                                                         if first.accum > 1 else "")
                 print(f"{task.describe()}; ToE stages start at epochs {args.expansion_step}; "
-                      f"{env.world_size} process(es) on {self.device.type}; global batch {self.global_batch} "
+                      f"{env.world_size} process(es) on {self.device.type}{self.device_note}; "
+                      f"global batch {self.global_batch} "
                       f"({split})", flush=True)
             if self.rng is not None and self.position is None:
                 set_rng_state(self.rng, self.device)  # mid-epoch: restored once the loader exists
@@ -407,7 +460,8 @@ class Run:
         except TrainingStopped as error:
             raise TrainingStopped(f"{error}; {self._saved_message(advice=False)}") from None
         finally:
-            self.log.close()
+            if self.log is not None:
+                self.log.close()
             self.output_lock.release()
             cleanup()
             # last: a process stopped with a checkpoint is not killed by a launcher's SIGTERM (torchrun
@@ -433,7 +487,9 @@ class Run:
                 # "derived" names what is not a flag, so that the file reads back as a config (ToE.common.config)
                 save_args({**self.config, **info, "derived": [*self.derived, *info]}, args.output_dir)
         barrier()  # no process writes before the old run's files are gone
-        self.log = RunLog(args.output_dir, enabled=self.env.is_main, first_epoch=self.start_epoch)
+        step = int(self.position["step"]) if self.position is not None else 0
+        self.log = RunLog(args.output_dir, enabled=self.env.is_main, first_epoch=self.start_epoch, first_step=step,
+                          first_image=self.images_trained)
 
     def _agreed_stop(self) -> bool:
         """Whether any process was told to stop (signal, time limit): all processes get the same answer."""
@@ -452,7 +508,7 @@ class Run:
     def train_epoch(self, epoch: int) -> None:
         """Train, evaluate, log and checkpoint ``epoch`` (raises Preempted after a mid-epoch checkpoint)."""
         env, task = self.env, self.task
-        plan = task.plan(epoch)
+        plan = task.plan[epoch]
         stage = self.toe.update_current_stage(epoch)
         ema_operator = getattr(self.model_ema.module, "token_select", None) if self.model_ema is not None else None
         if ema_operator is not None:  # the EMA is a deep copy with its own operator (--sparse-eval)
@@ -463,7 +519,7 @@ class Run:
         self.position = None
         start_step = int(position["step"]) if position is not None else 0
         loader = task.train_loader(epoch, plan, start_step)
-        stats = self._train_steps(epoch, plan, loader, start_step, position)
+        stats = self.train_steps(epoch, plan, loader, start_step, position)
         if "stopped_at_step" in stats:
             self._save(epoch - 1, position={"epoch": epoch, "step": stats["stopped_at_step"], "sums": stats["sums"]})
             raise Preempted(f"{self.watch.reason()} in epoch {epoch} after step {stats['stopped_at_step']}; "
@@ -481,14 +537,14 @@ class Run:
         if ema is not None:
             record[f"ema_{metric}"] = ema[metric]
         if env.is_main:
-            ema_text = f", EMA {task.eval_text(ema)}" if ema is not None else ""
-            print(f"epoch {epoch}: stage {stage}, {record['kept_tokens']:g} of {record['patch_tokens']:g} patch "
-                  f"tokens, loss {stats['train_loss']:.4f}, {stats['epoch_seconds']:.1f} s, {task.eval_text(test)}"
-                  f"{ema_text}", flush=True)
-        self.log.write(record, step=epoch)
+            evaluation = task.eval_text(test) + (f", EMA {task.eval_text(ema)}" if ema is not None else "")
+            said = {f"test_{key}" for key in test} | {f"ema_{metric}"}  # the evaluation's own words say these
+            print(console_line(record, evaluation, hidden=said - set(task.console_metrics)), flush=True)
+        if self.log is not None:  # (train_epoch driven without fit(): no log)
+            self.log.write(record, step=epoch)
         self._save(epoch, is_best=is_best)
 
-    def _train_steps(self, epoch: int, plan: EpochPlan, loader: Iterable, start_step: int,
+    def train_steps(self, epoch: int, plan: EpochPlan, loader: Iterable, start_step: int,
                      position: Optional[Dict[str, Any]]) -> Dict[str, Any]:
         """One pass over ``loader`` (the epoch's batches after ``start_step``): forward under
         autocast, scaled backward, ``plan.accum`` micro-batches per update (a trailing incomplete
@@ -516,10 +572,13 @@ class Run:
         if updates is not None:
             micro_steps = min(micro_steps, updates * accum)
         check_every = max(1, args.log_interval // accum) * accum  # steps between stop checks
-        stopped_at = None
+        stopped_at, norm = None, None
+        compile_seconds = 0.0  # steps that compiled a graph (--torchcompile): not training time
         for step, batch in enumerate(bar, start=start_step + 1):
             if step > micro_steps:
                 break
+            if self.compiled:
+                graphs, step_start = compiled_graphs(), time.perf_counter()
             first_of_update, last_of_update = (step - 1) % accum == 0, step % accum == 0
             if first_of_update and updates is not None and scheduler is not None:
                 scheduler.step_update(num_updates=epoch * updates + (step - 1) // accum)
@@ -529,39 +588,44 @@ class Run:
                 loss, metrics, count = task.train_step(self.model, batch)
             loss_value = loss.detach()
             non_finite |= ~torch.isfinite(loss_value)
-            if step % args.log_interval == 0:
-                self._stop_if_non_finite(non_finite, epoch)
-                bar.set_postfix(loss=f"{loss_value.item():.4f}", lr=f"{optimizer.param_groups[0]['lr']:.2e}")
+            logging_now = step % args.log_interval == 0
+            if logging_now:  # the loop's one deliberate read of the device: before a non-finite loss updates
+                self.check_finite(non_finite, epoch)
             if first_of_update:
                 optimizer.zero_grad(set_to_none=True)
             with sync():
                 self.scaler.scale(loss if accum == 1 else loss / accum).backward()
             if last_of_update:
-                if task.clip_grad:
-                    self.scaler.unscale_(optimizer)
-                    torch.nn.utils.clip_grad_norm_(task.model.parameters(), task.clip_grad)
+                self.scaler.unscale_(optimizer)  # a no-op without fp16's loss scale
+                norm = task.before_optimizer_step(task.model)
+                if logging_now and norm is None:
+                    norm = gradient_norm(task.model)
                 self.scaler.step(optimizer)
                 self.scaler.update()
                 if self.model_ema is not None:
                     self.model_ema.update(task.model)
+            if logging_now:
+                self._log_step(epoch, step, loss_value, norm if last_of_update else None,
+                               (images_seen + count) / max(time.perf_counter() - start, 1e-9), bar)
             # the tokens the forward really ran on, not what the schedule says
             patches = metrics.pop("patch_tokens")
             kept = metrics.pop("kept_tokens", None)
             if kept is None:
-                index = self.toe.last_index
-                kept = patches if index is None else index.shape[1] - self.toe.num_prefix_tokens - \
-                    self.toe.num_suffix_tokens
+                kept = self.toe.kept_in_last_forward(patches)
             tokens[0] += patches
             tokens[1] += kept
             for name, value in {"loss": loss_value, **metrics}.items():
                 value = torch.as_tensor(value, device=device).detach().to(torch.float64) * count
                 sums[name] = sums[name] + value if name in sums else value
+            if self.compiled and compiled_graphs() > graphs:
+                compile_seconds += time.perf_counter() - step_start
             images_seen += count
+            self.images_trained += count * self.env.world_size  # the x axis of the step log (checkpointed)
             steps += 1
             if last_of_update and step % check_every == 0 and step < micro_steps and self._agreed_stop():
                 stopped_at = step
                 break
-        self._stop_if_non_finite(non_finite, epoch)
+        self.check_finite(non_finite, epoch)
         if device.type == "cuda":
             torch.cuda.synchronize(device)
         names = sorted(sums)
@@ -572,18 +636,34 @@ class Run:
         total = {name: totals[i].item() + carried.get(name, 0.0) for i, name in enumerate(names)}
         for i, name in enumerate(("images", "steps", "patch_tokens", "kept_tokens")):
             total[name] = totals[len(names) + i].item() + carried.get(name, 0.0)
-        total["seconds"] = time.perf_counter() - start + carried.get("seconds", 0.0)
+        total["seconds"] = time.perf_counter() - start - compile_seconds + carried.get("seconds", 0.0)
+        total["compile_seconds"] = compile_seconds + carried.get("compile_seconds", 0.0)
         if stopped_at is not None:
             return {"stopped_at_step": stopped_at, "sums": total}
         images, steps = max(total["images"], 1.0), max(total["steps"], 1.0)
         stats = {f"train_{name}": total[name] / images for name in names}
         stats.update({"lr": optimizer.param_groups[0]["lr"], "updates": micro_steps // accum,
                       "epoch_seconds": total["seconds"],
+                      **({"compile_seconds": round(total["compile_seconds"], 2)} if self.compiled else {}),
                       "patch_tokens": _whole(total["patch_tokens"] / steps),
                       "kept_tokens": _whole(total["kept_tokens"] / steps)})
         return stats
 
-    def _stop_if_non_finite(self, non_finite: torch.Tensor, epoch: int) -> None:
+    def _log_step(self, epoch: int, step: int, loss: torch.Tensor, norm: Optional[torch.Tensor],
+                  images_per_second: float, bar) -> None:
+        """Every --log-interval steps: the progress bar, log_steps.txt and TensorBoard (loss, lr,
+        gradient norm of the last update, images per second of this process)."""
+        lr = self.task.optimizer.param_groups[0]["lr"]
+        loss_value = loss.item()
+        bar.set_postfix(loss=f"{loss_value:.4f}", lr=f"{lr:.2e}")
+        record = {"epoch": epoch, "step": step, "loss": loss_value, "lr": lr,
+                  "images_per_second": round(images_per_second * self.env.world_size, 2)}
+        if norm is not None:
+            record["grad_norm"] = float(norm)
+        if self.log is not None:  # (train_steps driven without fit(): no log)
+            self.log.write_step(record, self.images_trained)
+
+    def check_finite(self, non_finite: torch.Tensor, epoch: int) -> None:
         """Raise TrainingStopped on every process if any process saw a non-finite loss (summed, so
         all stop together). Reading the flag waits for the device: logging intervals only."""
         if all_reduce_sum(non_finite.detach().to(torch.float32).reshape(1)).item() > 0:
@@ -606,6 +686,7 @@ class Run:
             # the EMA's plain weights (no "module." prefix): they load into the model as it is
             "model_ema": self.model_ema.module.state_dict() if self.model_ema is not None else None,
             "epoch": epoch,
+            "images_trained": self.images_trained,
             f"best_{task.best_metric}": self.best,
             "num_classes": task.num_classes,
             "world_size": env.world_size,
@@ -628,5 +709,7 @@ class Run:
             if is_best:
                 save_checkpoint(state, os.path.join(self.args.output_dir, "best_checkpoint.pth"))
             save_checkpoint(state, path)
+            if position is None and getattr(self.args, "checkpoint_hist", 0):
+                keep_history(self.args.output_dir, epoch, self.args.checkpoint_hist)
         barrier()
         self.watch.saved(time.monotonic() - started)

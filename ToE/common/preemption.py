@@ -74,12 +74,16 @@ class StopWatch:
         word; the previous handlers come back after. A process forked meanwhile (a DataLoader
         worker) meets the signal as it would have without this handler."""
         owner = os.getpid()
+        raised = []
 
         def handle(signum, frame) -> None:
             if os.getpid() != owner:
                 signal.signal(signum, signal.SIG_DFL)
                 os.kill(os.getpid(), signum)
                 return
+            if raised:  # the same stop again (a launcher that forwards it, and the scheduler directly): told once
+                return
+            raised.append(signum)
             raise StopSignal(signum)
 
         previous = {signum: signal.signal(signum, handle) for signum in STOP_SIGNALS}

@@ -1,4 +1,5 @@
-"""The optimizer's schedule: how many images one update sees, and when an epoch schedule is stepped.
+"""The optimizer's schedule: what each epoch trains with (``EpochPlan``, ``Plan``), how many
+images one update sees, and when an epoch schedule is stepped.
 
 The global batch. A published run is defined by its images per optimizer update (DeiT-S and
 LV-ViT-S: 4 GPUs x 256 = 1,024; YOLOS-Ti: 8 x 2 = 16), not by its GPU count. ``split_global_batch``
@@ -22,7 +23,8 @@ every epoch at the same lr as a straight run.
 
 from __future__ import annotations
 
-from typing import Any, Dict, Tuple
+import dataclasses
+from typing import Any, Dict, Optional, Tuple
 
 from .errors import UserError
 
@@ -64,3 +66,36 @@ class SteppedAfterEpoch:
 
     def state_dict(self) -> Dict[str, Any]:
         return self.scheduler.state_dict()
+
+
+@dataclasses.dataclass(frozen=True)
+class EpochPlan:
+    """What one epoch trains with. A curriculum (EfficientTrain) changes it per epoch; elsewhere
+    it is constant. ``batch``: images per process and micro-batch; ``accum``: micro-batches per
+    update; ``crop``/``aa``/``view``: the classification input (side in px, RandAugment policy, device-side
+    low-resolution view), None for the flags' own; ``counts_for_best``: whether the epoch's metric
+    may make best_checkpoint.pth; ``log``: extra fields of the epoch's log record."""
+
+    batch: int
+    accum: int = 1
+    crop: Optional[int] = None
+    aa: Optional[str] = None
+    view: Any = None
+    counts_for_best: bool = True
+    log: Dict[str, Any] = dataclasses.field(default_factory=dict)
+
+
+class Plan(list):
+    """What each epoch of a run trains with: ``plan[epoch]`` is that epoch's EpochPlan. ``epochs``:
+    how many; ``per_update``: the lr steps per update (else per epoch); ``identity``: derived values
+    stored with the run and checked on resume (a curriculum's segments)."""
+
+    def __init__(self, epochs, per_update: bool = False, identity: Optional[Dict[str, Any]] = None) -> None:
+        super().__init__(epochs)
+        self.epochs, self.per_update, self.identity = len(self), per_update, dict(identity or {})
+
+
+def constant_plan(epochs: int, batch: int, accum: int = 1) -> Plan:
+    """Every epoch alike: ``batch`` per process and ``accum`` micro-batches per update (see
+    ``split_global_batch``), ``epochs`` epochs, the lr stepped per epoch."""
+    return Plan([EpochPlan(batch=batch, accum=accum)] * epochs)

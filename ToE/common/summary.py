@@ -2,9 +2,9 @@
 
     python -m ToE.common.summary runs/demo        # DeiT, LV-ViT, EfficientTrain or YOLOS output folder
 
-Reads ``log.txt`` (one JSON line per epoch) and ``args.yaml`` from the output folder
-(``ToE.common.results``). The table has one row per ToE stage or, for an EfficientTrain run with
-a curriculum, per phase (a run of epochs with the same crop and kept tokens). A row's measured
+Reads ``log.txt`` (one JSON line per epoch, ``ToE.common.log.read_log``) and ``args.yaml`` from the
+output folder (``ToE.common.results.read_args``). The table has one row per ToE stage or, for an
+EfficientTrain run with a curriculum, per phase (a run of epochs with the same crop and kept tokens). A row's measured
 speed is the full-token (full-resolution) median epoch over its own median epoch (the first epoch
 of a group, with its start-up costs, is left out where the group has 3 or more); the prediction is
 the FLOP ratio of one training step (``token_select.vit_step_flops`` via ``ToE.flops``). Without a
@@ -25,7 +25,8 @@ import statistics
 from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
 from ToE.common.errors import UserError, run_main
-from ToE.common.results import RECORD_KEYS, median_steady, read_args, read_log  # noqa: F401  (re-exported)
+from ToE.common.log import read_log
+from ToE.common.results import RECORD_KEYS, median_steady, read_args
 
 YOLOS_RECORD_KEYS = ("epoch", "stage", "patch_tokens", "kept_tokens", "epoch_seconds", "test_AP", "test_AP50",
                      "test_AP75")
@@ -228,7 +229,7 @@ def summarise(output_dir: str) -> str:
         plan = _detection_plan(args)
     else:
         args = read_args(output_dir)
-        records = read_log(output_dir)
+        records = read_log(output_dir, RECORD_KEYS)
         plan = (_curriculum_plan if args.get("curriculum", "none") != "none" else _classification_plan)(
             args, output_dir)
 

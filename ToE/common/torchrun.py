@@ -11,6 +11,12 @@ exit 1) gets the same report under its one line. This runs torchrun in this proc
 flags and, when the processes ended that way, exits 3 (or 2) without torchrun's report. Any other
 failure keeps torchrun's report and exit code. The run scripts (``ToE/common/launch.sh``) and
 ``run/slurm.sh`` start torchrun through it.
+
+It also forwards SIGUSR1 (the stop signal a scheduler sends before the time limit) to the training
+processes: torchrun starts each in a session of its own and does not pass the signal on, so where
+only torchrun's process group is signalled (Slurm's pgid process tracking, ``kill -USR1`` of the
+launcher) they would not see it. Where they are signalled directly as well (cgroup tracking), the
+second signal changes nothing: a stop is a flag that is set once.
 """
 
 from __future__ import annotations
@@ -69,10 +75,50 @@ class _HoldBack(logging.Filter):
         self.held.clear()
 
 
+def children(parent: int) -> List[int]:
+    """The processes whose parent is ``parent`` (read from /proc; none where there is no /proc)."""
+    found = []
+    try:
+        entries = os.listdir("/proc")
+    except OSError:
+        return found
+    for entry in entries:
+        if not entry.isdigit():
+            continue
+        try:
+            with open(f"/proc/{entry}/stat") as handle:
+                stat = handle.read()
+        except OSError:  # ended meanwhile
+            continue
+        # "pid (command) state ppid ...": the command may hold spaces and parentheses
+        fields = stat.rsplit(")", 1)[-1].split()
+        if len(fields) > 1 and fields[1] == str(parent):
+            found.append(int(entry))
+    return found
+
+
+def forward_to_workers(signum: int, frame=None) -> None:
+    """Send ``signum`` to the process group of each process this one started (torchrun's workers,
+    each the leader of its own session, with their DataLoader workers); a child in this process's
+    own group gets it alone (the group would include this process)."""
+    own = os.getpgrp()
+    for pid in children(os.getpid()):
+        try:
+            group = os.getpgid(pid)
+            if group != own:
+                os.killpg(group, signum)
+            else:
+                os.kill(pid, signum)
+        except (ProcessLookupError, PermissionError):  # ended meanwhile
+            pass
+
+
 def main(argv: Optional[List[str]] = None) -> None:
     from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
     from torch.distributed.run import main as torchrun
 
+    if hasattr(signal, "SIGUSR1"):
+        signal.signal(signal.SIGUSR1, forward_to_workers)
     logger = logging.getLogger(AGENT_LOGGER)
     hold = _HoldBack()
     logger.addFilter(hold)

@@ -11,14 +11,10 @@ always runs the plain full-token model unless ``--sparse-eval``.
 from __future__ import annotations
 
 import argparse
-import os
-import sys
 
-if __package__ in (None, ""):  # run as a script: make the repository root importable
-    sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
-
-from ToE.common.args import (OneLineParser, add_classification_args, add_toe_args, positive_float,  # noqa: E402
-                             probability, trainer_entry)
+from ToE.common.args import (OneLineParser, add_classification_args, add_toe_args, positive_float,
+                             probability)
+from ToE.common.lifecycle import trainer_entry
 
 
 def get_args_parser() -> argparse.ArgumentParser:

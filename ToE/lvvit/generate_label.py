@@ -1,7 +1,7 @@
 """Write token labels in the published format from any teacher on disk.
 
     python -m ToE.lvvit.generate_label --model NAME --checkpoint FILE --data-path DATA --out LABELS \
-        [--img-size 576] [--batch-size 32] [--device cuda]
+        [--img-size 576] [--batch-size 32] [--device auto|cuda|cpu]
 
 For every image of ``DATA/train/<class>/`` it writes ``LABELS/<class>/<stem>.pt``: fp16 (2, 5, Hm, Wm),
 the teacher's top-5 logits and class indices at every position of its final feature map. The dense
@@ -30,6 +30,7 @@ from tqdm import tqdm
 import ToE.lvvit  # noqa: F401  (registers the LV-ViT models and the digits teacher)
 from ToE.common.args import OneLineParser, ParseKwargs, non_negative_int, positive_int
 from ToE.common.data import image_folder
+from ToE.common.distributed import resolve_device
 from ToE.common.errors import UserError, run_main
 from ToE.lvvit.labels import label_path, label_paths, save_label_map
 
@@ -130,7 +131,7 @@ def generate(args: argparse.Namespace) -> float:
     num_classes = len(images.classes)
     label_paths(images)  # two images that would share one label file are refused before any work
     model = load_teacher(args.model, args.checkpoint, num_classes, **args.model_kwargs)
-    device = torch.device(args.device if args.device != "cuda" or torch.cuda.is_available() else "cpu")
+    device = resolve_device(args.device)  # auto, cuda or cpu, as the trainers: no silent fall back to the CPU
     model.to(device)
     transform = T.Compose([T.Resize(args.img_size, interpolation=T.InterpolationMode.BICUBIC),
                            T.CenterCrop(args.img_size), T.ToTensor(),
@@ -169,7 +170,10 @@ def parse_args(argv=None) -> argparse.Namespace:
                         help="extra timm.create_model arguments of the teacher, e.g. img_size=384 for a ViT")
     parser.add_argument("--img-size", type=positive_int, default=576, help="teacher input side (default: 576)")
     parser.add_argument("-b", "--batch-size", type=positive_int, default=32, help="batch size (default: 32)")
-    parser.add_argument("--device", default="cuda", help="cuda or cpu (default: cuda, cpu without a GPU)")
+    parser.add_argument("--device", default="auto", choices=["auto", "cuda", "cpu"],
+                        help="auto: the GPU when torch can use one, the CPU when there is none, an error for a GPU "
+                             "this torch build cannot use; cuda: the GPU or an error that says why; cpu (default: "
+                             "auto)")
     parser.add_argument("--num-workers", type=non_negative_int, default=4, help="loader workers (default: 4)")
     parser.add_argument("--overwrite", action="store_true",
                         help="write into an --out that already holds files, replacing those of the same names")

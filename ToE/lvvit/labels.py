@@ -31,7 +31,7 @@ from torchvision.ops import roi_align
 from torchvision.transforms import functional as TF
 
 from ToE.common.errors import LocalError, UserError
-from ToE.common.transforms import NO_AUTO_AUGMENT, fix_posterize
+from ToE.common.data import NO_AUTO_AUGMENT, fix_posterize
 
 TOP_K = 5
 # RandAugment ops that move pixels: the label map is warped with them (the others only recolour).

@@ -16,15 +16,11 @@ The published LV-ViT flag names are accepted beside the project's: -b (--batch-s
 from __future__ import annotations
 
 import argparse
-import os
-import sys
 
-if __package__ in (None, ""):  # run as a script: make the repository root importable
-    sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
-
-from ToE.common.args import (OneLineParser, add_classification_args, add_toe_args, non_negative_float,  # noqa: E402
-                             positive_int, trainer_entry)
-from ToE.common.config import config_path, set_config_defaults  # noqa: E402
+from ToE.common.args import (OneLineParser, add_classification_args, add_toe_args, non_negative_float,
+                             positive_int)
+from ToE.common.lifecycle import trainer_entry
+from ToE.common.config import config_path, set_config_defaults
 
 # published name -> the project's flag it is another name for
 ALIASES = {"-b": ("batch_size", positive_int), "--img-size": ("input_size", positive_int)}

@@ -6,12 +6,11 @@ from __future__ import annotations
 
 from typing import List
 
-import timm
 import torch
 
 from ToE.common.classification import ClassificationTask
 from ToE.common.errors import UserError
-from ToE.common.transforms import NO_AUTO_AUGMENT
+from ToE.common.data import NO_AUTO_AUGMENT
 from ToE.lvvit.labels import TokenLabelDataset, TokenLabelTargets, TokenLabelTransform, check_label_folder
 from ToE.lvvit.loss import TokenLabelLoss
 from ToE.lvvit.model import LVViT
@@ -22,6 +21,10 @@ class LVViTTask(ClassificationTask):
 
     @staticmethod
     def check_flags(args) -> List[str]:
+        if args.torchcompile and args.mix_token and not args.eval:
+            raise UserError(f"--torchcompile {args.torchcompile} with --mix-token: the MixToken box is drawn in the "
+                            "forward as Python numbers, so every batch's box would compile a graph of its own. Add "
+                            "--no-mix-token, or leave --torchcompile out")
         if args.data_backend == "dali":
             raise UserError("--data-backend dali: LV-ViT keeps the torch input path, because its token-label maps "
                             "follow every crop, flip and RandAugment op of the image. Leave --data-backend out")
@@ -52,14 +55,7 @@ class LVViTTask(ClassificationTask):
     def _model_grid(self) -> int:
         """The patch-grid side of ``--model`` at ``--input-size`` (built on the meta device: no memory, no work)."""
         args = self.args
-        kwargs = {"img_size": args.input_size, **({"patch_size": args.patch_size} if args.patch_size else {}),
-                  **args.model_kwargs}
-        try:
-            with torch.device("meta"):
-                model = timm.create_model(args.model, num_classes=len(self.val_set.classes), **kwargs)
-        except (TypeError, ValueError) as error:
-            raise UserError(f"model {args.model} cannot be built with these arguments ({error}). Check "
-                            "--model/--model-kwargs/--input-size") from None
+        model = self.meta_model()
         if not isinstance(model, LVViT):
             raise UserError(f"model {args.model} is not an LV-ViT. Pick one of lvvit_t, lvvit_s, lvvit_m, lvvit_l, "
                             "lvvit_digits (or train other ViTs with ToE/deit/main.py)")

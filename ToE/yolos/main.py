@@ -15,14 +15,10 @@ evaluation runs all tokens unless ``--sparse-eval``. Flags keep the published YO
 from __future__ import annotations
 
 import argparse
-import os
-import sys
 
-if __package__ in (None, ""):  # run as a script: make the repository root importable
-    sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
-
-from ToE.common.args import (OneLineParser, ParseKwargs, add_run_args, add_toe_args, non_negative_float,  # noqa: E402
-                             non_negative_int, positive_float, positive_int, probability, trainer_entry)
+from ToE.common.args import (OneLineParser, ParseKwargs, add_run_args, add_toe_args, non_negative_float,
+                             non_negative_int, positive_float, positive_int, probability)
+from ToE.common.lifecycle import trainer_entry
 
 
 def get_args_parser() -> argparse.ArgumentParser:

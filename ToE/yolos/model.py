@@ -12,6 +12,7 @@ T det tokens, D width, K kept patch tokens.
 
 from __future__ import annotations
 
+import contextlib
 import math
 from typing import Dict, Optional, Sequence, Tuple
 
@@ -60,11 +61,6 @@ class MLP(nn.Module):
         return x
 
 
-def _patch_size(backbone: nn.Module) -> int:
-    patch = backbone.patch_embed.patch_size
-    return int(patch[0] if isinstance(patch, (tuple, list)) else patch)
-
-
 class YOLOS(nn.Module):
     """The detector. ``forward(images (B, 3, H, W))`` -> ``{"pred_logits": (B, T, C+1),
     "pred_boxes": (B, T, 4)}``, boxes as sigmoid (cx, cy, w, h) relative to the padded image.
@@ -89,7 +85,7 @@ class YOLOS(nn.Module):
             raise UserError(f"backbone {type(backbone).__name__} needs exactly one class token with a position "
                             "embedding (a DeiT/ViT). Pick --backbone_name deit_tiny_patch16_224 or similar")
         self.backbone = backbone
-        self.patch_size = _patch_size(backbone)
+        self.patch_size = toe_module.patch_size(backbone)
         self.det_token_num = int(det_token_num)
         self.num_classes = int(num_classes)
         self.pe_resize_by_count = bool(pe_resize_by_count)
@@ -191,7 +187,20 @@ class YOLOS(nn.Module):
 
     def forward(self, images: torch.Tensor) -> Dict[str, torch.Tensor]:
         features = self.forward_features(images)                              # (B, T, D)
-        return {"pred_logits": self.class_embed(features), "pred_boxes": self.bbox_embed(features).sigmoid()}
+        # The two heads in the precision of their weights (float32), also under bf16/fp16 autocast: the
+        # published YOLOS trained in fp32, and a bf16 box has 8 significant bits (steps of about 2.6 px on
+        # a 1,333 px side). The backbone keeps the mixed precision; the heads are a sliver of the compute.
+        dtype = self.bbox_embed.layers[0].weight.dtype
+        with _no_autocast(features.device.type):
+            features = features.to(dtype) if features.is_floating_point() else features
+            return {"pred_logits": self.class_embed(features), "pred_boxes": self.bbox_embed(features).sigmoid()}
+
+
+def _no_autocast(device_type: str):
+    """Autocast off on ``device_type`` (nothing to turn off where torch has no autocast for it)."""
+    if torch.amp.is_autocast_available(device_type):
+        return torch.autocast(device_type, enabled=False)
+    return contextlib.nullcontext()
 
 
 # ---------------------------------------------------------------------------------------------

@@ -16,10 +16,11 @@ from timm.scheduler import CosineLRScheduler
 from torch.utils.data import DataLoader, DistributedSampler, Subset
 
 import token_select
-from ToE.common.data import check_images
+from ToE.common.data import check_images, epoch_loader
+from ToE.common.distributed import autocast
 from ToE.common.errors import UserError
-from ToE.common.lifecycle import ConstantPlan, EpochPlan, autocast, epoch_loader
-from ToE.common.schedule import SteppedAfterEpoch, split_global_batch
+from ToE.common.lifecycle import RunContext, Task
+from ToE.common.schedule import constant_plan, EpochPlan, SteppedAfterEpoch, split_global_batch
 from ToE.yolos.data import CocoDetection, collate, eval_transform, train_transform
 from ToE.yolos.evaluation import evaluate, write_results
 from ToE.yolos.loss import HungarianMatcher, SetCriterion
@@ -47,7 +48,7 @@ def parameter_groups(model: torch.nn.Module, weight_decay: float) -> List[Dict[s
             {"params": decay, "weight_decay": weight_decay}]
 
 
-class DetectionTask:
+class DetectionTask(Task):
     """Detector, COCO data, set criterion and optimizer of one YOLOS run; the lifecycle drives it."""
 
     best_metric = "AP"
@@ -61,6 +62,9 @@ class DetectionTask:
             raise UserError("--eval needs the weights to evaluate: pass --resume CHECKPOINT")
         if not args.eval and args.start_epoch >= args.epochs:
             raise UserError(f"--start_epoch {args.start_epoch} is not below --epochs {args.epochs}: nothing to train")
+        if args.torchcompile:
+            raise UserError(f"--torchcompile {args.torchcompile}: YOLOS trains on images of many sizes (multi-scale "
+                            "resizing and padding), each a graph of its own to compile. Leave --torchcompile out")
         if args.crop_size[0] > args.crop_size[1]:
             raise UserError(f"--crop-size {args.crop_size[0]} {args.crop_size[1]} must be MIN MAX with MIN <= MAX")
         if args.warmup_epochs >= args.epochs and not args.eval:
@@ -68,20 +72,19 @@ class DetectionTask:
                     "learning rate never leaves the warmup (fine for a smoke test; lower --warmup-epochs otherwise)"]
         return []
 
-    def __init__(self, args: argparse.Namespace, run) -> None:
-        self.args, self.env, self.device, self.toe = args, run.env, run.device, run.toe
-        self.amp_dtype = run.amp_dtype
+    def __init__(self, args: argparse.Namespace, context: RunContext) -> None:
+        self.args, self.env, self.device, self.toe = args, context.env, context.device, context.toe
+        self.amp_dtype = context.amp_dtype
         world = self.env.world_size
         # the published global batch (8 GPUs x 2 for YOLOS-Ti) on any number of processes
-        self.plan = ConstantPlan(args.epochs, *split_global_batch(args.global_batch or args.batch_size * world, world,
+        self.plan = constant_plan(args.epochs, *split_global_batch(args.global_batch or args.batch_size * world, world,
                                                                   args.batch_size))
         backbone = create_backbone(args.backbone_name, args.backbone_kwargs)
         if args.init_checkpoint:
             load_init_checkpoint(backbone, args.init_checkpoint)
         if args.pos_init_sincos:  # after the init checkpoint: its patch rows are replaced
             sincos_position_table(backbone, args.pos_init_sincos)
-        patch = backbone.patch_embed.patch_size
-        self.patch_size = int(patch[0] if isinstance(patch, (tuple, list)) else patch)
+        self.patch_size = token_select.patch_size(backbone)
         self._build_data()
         model = YOLOS(backbone, self.num_classes, args.det_token_num, args.init_pe_size, args.mid_pe_size,
                       args.pe_resize_by_count)
@@ -123,7 +126,7 @@ class DetectionTask:
         if not args.check_only:  # a corrupt val image fails the set-up, not the first evaluation
             check_images(self.val_set, "val", range(env.rank, len(self.val_set), env.world_size),
                          num_workers=args.num_workers)
-        update = self.plan(0).batch * self.plan(0).accum  # images per process and update
+        update = self.plan[0].batch * self.plan[0].accum  # images per process and update
         if len(self.train_set) // env.world_size < update and not args.eval:
             raise UserError(f"the training split has {len(self.train_set)} images, fewer than one update of "
                             f"{update} per process ({env.world_size} processes). Lower --batch_size or "

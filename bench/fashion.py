@@ -1,0 +1,615 @@
+"""Fashion-MNIST: ToE against the token reducers a user would pick instead, one recipe, several seeds.
+
+    apt-get install dataset-fashion-mnist     # once (or pass --source DIR with the four IDX files)
+    python -m bench.fashion                   # the headline table: 6 methods x 5 seeds + 2 A/A runs
+    python -m bench.fashion --render          # train nothing: rewrite table, summary and figure from the runs
+    python -m bench.fashion --calibrate       # short runs (3 epochs on 2,000 images) per method: the
+                                              # table's time on this machine, estimated
+
+Every method trains the same small ViT with the same recipe through the real DeiT trainer
+(``ToE/deit/main.py``: the demo recipe file with this bench's flags on top, a subprocess per run);
+only the token reduction differs:
+
+- ``full``: all tokens (``--expansion-step 0 --keep-rate 1.0``: the operator never reduces);
+- ``toe``: Token Expansion (``--reducer toe``), the published operator with published (stride) seeds;
+- ``random``, ``topk``, ``tome``: ``--reducer random|topk|tome`` (``token_select.make_reducer``): at
+  ToE's place (after block 0), on ToE's schedule, with ToE's kept count in every stage;
+- ``patchdrop``: ``--token-drop random``, timm's own PatchDropout (``patch_drop_rate``) before
+  block 0, as a user would call it, keeping ToE's count in every stage (so blocks 0..depth-1 all
+  run short: cheaper than the after-block-0 reducers);
+- ``full-aa``: full tokens again with the first ``--aa-seeds`` seeds, an A/A control: its time
+  ratio to ``full`` is the timing noise of the machine, its accuracy difference the run-to-run
+  nondeterminism (zero where training is deterministic).
+
+The recipe (``RECIPE`` and ``GRIDS`` below): Fashion-MNIST at its native 28 px, 2 px patches, so a
+14 x 14 grid of 196 patch tokens, as DeiT at 224 px has; a ViT 48 wide, 4 blocks, 3 heads
+(``--grid 7``: 4 px patches, 49 tokens, 64 wide, 6 blocks, 4 heads);
+AdamW at lr 1e-3 (batch 64), cosine schedule without warmup, label smoothing 0.1, random
+crops (scale 0.8-1) and flips, no RandAugment, mixup or EMA; ``--epochs`` (6) epochs on a
+class-balanced ``--train-subset`` (15,000) of the 60,000 training images, the ToE stages (keep
+0.5, 0.75, 1.0; r0 0.25; 2 repetition steps) at thirds of the run. Each run's top-1 is measured
+once, at its end, on all 10,000 test images (a separate ``--eval`` of the final checkpoint); during
+training the trainer evaluates a class-balanced 1,000-image part of the test set each epoch, only
+for its log (nothing is selected on it). With 4 blocks, block 0 (always full) is a quarter of the
+model, so the after-block-0 reducers save less than on DeiT-S (12 blocks): the FLOP ratio column
+says how much.
+
+Runs are two at a time, one thread each (``--parallel``, ``--threads``), in seed-major order with
+the method order rotated from seed to seed, so each method meets every neighbour and every stretch
+of the machine's drift alike. Each finished run is one JSON line in
+``bench/results/fashion/runs.jsonl`` (its numbers, the load average before and after it, what
+ran beside it); a rerun skips the runs already there (same recipe), so an interrupted bench
+resumes; a run interrupted mid-way continues from its last epoch checkpoint (``--auto-resume``).
+Outputs: ``bench/results/fashion/{summary.json,table.md,results.json}`` and
+``Figs/fashion_accuracy_time.png`` (needs matplotlib; skipped with a note without it).
+``summary.json`` is a list with one object per method: ``method``, ``seeds``, ``top1_mean``,
+``top1_se`` (over seeds), ``diff_vs_full``/``diff_se`` (top-1 minus full tokens' with the same
+seed, mean and standard error over seeds), ``time_ratio`` (training time / full tokens' of the same
+seed, mean over seeds; evaluation excluded) and ``flop_ratio`` (``token_select.vit_step_flops``
+over the schedule, against full tokens; the operators' own work is not counted).
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import os
+import re
+import shutil
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+from typing import Dict, List, Optional, Sequence, Tuple
+
+import numpy as np
+
+from bench.common import (append_run, demo_config, describe_machine, git_commit, mean_se, mean_std, paired_by_seed,
+                          read_runs, rotated, run_numbers, run_trainer, trainer_command)
+from ToE.common.log import read_log
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+RESULTS = os.path.join(ROOT, "bench", "results", "fashion")
+FIGURE = os.path.join(ROOT, "Figs", "fashion_accuracy_time.png")
+DATA = os.path.join(ROOT, "data", "fashion")
+TEST_IMAGES = 10000
+
+# the model, a timm ViT at 28 px, by patch grid (--grid): 14 x 14 = 196 patch tokens in 2 px patches, 48
+# wide, 4 blocks, 3 heads (the default: the grid of DeiT at 224 px); or 7 x 7 = 49 tokens in 4 px patches,
+# 64 wide, 6 blocks, 4 heads, about as costly per image with fewer, richer tokens
+INPUT_SIZE = 28
+GRIDS = {14: (2, {"embed_dim": 48, "depth": 4, "num_heads": 3}), 7: (4, {"embed_dim": 64, "depth": 6, "num_heads": 4})}
+
+
+def model_flags(grid: int = 14) -> List[object]:
+    patch, kwargs = GRIDS[grid]
+    return ["--model", "vit_tiny_patch16_224", "--model-kwargs", *[f"{k}={v}" for k, v in kwargs.items()],
+            "--input-size", INPUT_SIZE, "--patch-size", patch]
+
+
+def describe_model(grid: int) -> str:
+    patch, kwargs = GRIDS[grid]
+    return (f"{INPUT_SIZE} px in {patch} px patches ({grid} x {grid} = {grid * grid} patch tokens), ViT "
+            f"{kwargs['embed_dim']} wide, {kwargs['depth']} blocks, {kwargs['num_heads']} heads")
+
+# the recipe, on top of the DeiT demo's recipe file (every value the run depends on is set here)
+# (no warmup: with DeiT's published per-epoch lr stepping, which the trainer follows, one warmup epoch
+# would train the first two of the six epochs at the warmup lr)
+RECIPE = ["--batch-size", 64, "--lr", "1e-3", "--unscale-lr", "--min-lr", "1e-5", "--warmup-epochs", 0,
+          "--weight-decay", "0.05", "--drop-path", "0.0", "--smoothing", "0.1", "--aa", "none", "--reprob", 0,
+          "--mixup", 0, "--cutmix", 0, "--hflip", "0.5", "--scale", "0.8", "1.0", "--crop-pct", "1.0",
+          "--no-repeated-aug", "--no-model-ema", "--device", "cpu", "--num_workers", 0, "--no-pin-mem",
+          "--amp-dtype", "float32", "--log-interval", 100]
+# ToE's schedule (the DeiT published rates), stages at thirds of the run
+KEEP_RATE, INIT_RATE, MULTIPLE = [0.5, 0.75, 1.0], 0.25, 2
+
+# method -> (label, trainer flags besides the schedule; None: full tokens)
+METHODS: Dict[str, Tuple[str, Optional[List[str]]]] = {
+    "full": ("full tokens", None),
+    "toe": ("ToE (after block 0)", ["--reducer", "toe", "--initialization", "stride"]),
+    "random": ("random tokens (after block 0)", ["--reducer", "random"]),
+    "topk": ("top-k by class-token similarity (after block 0)", ["--reducer", "topk"]),
+    "tome": ("ToMe merging (after block 0)", ["--reducer", "tome"]),
+    "patchdrop": ("PatchDropout at the input (timm)", ["--token-drop", "random"]),
+    "full-aa": ("full tokens again (A/A control)", None),
+}
+HEADLINE = [name for name in METHODS if name != "full-aa"]
+
+__all__ = ["METHODS", "method_flags", "stage_starts", "flop_ratio", "summarise", "format_markdown", "main"]
+
+
+# ---------------------------------------------------------------------------------------------
+# what a run is
+# ---------------------------------------------------------------------------------------------
+def stage_starts(epochs: int) -> List[int]:
+    return [round(i * epochs / len(KEEP_RATE)) for i in range(len(KEEP_RATE))]
+
+
+def method_flags(method: str, epochs: int) -> List[str]:
+    """The trainer flags that make ``method`` (the schedule and the reduction)."""
+    _, flags = METHODS[method]
+    if flags is None:
+        return ["--expansion-step", "0", "--keep-rate", "1.0", "--initialization-keep-rate", "1.0"]
+    return ["--expansion-step", *map(str, stage_starts(epochs)), "--keep-rate", *map(str, KEEP_RATE),
+            "--initialization-keep-rate", str(INIT_RATE), "--expansion-multiple-stage", str(MULTIPLE), *flags]
+
+
+def flop_ratio(method: str, epochs: int, grid: int = 14) -> float:
+    """Training FLOPs of ``method``'s whole run over full tokens' (``token_select.vit_step_flops``
+    per stage: block 0 full and the rest at the kept count after block 0, every block at the kept
+    count for PatchDropout at the input; the operators' own similarity work is not counted)."""
+    import token_select
+
+    patch, kwargs = GRIDS[grid]
+    patches = grid * grid
+    width, depth = kwargs["embed_dim"], kwargs["depth"]
+    shape = dict(num_prefix_tokens=1, mlp_ratio=4.0, num_classes=10)
+    patch_dim = 3 * patch * patch
+    full = token_select.vit_step_flops(patches, width, depth, patch_dim=patch_dim, **shape)
+    _, flags = METHODS[method]
+    if flags is None:
+        return 1.0
+    kept_per_stage = token_select.kept_tokens_per_stage(patches, KEEP_RATE, INIT_RATE, MULTIPLE)
+    total = 0.0
+    for epoch in range(epochs):
+        stage = token_select.stage_of_epoch(epoch, stage_starts(epochs))
+        kept = kept_per_stage[stage - 1] if stage >= 1 else patches
+        if method == "patchdrop":  # the patch embedding runs on all patches, every block on the kept ones
+            total += (token_select.vit_step_flops(kept, width, depth, patch_dim=0, **shape)
+                      + 3.0 * 2.0 * patches * patch_dim * width)
+        else:
+            total += token_select.vit_step_flops(patches, width, depth, kept_patches=kept, patch_dim=patch_dim,
+                                                 **shape)
+    return total / (full * epochs)
+
+
+def recipe_key(args) -> str:
+    """What makes two runs of a method comparable: the recipe, the epochs and the data subsets."""
+    text = json.dumps([list(map(str, model_flags(args.grid) + RECIPE)), KEEP_RATE, INIT_RATE, MULTIPLE, args.epochs,
+                       args.train_subset, args.monitor_images, INPUT_SIZE])
+    return hashlib.sha1(text.encode()).hexdigest()[:10]
+
+
+# ---------------------------------------------------------------------------------------------
+# data: the full folder (ToE.common.fashion) and the bench's class-balanced subsets of it
+# ---------------------------------------------------------------------------------------------
+def _balanced(files_by_class: Dict[str, List[str]], count: int, seed: int) -> Dict[str, List[str]]:
+    """``count`` files spread evenly over the classes (seeded), each class's in sorted order."""
+    rng = np.random.RandomState(seed)
+    classes = sorted(files_by_class)
+    per_class = [count // len(classes) + (i < count % len(classes)) for i in range(len(classes))]
+    chosen = {}
+    for name, share in zip(classes, per_class):
+        files = sorted(files_by_class[name])
+        if share > len(files):
+            raise ValueError(f"class {name} has {len(files)} images, fewer than {share}")
+        chosen[name] = sorted(files[i] for i in rng.choice(len(files), share, replace=False))
+    return chosen
+
+
+def build_subset(full: str, out: str, train_images: int, monitor_images: int, seed: int = 0) -> str:
+    """A folder of hard links (copies where links fail) into ``full``: ``train_images`` training and
+    ``monitor_images`` test images, class-balanced, seeded. Built through ``build_folder`` (staged,
+    renamed, idempotent, a foreign folder refused)."""
+    from ToE.common.digits import build_folder
+
+    def listing(split: str) -> Dict[str, List[str]]:
+        root = os.path.join(full, split)
+        return {name: os.listdir(os.path.join(root, name)) for name in os.listdir(root)
+                if os.path.isdir(os.path.join(root, name))}
+
+    def write(staging: str) -> None:
+        for split, count in (("train", train_images), ("val", monitor_images)):
+            for name, files in _balanced(listing(split), count, seed).items():
+                os.makedirs(os.path.join(staging, split, name))
+                for file in files:
+                    source, target = os.path.join(full, split, name, file), os.path.join(staging, split, name, file)
+                    try:
+                        os.link(source, target)
+                    except OSError:
+                        shutil.copyfile(source, target)
+
+    stamp = f"fashion-subset {os.path.abspath(full)} train {train_images} val {monitor_images} seed {seed}"
+    return build_folder(out, stamp, lambda old: old.startswith("fashion-subset "), write, "bench.fashion")
+
+
+# ---------------------------------------------------------------------------------------------
+# one run
+# ---------------------------------------------------------------------------------------------
+_EVAL = re.compile(r"Accuracy on (\d+) test images: top-1 ([\d.]+) %")
+
+
+def run_command(method: str, seed: int, epochs: int, out_dir: str, data_path: str, *extra, grid: int = 14
+                ) -> List[str]:
+    return trainer_command("deit", demo_config("deit"), *model_flags(grid), *RECIPE, "--data-path", data_path,
+                           "--output_dir", out_dir, "--epochs", epochs, "--seed", seed, *method_flags(method, epochs),
+                           "--auto-resume", *extra)
+
+
+def final_eval(method: str, seed: int, epochs: int, out_dir: str, data_path: str, threads: int, grid: int = 14
+               ) -> Dict[str, object]:
+    """Top-1 of the run's final checkpoint on every test image of ``data_path`` (a separate --eval)."""
+    command = trainer_command("deit", demo_config("deit"), *model_flags(grid), *RECIPE, "--data-path", data_path,
+                              "--epochs", epochs, "--seed", seed, *method_flags(method, epochs), "--eval", "--resume",
+                              os.path.join(out_dir, "checkpoint.pth"))
+    env = dict(os.environ, TQDM_DISABLE="1", OMP_NUM_THREADS=str(threads), MKL_NUM_THREADS=str(threads),
+               PYTHONPATH=ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    start = time.perf_counter()
+    result = subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True)
+    wall = time.perf_counter() - start
+    match = _EVAL.search(result.stdout)
+    if result.returncode != 0 or match is None:
+        raise RuntimeError(f"evaluation failed (exit {result.returncode}): {' '.join(command)}\n"
+                           f"{(result.stdout + result.stderr)[-3000:]}")
+    return {"acc1": float(match.group(2)), "test_images": int(match.group(1)), "eval_wall_s": wall}
+
+
+class Neighbours:
+    """Which runs are in flight, so each run records what ran beside it."""
+
+    def __init__(self):
+        self.lock = threading.Lock()
+        self.running: Dict[Tuple[str, int], float] = {}
+        self.seen: Dict[Tuple[str, int], set] = {}
+
+    def start(self, job):
+        with self.lock:
+            self.seen[job] = set(self.running)
+            for other in self.running:
+                self.seen[other].add(job)
+            self.running[job] = time.time()
+
+    def stop(self, job) -> List[str]:
+        with self.lock:
+            del self.running[job]
+            return sorted(f"{config} seed {seed}" for config, seed in self.seen.pop(job))
+
+
+def run_one(method: str, seed: int, args, neighbours: Neighbours, log=print) -> Dict[str, object]:
+    """Train one method with one seed, then evaluate it on the whole test set; its record."""
+    job = (method, seed)
+    out_dir = os.path.join(args.work_dir, args.recipe, f"{method}_seed{seed}")
+    command = run_command(method, seed, args.epochs, out_dir, args.subset_path, grid=args.grid)
+    neighbours.start(job)
+    load_before, started = os.getloadavg(), time.time()
+    try:
+        log(f"[fashion] {method} seed {seed}: {' '.join(command[1:])}")
+        wall = run_trainer(command, out_dir, args.threads)
+        numbers = run_numbers(out_dir, args.epochs)
+        if numbers is None:
+            raise RuntimeError(f"{out_dir}/log.txt does not hold {args.epochs} epochs")
+        evaluation = final_eval(method, seed, args.epochs, out_dir, args.data_path, args.threads, args.grid)
+    finally:
+        beside = neighbours.stop(job)
+    records = read_log(out_dir)
+    run = {"config": method, "seed": seed, "recipe": args.recipe, "grid": args.grid, "epochs": args.epochs,
+           **evaluation, "monitor_acc1": numbers["acc1"], "time_s": numbers["train_seconds"],
+           "robust_time_s": numbers["robust_train_seconds"], "epoch_seconds": numbers["epoch_seconds"],
+           "slow_epochs": numbers["slow_epochs"], "kept_tokens": [r.get("kept_tokens") for r in records],
+           "wall_s": wall, "started": started, "load_before": list(load_before),
+           "load_after": list(os.getloadavg()), "beside": beside, "threads": args.threads}
+    log(f"[fashion]   {method} seed {seed}: top-1 {run['acc1']:.2f} % on {run['test_images']} images, train "
+        f"{run['time_s']:.1f} s, load {load_before[0]:.2f} -> {run['load_after'][0]:.2f}")
+    return run
+
+
+def run_all(methods: Sequence[str], seeds: Sequence[int], aa_seeds: Sequence[int], args,
+            runs_path: str, log=print) -> List[Dict[str, object]]:
+    """Every (method, seed), ``args.parallel`` at a time, seed-major with the method order rotated
+    from seed to seed (the A/A control joins the seeds it is run for); each run appended to
+    ``runs_path`` when it finishes; runs already there with this recipe are skipped."""
+    runs = [run for run in read_runs(runs_path) if run.get("recipe") == args.recipe]
+    done = {(run["config"], run["seed"]) for run in runs}
+    jobs = []
+    for index, seed in enumerate(seeds):
+        order = list(methods) + (["full-aa"] if seed in aa_seeds else [])
+        jobs += [(method, seed) for method in rotated(order, index) if (method, seed) not in done]
+    if not jobs:
+        return runs
+    log(f"[fashion] {len(jobs)} runs to train ({len(done)} already in {runs_path}), {args.parallel} at a time")
+    lock, neighbours = threading.Lock(), Neighbours()
+
+    def work(job):
+        run = run_one(*job, args, neighbours, log)
+        with lock:
+            runs.append(run)
+            append_run(runs_path, run)
+
+    with ThreadPoolExecutor(max_workers=args.parallel) as pool:
+        futures = [pool.submit(work, job) for job in jobs]  # started in this order, --parallel in flight
+        try:
+            for future in futures:
+                future.result()
+        except BaseException:  # a failed run or Ctrl-C: start nothing more (the runs in flight end first)
+            for future in futures:
+                future.cancel()
+            raise
+    return runs
+
+
+# ---------------------------------------------------------------------------------------------
+# the table
+# ---------------------------------------------------------------------------------------------
+def summarise(runs: Sequence[Dict[str, object]], methods: Sequence[str], epochs: int, grid: int = 14
+              ) -> List[Dict[str, object]]:
+    """One row per method with runs: top-1 over seeds, the paired difference from full tokens and
+    the paired training-time ratio (each seed's run against full tokens' run with the same seed)."""
+    rows = []
+    for method in methods:
+        mine = sorted((r for r in runs if r["config"] == method), key=lambda r: r["seed"])
+        if not mine:
+            continue
+        top1 = [r["acc1"] for r in mine]
+        top1_mean, top1_se = mean_se(top1)
+        diffs = paired_by_seed(runs, method, "full", lambda a, b: a["acc1"] - b["acc1"])
+        ratios = paired_by_seed(runs, method, "full", lambda a, b: a["time_s"] / b["time_s"])
+        robust = paired_by_seed(runs, method, "full", lambda a, b: a["robust_time_s"] / b["robust_time_s"])
+        diff, diff_se = mean_se([d for _, d in diffs]) if diffs else (None, None)
+        ratio, ratio_se = mean_se([v for _, v in ratios]) if ratios else (None, None)
+        time_mean, time_std = mean_std(r["time_s"] for r in mine)
+        rows.append({
+            "method": method, "label": METHODS[method][0], "seeds": [r["seed"] for r in mine],
+            "top1_mean": top1_mean, "top1_se": top1_se, "top1_per_seed": top1,
+            "diff_vs_full": diff, "diff_se": diff_se, "diff_per_seed": [d for _, d in diffs],
+            "time_ratio": ratio, "time_ratio_se": ratio_se,
+            "robust_time_ratio": mean_se([v for _, v in robust])[0] if robust else None,
+            "time_s_mean": time_mean, "time_s_std": time_std,
+            "time_s_se": time_std / len(mine) ** 0.5 if len(mine) > 1 else None,
+            "flop_ratio": flop_ratio(method, epochs, grid),
+        })
+    return rows
+
+
+def _pm(mean, se, spec: str) -> str:
+    if mean is None:
+        return "n/a"
+    return f"{mean:{spec}}" + ("" if se is None else f" ± {se:.2f}")
+
+
+def format_markdown(results: Dict[str, object]) -> str:
+    machine = results["machine"]
+    loads = [run["load_before"][0] for run in results["runs"]] + [run["load_after"][0] for run in results["runs"]]
+    load_text = f"{min(loads):.2f}-{max(loads):.2f}" if loads else "not recorded"
+    lines = [
+        f"Command: `{results['command']}` (commit {results.get('commit') or 'not recorded'}). Fashion-MNIST, "
+        f"{describe_model(results.get('grid', 14))}, {results['epochs']} epochs on "
+        f"{results['train_subset']} training images, stages at epochs {stage_starts(results['epochs'])} keeping "
+        f"{KEEP_RATE} of the patch tokens (r0 {INIT_RATE}). Top-1 on all {TEST_IMAGES} test images at the end of "
+        f"each run. Machine: {machine['cpu_model']}, {machine['cpu_count']} cores, torch {machine['torch']}; "
+        f"{results['parallel']} runs at a time, {results['threads']} thread each; load average (1 min) before and "
+        f"after the runs: {load_text}.",
+        "",
+        "| method | seeds | top-1 % (mean ± SE) | Δ top-1 vs full, paired (mean ± SE) | training time s (mean ± std) "
+        "| time ratio vs full, paired | speedup | FLOP ratio |",
+        "|---|---|---|---|---|---|---|---|"]
+    for row in results["summary"]:
+        reference = row["method"] == "full"
+        ratio = row["time_ratio"]
+        speedup = "1" if reference else ("n/a" if ratio is None else f"{1 / ratio:.2f}x")
+        lines.append(
+            f"| {row['label']} | {len(row['seeds'])} | {_pm(row['top1_mean'], row['top1_se'], '.2f')} | "
+            f"{'reference' if reference else _pm(row['diff_vs_full'], row['diff_se'], '+.2f')} | "
+            f"{row['time_s_mean']:.0f} ± {row['time_s_std']:.0f} | "
+            f"{'1' if reference else _pm(ratio, row['time_ratio_se'], '.3f')} | {speedup} | "
+            f"{row['flop_ratio']:.3f} |")
+    lines += ["", "Paired: each run against the full-token run of the same seed; mean over seeds ± standard error "
+                  "(std of the paired values / √n). Time: seconds in training epochs (evaluation excluded); time "
+                  "ratio < 1 is faster. FLOP ratio: token_select.vit_step_flops over the schedule (the operators' "
+                  "own work not counted). A/A control: full tokens trained again; its time ratio is the timing "
+                  "noise."]
+    return "\n".join(lines)
+
+
+def draw(results: Dict[str, object], path: str = FIGURE) -> Optional[str]:
+    """Top-1 against measured training time per method (error bars: standard errors over seeds);
+    None (with a note) where matplotlib is not installed."""
+    try:
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        print("note: matplotlib is not installed: no figure (pip install matplotlib, then python -m bench.fashion "
+              "--render)")
+        return None
+    fig, ax = plt.subplots(figsize=(7.5, 4.8))
+    for row in results["summary"]:
+        label = row["label"] if row["method"] == "full" else (
+            f"{row['label']}: {row['diff_vs_full']:+.2f} pts, {1 / row['time_ratio']:.2f}x"
+            if row["diff_vs_full"] is not None and row["time_ratio"] else row["label"])
+        ax.errorbar(row["time_s_mean"], row["top1_mean"], xerr=row["time_s_se"] or 0, yerr=row["top1_se"] or 0,
+                    fmt="s" if row["method"].startswith("full") else "o", capsize=3, ms=7, label=label)
+    ax.set_xlabel("training time per run (s, evaluation excluded), mean ± SE over seeds")
+    ax.set_ylabel(f"top-1 on the {TEST_IMAGES} test images (%), mean ± SE")
+    seeds = max(len(row["seeds"]) for row in results["summary"])
+    ax.set_title(f"Fashion-MNIST, {describe_model(results.get('grid', 14))},\n{results['epochs']} epochs, up to "
+                 f"{seeds} seeds; "
+                 f"{results['machine']['cpu_model']}, {results['parallel']} runs at a time, "
+                 f"{results['threads']} thread each", fontsize=9)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    fig.savefig(path, dpi=90)
+    plt.close(fig)
+    return path
+
+
+def write_outputs(results: Dict[str, object], out: str, figure: Optional[str]) -> str:
+    """results.json (everything), summary.json (one object per method), table.md; the figure."""
+    os.makedirs(out, exist_ok=True)
+    with open(os.path.join(out, "results.json"), "w") as handle:
+        json.dump(results, handle, indent=2)
+    keys = ("method", "seeds", "top1_mean", "top1_se", "diff_vs_full", "diff_se", "time_ratio", "flop_ratio")
+    summary = [{**{key: row[key] for key in keys}, **{key: value for key, value in row.items() if key not in keys}}
+               for row in results["summary"]]
+    with open(os.path.join(out, "summary.json"), "w") as handle:
+        json.dump(summary, handle, indent=2)
+    table = format_markdown(results)
+    with open(os.path.join(out, "table.md"), "w") as handle:
+        handle.write(table + "\n")
+    if figure:
+        drawn = draw(results, figure)
+        if drawn:
+            print(f"figure: {os.path.relpath(drawn, ROOT)}")
+    return table
+
+
+# ---------------------------------------------------------------------------------------------
+# calibration: the table's time on this machine, from one short run per method
+# ---------------------------------------------------------------------------------------------
+def estimate(calibration: Sequence[Dict[str, object]], calib_images: int, epochs: int, train_subset: int,
+             seeds: int, aa_seeds: int, parallel: int) -> Dict[str, object]:
+    """Each method's run time at the table's size, from its calibration run (one epoch per stage on
+    ``calib_images`` images): training seconds per image of each stage, scaled to ``train_subset``
+    images over the table's stages, plus the run's other time per epoch (start-up, the monitor
+    evaluations, checkpoints; counted per epoch, which overestimates a little) and the final evaluation."""
+    starts = stage_starts(epochs)
+    per_method = {}
+    for run in calibration:
+        per_image = [t / calib_images for t in run["epoch_seconds"]]          # epoch i is stage i + 1
+        training = sum(per_image[min(stage_index(epoch, starts), len(per_image)) - 1] * train_subset
+                       for epoch in range(epochs))
+        other_per_epoch = (run["wall_s"] - sum(run["epoch_seconds"])) / len(run["epoch_seconds"])
+        per_method[run["config"]] = {"train_s": training, "run_s": training + epochs * other_per_epoch
+                                     + run["eval_wall_s"], "per_image_ms": [1000 * t for t in per_image]}
+    total = sum(m["run_s"] for m in per_method.values()) * seeds
+    if "full" in per_method:
+        total += per_method["full"]["run_s"] * aa_seeds
+    return {"per_method": per_method, "run_seconds_total": total, "wall_hours": total / parallel / 3600}
+
+
+def stage_index(epoch: int, starts: Sequence[int]) -> int:
+    import token_select
+
+    return token_select.stage_of_epoch(epoch, starts)
+
+
+# ---------------------------------------------------------------------------------------------
+# the command
+# ---------------------------------------------------------------------------------------------
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="python -m bench.fashion", description=__doc__.split("\n\n")[0],
+                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    parser.add_argument("--methods", nargs="+", default=HEADLINE, choices=HEADLINE,
+                        help="methods to train (their order rotates from seed to seed)")
+    parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2, 3, 4], help="training seeds")
+    parser.add_argument("--aa-seeds", type=int, nargs="*", default=[0, 1],
+                        help="seeds with which full tokens train a second time (the A/A timing control)")
+    parser.add_argument("--grid", type=int, default=14, choices=sorted(GRIDS, reverse=True),
+                        help="patch grid: 14 (2 px patches, 196 tokens, as DeiT at 224 px) or 7 (4 px patches, 49 "
+                             "tokens, a wider and deeper ViT at about the same cost per image)")
+    parser.add_argument("--epochs", type=int, default=6, help="epochs per run (ToE stages at thirds)")
+    parser.add_argument("--train-subset", type=int, default=15000,
+                        help="class-balanced training images per epoch (of 60,000)")
+    parser.add_argument("--monitor-images", type=int, default=1000,
+                        help="class-balanced test images the trainer evaluates each epoch for its log only (the "
+                             "table's top-1 is measured on all 10,000 at the end)")
+    parser.add_argument("--parallel", type=int, default=2, help="runs at a time")
+    parser.add_argument("--threads", type=int, default=1, help="CPU threads of each run")
+    parser.add_argument("--source", default=None,
+                        help="folder of the Fashion-MNIST IDX files (default: the Debian package's)")
+    parser.add_argument("--work-dir", default=os.path.join(tempfile.gettempdir(), "toe_fashion"),
+                        help="per-run output folders (checkpoints, logs); not part of the repository")
+    parser.add_argument("--out", default=RESULTS, help="folder of runs.jsonl, results.json, summary.json, table.md")
+    parser.add_argument("--figure", default=FIGURE, help="the figure to draw ('' for none)")
+    parser.add_argument("--render", action="store_true", help="train nothing: rewrite the outputs from runs.jsonl")
+    parser.add_argument("--calibrate", action="store_true",
+                        help="train each method once for 3 epochs (one per stage) on --calibrate-images images, "
+                             "then print the estimated time of the table with the other flags' sizes")
+    parser.add_argument("--calibrate-images", type=int, default=2000, help="training images of a calibration run")
+    return parser
+
+
+def main(argv: Optional[Sequence[str]] = None) -> Optional[Dict[str, object]]:
+    from ToE.common.errors import UserError
+
+    args = build_parser().parse_args(argv)
+    command = " ".join(["python -m bench.fashion", *(sys.argv[1:] if argv is None else argv)])
+    runs_path = os.path.join(args.out, "runs.jsonl")
+    args.data_path = DATA
+    if not args.render:
+        from ToE.common.fashion import build_fashion
+
+        build_fashion(DATA, size=INPUT_SIZE, source=args.source)
+    if args.calibrate:
+        return calibrate(args, command)
+    args.recipe = recipe_key(args)
+    if args.render:
+        runs = [run for run in read_runs(runs_path)]
+        if not runs:
+            raise UserError(f"--render: no runs in {runs_path}. Train them first (python -m bench.fashion)")
+        args.recipe = runs[-1]["recipe"]
+        runs = [run for run in runs if run["recipe"] == args.recipe]
+        args.epochs, args.grid = runs[0]["epochs"], runs[0].get("grid", 14)
+        previous = os.path.join(args.out, "results.json")
+        provenance = {}
+        if os.path.isfile(previous):
+            with open(previous) as handle:
+                provenance = {key: value for key, value in json.load(handle).items()
+                              if key in ("command", "commit", "machine", "train_subset", "monitor_images", "parallel",
+                                         "threads", "bench_load")}
+    else:
+        args.subset_path = build_subset(DATA, os.path.join(ROOT, "data", f"fashion-{args.train_subset}-"
+                                                                       f"{args.monitor_images}"),
+                                        args.train_subset, args.monitor_images)
+        load_start = os.getloadavg()
+        runs = run_all(args.methods, args.seeds, args.aa_seeds, args, runs_path)
+        provenance = {"command": command, "commit": git_commit(), "machine": describe_machine(),
+                      "train_subset": args.train_subset, "monitor_images": args.monitor_images,
+                      "parallel": args.parallel, "threads": args.threads,
+                      "bench_load": {"start": list(load_start), "end": list(os.getloadavg())}}
+    results = {"command": command, "commit": None, "machine": describe_machine(), "train_subset": args.train_subset,
+               "monitor_images": args.monitor_images, "parallel": args.parallel, "threads": args.threads,
+               **provenance, "recipe": args.recipe, "epochs": args.epochs,
+               "grid": args.grid,
+               "trainer_flags": {"model": list(map(str, model_flags(args.grid))), "recipe": list(map(str, RECIPE)),
+                                 **{m: method_flags(m, args.epochs) for m in METHODS}},
+               "runs": runs, "summary": summarise(runs, list(METHODS), args.epochs, args.grid)}
+    table = write_outputs(results, args.out, args.figure)
+    print(table)
+    wide = [row["method"] for row in results["summary"] if row["method"] not in ("full", "full-aa")
+            and (row["diff_se"] is None or row["diff_se"] >= 0.3)]
+    if wide:
+        print(f"note: the paired standard error of {', '.join(wide)} is not under 0.3 points yet: add seeds "
+              f"(e.g. --seeds {' '.join(map(str, range(max(len(r['seeds']) for r in results['summary']) + 3)))}); "
+              "a rerun trains only the new runs")
+    return results
+
+
+def calibrate(args, command: str) -> Dict[str, object]:
+    """One run per method, 3 epochs (one per stage) on ``--calibrate-images`` images, ``--parallel``
+    at a time; prints and stores (``OUT/calibration.json``) the estimated time of the table."""
+    table_epochs = args.epochs
+    args.epochs, args.recipe = 3, "calibration"
+    args.subset_path = build_subset(DATA, os.path.join(ROOT, "data", f"fashion-{args.calibrate_images}-"
+                                                                   f"{args.monitor_images}"),
+                                    args.calibrate_images, args.monitor_images)
+    args.work_dir += "_calibration"
+    shutil.rmtree(args.work_dir, ignore_errors=True)  # fresh runs: a finished one would be reused, not timed
+    with tempfile.TemporaryDirectory() as scratch:
+        runs = run_all(args.methods, [0], [], args, os.path.join(scratch, "runs.jsonl"))
+    guess = estimate(runs, args.calibrate_images, table_epochs, args.train_subset, len(args.seeds),
+                     len(args.aa_seeds), args.parallel)
+    report = {"command": command, "commit": git_commit(), "machine": describe_machine(),
+              "calibration_images": args.calibrate_images, "table": {
+                  "epochs": table_epochs, "train_subset": args.train_subset, "seeds": len(args.seeds),
+                  "aa_seeds": len(args.aa_seeds), "parallel": args.parallel}, "estimate": guess, "runs": runs}
+    os.makedirs(args.out, exist_ok=True)
+    with open(os.path.join(args.out, "calibration.json"), "w") as handle:
+        json.dump(report, handle, indent=2)
+    for method, numbers in guess["per_method"].items():
+        print(f"{method:>10}: ms per training image by stage {', '.join(f'{t:.2f}' for t in numbers['per_image_ms'])};"
+              f" a table run {numbers['run_s'] / 60:.1f} min (training {numbers['train_s'] / 60:.1f} min)")
+    print(f"estimated table: {guess['run_seconds_total'] / 3600:.2f} run-hours, {guess['wall_hours']:.2f} h wall "
+          f"with {args.parallel} at a time ({len(args.seeds)} seeds x {len(args.methods)} methods + "
+          f"{len(args.aa_seeds)} A/A runs)")
+    return report
+
+
+if __name__ == "__main__":
+    from ToE.common.errors import run_main
+
+    run_main(main)

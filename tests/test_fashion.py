@@ -1,0 +1,204 @@
+"""Tests of the Fashion-MNIST folder builder (ToE/common/fashion.py).
+
+Most run on a small synthetic set of IDX files written here (so they need no package); one reads a
+sample of the real Debian package's files and is skipped, saying why, where it is not installed.
+The IDX files are parsed here with ``struct``, independently of the builder's reader.
+"""
+
+from __future__ import annotations
+
+import gzip
+import json
+import os
+import struct
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from ToE.common import fashion
+from ToE.common.errors import UserError
+
+FOLDERS = ["0_tshirt_top", "1_trouser", "2_pullover", "3_dress", "4_coat", "5_sandal", "6_shirt", "7_sneaker",
+           "8_bag", "9_ankle_boot"]
+SMALL = {"train": 13, "val": 7}
+
+
+def idx_bytes(array: np.ndarray) -> bytes:
+    """An IDX file of unsigned bytes: magic 0, 0, 0x08, ndim, then the dimensions as big-endian uint32."""
+    return bytes([0, 0, 0x08, array.ndim]) + struct.pack(f">{array.ndim}I", *array.shape) + array.tobytes()
+
+
+def parse_idx(path: str) -> np.ndarray:
+    opener = gzip.open if path.endswith(".gz") else open
+    with opener(path, "rb") as handle:
+        data = handle.read()
+    ndim = data[3]
+    shape = struct.unpack(f">{ndim}I", data[4:4 + 4 * ndim])
+    return np.frombuffer(data[4 + 4 * ndim:], dtype=np.uint8).reshape(shape)
+
+
+def write_idx_set(folder, seed=0, gz_train=True):
+    """Four small IDX files (train gzipped, val not, as both occur); returns {split: (images, labels)}."""
+    rng = np.random.default_rng(seed)
+    os.makedirs(folder, exist_ok=True)
+    written = {}
+    for split, count in SMALL.items():
+        images = rng.integers(0, 256, size=(count, 28, 28), dtype=np.uint8)
+        labels = (np.arange(count) * 3 % 10).astype(np.uint8)  # every class at least once in train
+        gz = gz_train and split == "train"
+        for name, array in zip(fashion.FILES[split], (images, labels)):
+            path = os.path.join(folder, name + (".gz" if gz else ""))
+            with (gzip.open(path, "wb") if gz else open(path, "wb")) as handle:
+                handle.write(idx_bytes(array))
+        written[split] = (images, labels)
+    return written
+
+
+def images_under(out, split):
+    """{index: (class folder, pixels)} of every PNG written for ``split``."""
+    found = {}
+    for folder in sorted(os.listdir(os.path.join(out, split))):
+        for name in os.listdir(os.path.join(out, split, folder)):
+            with Image.open(os.path.join(out, split, folder, name)) as image:
+                found[int(name.split(".")[0])] = (folder, np.asarray(image))
+    return found
+
+
+@pytest.fixture
+def source(tmp_path):
+    return str(tmp_path / "idx"), write_idx_set(str(tmp_path / "idx"))
+
+
+def test_written_images_are_the_idx_pixels_under_their_labels(source, tmp_path):
+    folder, written = source
+    out = str(tmp_path / "fashion")
+    _, counts = fashion.build_fashion(out, source=folder, limit=100)
+    assert counts == SMALL
+    for split in ("train", "val"):
+        assert sorted(os.listdir(os.path.join(out, split))) == FOLDERS  # sorted = label order
+        found = images_under(out, split)
+        images, labels = written[split]
+        assert sorted(found) == list(range(len(images)))
+        for index, (class_folder, pixels) in found.items():
+            assert class_folder == FOLDERS[labels[index]]
+            assert pixels.dtype == np.uint8 and np.array_equal(pixels, images[index])
+
+
+def test_a_build_is_idempotent_resizes_and_refuses_a_foreign_folder(source, tmp_path):
+    folder, written = source
+    out = str(tmp_path / "fashion")
+    fashion.build_fashion(out, source=folder, limit=100)
+    sample = os.path.join(out, "val", FOLDERS[written["val"][1][0]], "00000.png")
+    before = os.stat(sample).st_mtime_ns
+    fashion.build_fashion(out, source=folder, limit=100)  # complete: left alone
+    assert os.stat(sample).st_mtime_ns == before
+    fashion.build_fashion(out, size=32, source=folder, limit=100)  # an older build of ours: replaced
+    with Image.open(sample) as image:
+        assert image.size == (32, 32)
+    assert not [name for name in os.listdir(tmp_path) if name.startswith(".fashion-")]  # no staging left
+    foreign = tmp_path / "photos"
+    foreign.mkdir()
+    (foreign / "holiday.jpg").write_bytes(b"mine")
+    with pytest.raises(UserError, match="did not write"):
+        fashion.build_fashion(str(foreign), source=folder, limit=100)
+    assert (foreign / "holiday.jpg").read_bytes() == b"mine"
+
+
+def test_torchvision_raw_layout_and_uncompressed_files(tmp_path):
+    raw = tmp_path / "torchvision" / "FashionMNIST" / "raw"
+    written = write_idx_set(str(raw), seed=1, gz_train=False)
+    out = str(tmp_path / "fashion")
+    fashion.build_fashion(out, source=str(tmp_path / "torchvision"), limit=100)
+    found = images_under(out, "train")
+    assert np.array_equal(found[4][1], written["train"][0][4])
+
+
+def test_damaged_or_foreign_idx_files_are_one_line_errors(source, tmp_path):
+    folder, _ = source
+    path = os.path.join(folder, "t10k-images-idx3-ubyte")
+    data = open(path, "rb").read()
+    open(path, "wb").write(data[:-5])
+    with pytest.raises(UserError, match="truncated"):
+        fashion.build_fashion(str(tmp_path / "a"), source=folder, limit=100)
+    open(path, "wb").write(b"PK\x03\x04" + data[4:])
+    with pytest.raises(UserError, match="not an IDX file"):
+        fashion.build_fashion(str(tmp_path / "b"), source=folder, limit=100)
+    with pytest.raises(UserError, match="not Fashion-MNIST's 60000"):  # without the test-only limit
+        fashion.build_fashion(str(tmp_path / "c"), source=folder)
+    assert not (tmp_path / "a").exists() and not (tmp_path / "c").exists()
+
+
+def test_no_source_is_one_line_naming_the_package_and_source(monkeypatch, capsys, tmp_path):
+    monkeypatch.setattr(fashion, "PACKAGE_DIR", str(tmp_path / "absent"))
+    monkeypatch.setattr(fashion, "PACKAGE", "no-such-package-toe-test")
+    from ToE.common.errors import run_main
+
+    with pytest.raises(SystemExit) as stop:
+        run_main(lambda: fashion.main(["--out", str(tmp_path / "out")]))
+    err = [line for line in capsys.readouterr().err.splitlines() if line.strip()]
+    assert stop.value.code == 2 and len(err) == 1, err
+    assert err[0].startswith("error: ") and "apt-get install dataset-fashion-mnist" in err[0] and "--source" in err[0]
+    assert not (tmp_path / "out").exists()
+
+
+def test_the_command_line_has_no_traceback_for_a_missing_source(tmp_path):
+    result = subprocess.run([sys.executable, "-m", "ToE.common.fashion", "--out", str(tmp_path / "out"), "--source",
+                             str(tmp_path / "none")], capture_output=True, text=True, timeout=60,
+                            cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    assert result.returncode == 2 and "Traceback" not in result.stderr
+    assert result.stderr.strip().count("\n") == 0 and "apt-get install dataset-fashion-mnist" in result.stderr
+
+
+def test_a_sample_of_the_debian_package(tmp_path):
+    folder = fashion.package_folder()
+    if folder is None:
+        pytest.skip("the Debian package dataset-fashion-mnist is not installed (apt-get install "
+                    "dataset-fashion-mnist); the synthetic-IDX tests cover the builder")
+    expected = {"train": 60000, "val": 10000}
+    truth = {}
+    for split, (images_name, labels_name) in fashion.FILES.items():
+        images = parse_idx(fashion._find_file(folder, images_name))
+        labels = parse_idx(fashion._find_file(folder, labels_name))
+        assert images.shape == (expected[split], 28, 28) and labels.shape == (expected[split],)
+        assert np.bincount(labels, minlength=10).tolist() == [expected[split] // 10] * 10  # balanced classes
+        truth[split] = images, labels
+    out = str(tmp_path / "fashion")
+    _, counts = fashion.build_fashion(out, limit=50)  # the package's files, the first 50 of each split
+    assert counts == {"train": 50, "val": 50}
+    for split in ("train", "val"):
+        images, labels = truth[split]
+        for index, (class_folder, pixels) in images_under(out, split).items():
+            assert class_folder == FOLDERS[labels[index]] and np.array_equal(pixels, images[index])
+
+
+# -- the benchmark's arithmetic (bench/fashion.py; nothing trained) ----------------------------
+
+def test_bench_rows_pair_by_seed_and_predict_flops(tmp_path):
+    from bench import fashion as bench
+
+    runs = []
+    for seed, (full, toe) in enumerate([(90.0, 90.5), (91.0, 91.1), (89.0, 89.6)]):
+        runs.append({"config": "full", "seed": seed, "acc1": full, "time_s": 100.0, "robust_time_s": 100.0})
+        runs.append({"config": "toe", "seed": seed, "acc1": toe, "time_s": 80.0, "robust_time_s": 79.0})
+    rows = bench.summarise(runs, list(bench.METHODS), epochs=6)
+    assert [row["method"] for row in rows] == ["full", "toe"]
+    toe = rows[1]
+    assert toe["seeds"] == [0, 1, 2] and toe["diff_vs_full"] == pytest.approx(0.4)
+    assert toe["diff_se"] == pytest.approx(np.std([0.5, 0.1, 0.6], ddof=1) / np.sqrt(3))
+    assert toe["time_ratio"] == pytest.approx(0.8) and rows[0]["flop_ratio"] == 1.0
+    # every after-block-0 reducer has ToE's FLOPs; PatchDropout at the input shortens block 0 too
+    ratios = {name: bench.flop_ratio(name, 6) for name in bench.HEADLINE}
+    assert ratios["toe"] == ratios["random"] == ratios["topk"] == ratios["tome"] < 1.0
+    assert ratios["patchdrop"] < ratios["toe"]
+    assert bench.method_flags("tome", 6)[:4] == ["--expansion-step", "0", "2", "4"]
+    results = {"command": "c", "machine": {"cpu_model": "x", "cpu_count": 2, "torch": "t"}, "epochs": 6,
+               "train_subset": 15000, "parallel": 2, "threads": 1, "summary": rows,
+               "runs": [{**run, "load_before": [1.0], "load_after": [1.5]} for run in runs]}
+    table = bench.write_outputs(results, str(tmp_path), figure=None)
+    assert "| ToE (after block 0) | 3 | 90.40 ± 0.44 | +0.40 ± 0.15 | 80 ± 0 | 0.800 ± 0.00 | 1.25x |" in table
+    summary = json.loads((tmp_path / "summary.json").read_text())
+    assert [list(row)[:8] for row in summary] == [["method", "seeds", "top1_mean", "top1_se", "diff_vs_full",
+                                                   "diff_se", "time_ratio", "flop_ratio"]] * 2
