@@ -117,6 +117,27 @@ METHODS: Dict[str, Tuple[str, Optional[List[str]]]] = {
     "full-aa": ("full tokens again (A/A control)", None),
 }
 HEADLINE = [name for name in METHODS if name != "full-aa"]
+# The paper's ablations on the same data, one change to ToE each (the rest as "toe"); the trainer flags, and
+# the schedule where it changes (keep rates, r0, k, the stage starts as shares of the run). r0 with k1 = 2 r0
+# as the published configurations (ToE/deit/configs/imagenet_small_r0_*.yaml); Hyper: the stages of the
+# paper's "Hyper" rows (epochs 0/131/261 of 300, ToE/deit/configs/imagenet_small_hyper.yaml).
+ABLATIONS: Dict[str, Tuple[str, List[str], Dict[str, object]]] = {
+    "init-random": ("initialization: random seeds per image", ["--initialization", "random"], {}),
+    "expand-random": ("expansion: random tokens", ["--expansion", "random"], {}),
+    "expand-none": ("expansion: none (every kept token a seed)", ["--expansion", "none"], {}),
+    "merge-drop": ("merging: none (left-out tokens dropped)", ["--merging", "drop"], {}),
+    "r0-0.20": ("r0 0.20 (keep 0.4/0.7/1.0)", [], {"keep_rate": [0.4, 0.7, 1.0], "init_rate": 0.2}),
+    "r0-0.30": ("r0 0.30 (keep 0.6/0.8/1.0)", [], {"keep_rate": [0.6, 0.8, 1.0], "init_rate": 0.3}),
+    "r0-0.40": ("r0 0.40 (keep 0.8/0.9/1.0)", [], {"keep_rate": [0.8, 0.9, 1.0], "init_rate": 0.4}),
+    "k1": ("k = 1 repetition step", [], {"multiple": 1}),
+    "k3": ("k = 3 repetition steps", [], {"multiple": 3}),
+    "manhattan": ("distance: manhattan", ["--distance", "manhattan"], {}),
+    "euclidean": ("distance: euclidean", ["--distance", "euclidean"], {}),
+    "hyper": ("Hyper stages (at 0, 131/300, 261/300 of the run)", [], {"starts": [0.0, 131 / 300, 261 / 300]}),
+}
+for _name, (_label, _flags, _schedule) in ABLATIONS.items():
+    METHODS[_name] = (_label, ["--reducer", "toe", "--initialization", "stride", *_flags])
+ABLATION_SET = ["full", "toe", *ABLATIONS]
 
 __all__ = ["METHODS", "method_flags", "stage_starts", "flop_ratio", "summarise", "format_markdown", "main"]
 
@@ -124,8 +145,17 @@ __all__ = ["METHODS", "method_flags", "stage_starts", "flop_ratio", "summarise",
 # ---------------------------------------------------------------------------------------------
 # what a run is
 # ---------------------------------------------------------------------------------------------
-def stage_starts(epochs: int) -> List[int]:
-    return [round(i * epochs / len(KEEP_RATE)) for i in range(len(KEEP_RATE))]
+def stage_starts(epochs: int, shares: Optional[Sequence[float]] = None) -> List[int]:
+    """The epochs the stages start at: thirds of the run, or ``shares`` of it (Hyper)."""
+    shares = shares if shares is not None else [i / len(KEEP_RATE) for i in range(len(KEEP_RATE))]
+    return [round(share * epochs) for share in shares]
+
+
+def schedule_of(method: str, epochs: int) -> Tuple[List[int], List[float], float, int]:
+    """(stage starts, keep rates, r0, k) of ``method``: ToE's unless an ablation changes them."""
+    change = ABLATIONS[method][2] if method in ABLATIONS else {}
+    return (stage_starts(epochs, change.get("starts")), list(change.get("keep_rate", KEEP_RATE)),
+            float(change.get("init_rate", INIT_RATE)), int(change.get("multiple", MULTIPLE)))
 
 
 def method_flags(method: str, epochs: int) -> List[str]:
@@ -133,8 +163,9 @@ def method_flags(method: str, epochs: int) -> List[str]:
     _, flags = METHODS[method]
     if flags is None:
         return ["--expansion-step", "0", "--keep-rate", "1.0", "--initialization-keep-rate", "1.0"]
-    return ["--expansion-step", *map(str, stage_starts(epochs)), "--keep-rate", *map(str, KEEP_RATE),
-            "--initialization-keep-rate", str(INIT_RATE), "--expansion-multiple-stage", str(MULTIPLE), *flags]
+    starts, keep, r0, k = schedule_of(method, epochs)
+    return ["--expansion-step", *map(str, starts), "--keep-rate", *map(str, keep),
+            "--initialization-keep-rate", str(r0), "--expansion-multiple-stage", str(k), *flags]
 
 
 def flop_ratio(method: str, epochs: int, grid: int = 14) -> float:
@@ -152,10 +183,11 @@ def flop_ratio(method: str, epochs: int, grid: int = 14) -> float:
     _, flags = METHODS[method]
     if flags is None:
         return 1.0
-    kept_per_stage = token_select.kept_tokens_per_stage(patches, KEEP_RATE, INIT_RATE, MULTIPLE)
+    starts, keep, r0, k = schedule_of(method, epochs)
+    kept_per_stage = token_select.kept_tokens_per_stage(patches, keep, r0, k)
     total = 0.0
     for epoch in range(epochs):
-        stage = token_select.stage_of_epoch(epoch, stage_starts(epochs))
+        stage = token_select.stage_of_epoch(epoch, starts)
         kept = kept_per_stage[stage - 1] if stage >= 1 else patches
         if method == "patchdrop":  # the patch embedding runs on all patches, every block on the kept ones
             total += (token_select.vit_step_flops(kept, width, depth, patch_dim=0, **shape)
@@ -437,9 +469,17 @@ def draw(results: Dict[str, object], path: str = FIGURE) -> Optional[str]:
     return path
 
 
-def write_outputs(results: Dict[str, object], out: str, figure: Optional[str]) -> str:
-    """results.json (everything), summary.json (one object per method), table.md; the figure."""
+def write_outputs(results: Dict[str, object], out: str, figure: Optional[str], ablations: bool = False) -> str:
+    """results.json (everything), summary.json (one object per method), table.md; the figure. The
+    ablations: ablations.json and ablations.md (no figure)."""
     os.makedirs(out, exist_ok=True)
+    if ablations:
+        with open(os.path.join(out, "ablations.json"), "w") as handle:
+            json.dump({key: value for key, value in results.items() if key != "runs"}, handle, indent=2)
+        table = format_markdown(results)
+        with open(os.path.join(out, "ablations.md"), "w") as handle:
+            handle.write(table + "\n")
+        return table
     with open(os.path.join(out, "results.json"), "w") as handle:
         json.dump(results, handle, indent=2)
     keys = ("method", "seeds", "top1_mean", "top1_se", "diff_vs_full", "diff_se", "time_ratio", "flop_ratio")
@@ -493,8 +533,13 @@ def stage_index(epoch: int, starts: Sequence[int]) -> int:
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m bench.fashion", description=__doc__.split("\n\n")[0],
                                      formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    parser.add_argument("--methods", nargs="+", default=HEADLINE, choices=HEADLINE,
-                        help="methods to train (their order rotates from seed to seed)")
+    parser.add_argument("--methods", nargs="+", default=None, choices=[m for m in METHODS if m != "full-aa"],
+                        help="methods to train (their order rotates from seed to seed) (default: the headline "
+                             f"table's: {' '.join(HEADLINE)}; with --ablations: {' '.join(ABLATION_SET)})")
+    parser.add_argument("--ablations", action="store_true",
+                        help="the paper's ablations instead of the headline table: full tokens, ToE and one change "
+                             "each (initialization, expansion, merging, r0, k, distance, Hyper stages); written to "
+                             "ablations.md/.json. Runs that the headline table shares (full, toe) are reused")
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2, 3, 4], help="training seeds")
     parser.add_argument("--aa-seeds", type=int, nargs="*", default=[0, 1],
                         help="seeds with which full tokens train a second time (the A/A timing control)")
@@ -527,6 +572,11 @@ def main(argv: Optional[Sequence[str]] = None) -> Optional[Dict[str, object]]:
     from ToE.common.errors import UserError
 
     args = build_parser().parse_args(argv)
+    table_methods = ABLATION_SET if args.ablations else [*HEADLINE, "full-aa"]
+    if args.methods is None:
+        args.methods = ABLATION_SET if args.ablations else HEADLINE
+    if args.ablations:
+        args.aa_seeds = []
     command = " ".join(["python -m bench.fashion", *(sys.argv[1:] if argv is None else argv)])
     runs_path = os.path.join(args.out, "runs.jsonl")
     args.data_path = DATA
@@ -567,8 +617,11 @@ def main(argv: Optional[Sequence[str]] = None) -> Optional[Dict[str, object]]:
                "grid": args.grid,
                "trainer_flags": {"model": list(map(str, model_flags(args.grid))), "recipe": list(map(str, RECIPE)),
                                  **{m: method_flags(m, args.epochs) for m in METHODS}},
-               "runs": runs, "summary": summarise(runs, list(METHODS), args.epochs, args.grid)}
-    table = write_outputs(results, args.out, args.figure)
+               "runs": runs, "summary": summarise(runs, table_methods, args.epochs, args.grid)}
+    if args.ablations:
+        results["schedules"] = {m: dict(zip(("starts", "keep_rate", "r0", "k"), schedule_of(m, args.epochs)))
+                                for m in table_methods}
+    table = write_outputs(results, args.out, args.figure, ablations=args.ablations)
     print(table)
     wide = [row["method"] for row in results["summary"] if row["method"] not in ("full", "full-aa")
             and (row["diff_se"] is None or row["diff_se"] >= 0.3)]

@@ -202,3 +202,24 @@ def test_bench_rows_pair_by_seed_and_predict_flops(tmp_path):
     summary = json.loads((tmp_path / "summary.json").read_text())
     assert [list(row)[:8] for row in summary] == [["method", "seeds", "top1_mean", "top1_se", "diff_vs_full",
                                                    "diff_se", "time_ratio", "flop_ratio"]] * 2
+
+
+def test_the_ablations_change_one_thing_each_and_parse_as_the_trainer_reads_them():
+    """bench.fashion --ablations: each row is ToE with one change, read by DeiT's own parser (the
+    last of a repeated flag wins); the FLOP ratios follow the schedules."""
+    from bench.fashion import ABLATIONS, flop_ratio, method_flags
+    from ToE.deit.main import parse_args
+
+    toe = vars(parse_args(method_flags("toe", 6)))
+    changed = {}
+    for name in ABLATIONS:
+        args = vars(parse_args(method_flags(name, 6)))
+        changed[name] = {key for key in args if args[key] != toe[key]}
+    assert changed["init-random"] == {"initialization"} and changed["merge-drop"] == {"merging"}
+    assert changed["expand-none"] == {"expansion"} and changed["manhattan"] == {"distance"}
+    assert changed["k1"] == changed["k3"] == {"expansion_multiple_stage"}
+    assert changed["r0-0.20"] == {"keep_rate", "initialization_keep_rate"}
+    assert changed["hyper"] == {"expansion_step"}
+    assert vars(parse_args(method_flags("hyper", 6)))["expansion_step"] == [0, 3, 5]
+    assert flop_ratio("r0-0.20", 6) < flop_ratio("toe", 6) < flop_ratio("r0-0.30", 6) < flop_ratio("r0-0.40", 6) < 1
+    assert flop_ratio("hyper", 6) < flop_ratio("toe", 6)

@@ -135,6 +135,9 @@ def test_dali_up_front_check_decodes_with_dali(tmp_path):
     """An image PIL reads but DALI cannot (a GIF named .png) passes the PIL check and is refused by the DALI one,
     before any training (old: check_images had no DALI decoder; the run failed after its first epoch)."""
     pytest.importorskip("nvidia.dali")
+    import functools
+
+    from ToE.common import dali
     from ToE.common.data import check_images, train_val_folders
 
     root = write_images(tmp_path / "data")
@@ -142,7 +145,7 @@ def test_dali_up_front_check_decodes_with_dali(tmp_path):
     _, val_set = train_val_folders(str(root))
     check_images(val_set, "val")  # PIL reads it: the torch path trains on it
     with pytest.raises(LocalError) as error:
-        check_images(val_set, "val", dali_device=torch.device("cpu"))
+        check_images(val_set, "val", decoder=functools.partial(dali.undecodable, device=torch.device("cpu")))
     assert str(error.value).startswith("val image check:") and str(bad) in str(error.value)
 
 

@@ -195,3 +195,53 @@ def test_read_log_reads_records_and_names_what_is_wrong(tmp_path):
     other = _write_log(tmp_path / "other", "[1, 2]")
     with pytest.raises(UserError, match="line 1 is not a record"):
         read_log(other)
+
+
+def _project_imports():
+    """{module: the project modules it imports (at the top or inside a function)}, read from the source."""
+    modules = {"token_select": ROOT / "token_select.py"}
+    for path in (ROOT / "ToE").rglob("*.py"):
+        name = ".".join(path.relative_to(ROOT).with_suffix("").parts)
+        modules[name[: -len(".__init__")] if name.endswith(".__init__") else name] = path
+    graph = {}
+    for name, path in modules.items():
+        package = name if path.name == "__init__.py" else name.rpartition(".")[0]
+        found = set()
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.ImportFrom):
+                base = node.module or ""
+                if node.level:
+                    parts = package.split(".")[: len(package.split(".")) - node.level + 1]
+                    base = ".".join(parts + ([node.module] if node.module else []))
+                targets = [base] + [f"{base}.{alias.name}" for alias in node.names]
+            elif isinstance(node, ast.Import):
+                targets = [alias.name for alias in node.names]
+            else:
+                continue
+            found |= {target for target in targets if target in modules and target != name}
+        graph[name] = found
+    return graph
+
+
+def test_no_import_cycle_and_common_code_imports_no_trainer():
+    """Issue 29: lifecycle and args formed a cycle, data and dali another; ToE/common imported DeiT and
+    LV-ViT (the GPU check). Imports inside functions count: they are cycles a reader walks too."""
+    graph = _project_imports()
+    trainers = {f"ToE.{trainer.folder}" for trainer in TRAINERS.values()}
+    assert not [(module, target) for module, targets in graph.items() if module.startswith("ToE.common")
+                for target in targets if any(target == t or target.startswith(t + ".") for t in trainers)]
+    state, cycles = {}, []
+
+    def visit(module, path):
+        state[module] = "open"
+        for target in sorted(graph[module]):
+            if state.get(target) == "open" and not module.startswith(target + "."):  # a package's own __init__
+                cycles.append(path[path.index(target):] + [target])
+            elif target not in state:
+                visit(target, path + [target])
+        state[module] = "done"
+
+    for module in sorted(graph):
+        if module not in state:
+            visit(module, [module])
+    assert cycles == []

@@ -15,6 +15,7 @@ public build steps, each called once from ``__init__`` in this order:
 from __future__ import annotations
 
 import argparse
+import functools
 import re
 from typing import Any, Dict, List, Optional, Tuple
 
@@ -271,9 +272,13 @@ class ClassificationTask(Task):
         if not args.eval and not args.check_only:  # --check-only: the launched processes check it
             # a corrupt val image would otherwise surface only after the first epoch. Each process
             # decodes its share; the train split is not checked up front (its loader names a bad image)
+            decoder = None  # the run's decoder checks them: PIL, or DALI's
+            if args.data_backend == "dali":
+                from ToE.common import dali
+
+                decoder = functools.partial(dali.undecodable, device=self.device)
             check_images(val_set, "val", range(self.env.rank, len(val_set), self.env.world_size),
-                         num_workers=args.num_workers,
-                         dali_device=self.device if args.data_backend == "dali" else None)  # the run's decoder
+                         num_workers=args.num_workers, decoder=decoder)
         return train_set, val_set
 
     def build_model(self, **extra) -> torch.nn.Module:

@@ -38,7 +38,7 @@ touched, so other users of timm in the same process see timm unchanged.
 from __future__ import annotations
 
 import os
-from typing import Any, Iterator, List, Optional, Sequence, Tuple
+from typing import Any, Callable, Iterator, List, Optional, Sequence, Tuple
 
 import numpy as np
 import torch
@@ -197,22 +197,21 @@ def _read_batch(paths: List[str]) -> List[Tuple[str, str, str]]:
 
 
 def check_images(dataset: datasets.ImageFolder, split: str, indices: Optional[Sequence[int]] = None,
-                 num_workers: int = 0, batch_size: int = 64, dali_device: Optional[torch.device] = None) -> None:
+                 num_workers: int = 0, batch_size: int = 64, decoder: Optional[Callable] = None) -> None:
     """Decode the images of ``dataset`` (those at ``indices``, default all) with the training loader.
 
     Runs in ``num_workers`` DataLoader workers, ``batch_size`` file paths per task, and reads
     every image once (no transform). Any image the loader could not read is a UserError that
     names it (and counts the others), so a bad file fails the set-up, not an evaluation.
-    ``dali_device``: the run reads with DALI (``--data-backend dali``) on this device, so DALI's decoder
-    decodes every image instead of PIL (one decode per image too; on a GPU, nvJPEG, faster than PIL).
+    ``decoder(paths, threads=, batch=)``: the run's own decoder when it is not PIL, returning the
+    (path, problem, fix) of the images it cannot decode (``--data-backend dali``:
+    ``ToE.common.dali.undecodable`` on the run's device; one decode per image too; on a GPU, nvJPEG).
     """
     paths = [path for path, _ in dataset.samples]
     if indices is not None:
         paths = [paths[index] for index in indices]
-    if dali_device is not None:
-        from .dali import undecodable
-
-        problems = undecodable(paths, dali_device, threads=num_workers, batch=batch_size)
+    if decoder is not None:
+        problems = decoder(paths, threads=num_workers, batch=batch_size)
     else:
         loader = DataLoader(paths, batch_size=batch_size, shuffle=False, num_workers=num_workers,
                             collate_fn=_read_batch, persistent_workers=False)
