@@ -52,10 +52,12 @@ class TokenLabelLoss(nn.Module):
             agree = (t_cls.argmax(1) == t_gt.argmax(1)).to(t_cls.dtype)[:, None]
             ratio = 0.5 * agree + 0.9 * (1.0 - agree)
             t_cls = ratio * t_cls + (1.0 - ratio) * t_gt
-        area = max(box[2] - box[0], 0) * max(box[3] - box[1], 0)
-        lam = 1.0 - area / float(tokens)
-        if lam < 1.0:
-            t_cls = lam * t_cls + (1.0 - lam) * t_cls.flip(0)
+        # (a tensor box: no host read, and a compiled step keeps one graph; an empty box gives lambda' = 1,
+        # which leaves t_cls exactly as it is)
+        box = torch.as_tensor(box, device=x_cls.device, dtype=torch.float64)
+        area = (box[2] - box[0]).clamp_min(0) * (box[3] - box[1]).clamp_min(0)
+        lam = (1.0 - area / tokens).to(t_cls.dtype)
+        t_cls = lam * t_cls + (1.0 - lam) * t_cls.flip(0)
         if t_aux is None:  # no label data: every token's target is its own image's (un-mixed) label
             t_aux = target[:, None, :].expand(batch, tokens, num_classes)
         else:

@@ -10,7 +10,7 @@ The state-dict names and shapes are the published ones (``patch_embed.conv1``/``
 
 Outputs (B batch, N = H*W patch tokens, C classes):
 - train mode with the aux head: ``(x_cls (B, C), x_aux (B, N, C), box)``; ``box`` is the MixToken
-  box ``(r1, c1, r2, c2)`` on the patch grid (rows r1:r2, cols c1:c2; empty = no mixing).
+  box ``(r1, c1, r2, c2)`` on the patch grid, a (4,) long tensor (rows r1:r2, cols c1:c2; empty = no mixing).
 - eval mode: ``x_cls + 0.5 * x_aux.max(1)`` (per-class max over the patch tokens), one (B, C) tensor.
 
 Token Expansion: ``token_select.attach`` puts the operator after ``blocks[0]`` as in every ViT of the
@@ -22,11 +22,9 @@ aux head gives its bias there. ``dense_mask`` then holds which positions were re
 
 from __future__ import annotations
 
-import math
 from functools import partial
 from typing import Optional, Tuple
 
-import numpy as np
 import torch
 from timm.layers import DropPath, Mlp, trunc_normal_
 from timm.models import register_model
@@ -100,31 +98,32 @@ class Block(nn.Module):
         return x + self.drop_path(self.mlp(self.norm2(x))) / self.skip_lam
 
 
-def mixtoken_box(grid: Tuple[int, int], rng=np.random) -> Tuple[int, int, int, int]:
-    """The published MixToken box on an (H, W) grid: lambda ~ Beta(1, 1), side int(H * sqrt(1 - lambda))
-    around a uniform centre, clipped to the grid; rows r1:r2, cols c1:c2. May be empty."""
+def mixtoken_box(grid: Tuple[int, int], device: Optional[torch.device] = None,
+                 generator: Optional[torch.Generator] = None) -> torch.Tensor:
+    """The published MixToken box on an (H, W) grid, a (4,) long tensor (r1, c1, r2, c2): lambda ~
+    Beta(1, 1) (uniform), side int(H * sqrt(1 - lambda)) around a uniform centre, clipped to the grid;
+    rows r1:r2, cols c1:c2; may be empty. Drawn from torch's generator as tensors (the published code
+    draws the same distribution from numpy), so that a compiled forward (``--torchcompile``) neither
+    breaks its graph nor compiles one graph per box, and a resume restores the stream with torch's."""
     height, width = grid
-    lam = rng.beta(1.0, 1.0)
-    cut = math.sqrt(1.0 - lam)
-    cut_h, cut_w = int(height * cut), int(width * cut)
-    centre_r, centre_c = rng.randint(height), rng.randint(width)
-    r1, r2 = int(np.clip(centre_r - cut_h // 2, 0, height)), int(np.clip(centre_r + cut_h // 2, 0, height))
-    c1, c2 = int(np.clip(centre_c - cut_w // 2, 0, width)), int(np.clip(centre_c + cut_w // 2, 0, width))
-    return r1, c1, r2, c2
+    draws = torch.rand(3, device=device, generator=generator, dtype=torch.float64)  # lambda, centre row, col
+    cut = torch.sqrt(1.0 - draws[0])
+    half_h, half_w = (height * cut).floor().long() // 2, (width * cut).floor().long() // 2
+    row, col = (draws[1] * height).floor().long(), (draws[2] * width).floor().long()
+    return torch.stack([(row - half_h).clamp(0, height), (col - half_w).clamp(0, width),
+                        (row + half_h).clamp(0, height), (col + half_w).clamp(0, width)])
 
 
-def swap_box(x: torch.Tensor, box: Tuple[int, int, int, int], channels_last: bool) -> torch.Tensor:
-    """Inside ``box`` sample b takes sample B-1-b's values; x is (B, D, H, W) or (B, H, W, D)
-    (``channels_last``). Applied twice it is the identity (the published mix and un-mix)."""
-    r1, c1, r2, c2 = box
-    if r2 <= r1 or c2 <= c1:
-        return x
-    mixed = x.clone()
-    if channels_last:
-        mixed[:, r1:r2, c1:c2] = x.flip(0)[:, r1:r2, c1:c2]
-    else:
-        mixed[:, :, r1:r2, c1:c2] = x.flip(0)[:, :, r1:r2, c1:c2]
-    return mixed
+def swap_box(x: torch.Tensor, box, channels_last: bool) -> torch.Tensor:
+    """Inside ``box`` (r1, c1, r2, c2: a tensor or numbers) sample b takes sample B-1-b's values; x is
+    (B, D, H, W) or (B, H, W, D) (``channels_last``). Applied twice it is the identity (the published
+    mix and un-mix); an empty box changes nothing. A mask, not slices: the box may be a tensor."""
+    height, width = (x.shape[1], x.shape[2]) if channels_last else (x.shape[2], x.shape[3])
+    r1, c1, r2, c2 = torch.as_tensor(box, device=x.device).unbind(0)
+    rows, cols = torch.arange(height, device=x.device), torch.arange(width, device=x.device)
+    inside = ((rows >= r1) & (rows < r2))[:, None] & ((cols >= c1) & (cols < c2))[None, :]     # (H, W)
+    mask = inside[None, :, :, None] if channels_last else inside[None, None]
+    return torch.where(mask, x.flip(0), x)
 
 
 class LVViT(nn.Module):
@@ -177,12 +176,12 @@ class LVViT(nn.Module):
     def get_classifier(self) -> nn.Module:
         return self.head
 
-    def forward_features(self, x: torch.Tensor) -> Tuple[torch.Tensor, Tuple[int, int, int, int]]:
+    def forward_features(self, x: torch.Tensor) -> Tuple[torch.Tensor, Optional[torch.Tensor]]:
         """(B, 3, S, S) -> (B, 1 + N, D) after the final norm, on the full grid; and the MixToken box."""
         x = self.patch_embed(x)                                               # (B, D, H, W)
-        box = (0, 0, 0, 0)
+        box = None
         if self.mix_token and self.return_dense and self.training:
-            box = mixtoken_box(self.patch_embed.grid_size)
+            box = mixtoken_box(self.patch_embed.grid_size, device=x.device)
             x = swap_box(x, box, channels_last=False)
         x = x.flatten(2).transpose(1, 2)                                      # (B, N, D)
         x = torch.cat([self.cls_token.expand(x.shape[0], -1, -1), x], dim=1) + self.pos_embed
@@ -216,8 +215,10 @@ class LVViT(nn.Module):
         if not self.training:
             return x_cls + 0.5 * x_aux.max(1)[0]
         height, width = self.patch_embed.grid_size
-        if box[2] > box[0] and box[3] > box[1]:
-            # un-mix: every aux prediction faces the image its position came from
+        if box is None:
+            box = torch.zeros(4, dtype=torch.long, device=x.device)  # no mixing: an empty box
+        else:
+            # un-mix: every aux prediction faces the image its position came from (an empty box: no change)
             x_aux = swap_box(x_aux.reshape(x_aux.shape[0], height, width, -1), box, channels_last=True)
             x_aux = x_aux.reshape(x_aux.shape[0], height * width, -1)
             if self.dense_mask is not None:

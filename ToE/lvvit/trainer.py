@@ -21,10 +21,6 @@ class LVViTTask(ClassificationTask):
 
     @staticmethod
     def check_flags(args) -> List[str]:
-        if args.torchcompile and args.mix_token and not args.eval:
-            raise UserError(f"--torchcompile {args.torchcompile} with --mix-token: the MixToken box is drawn in the "
-                            "forward as Python numbers, so every batch's box would compile a graph of its own. Add "
-                            "--no-mix-token, or leave --torchcompile out")
         if args.data_backend == "dali":
             raise UserError("--data-backend dali: LV-ViT keeps the torch input path, because its token-label maps "
                             "follow every crop, flip and RandAugment op of the image. Leave --data-backend out")
