@@ -10,7 +10,19 @@ import subprocess
 import pytest
 from helpers import ROOT
 
-from ToE.gpu_check import CHECKS, NO_CUDA
+from ToE.gpu_check import CHECKS, NO_CUDA, fp16_clip_verdict, main, per_update_lr_verdict, speed_verdict
+
+# issue 31: checks that can fail and say what they did not exercise
+NEW_CHECKS = ("no_host_sync_lvvit", "no_host_sync_et", "fp16_clip", "dali", "speed")
+NOT_EXERCISED_ON_CPU = ("fp16_clip", "speed")  # they need CUDA: reported "not exercised", never "passed"
+
+
+def _dali_importable() -> bool:
+    try:
+        import nvidia.dali  # noqa: F401
+    except ImportError:
+        return False
+    return True
 
 
 @pytest.mark.e2e
@@ -29,13 +41,105 @@ def test_gpu_check_passes_on_the_cpu_and_says_cuda_was_not_exercised(tmp_path):
     report = json.loads((out / "gpu_check.json").read_text())
     assert report["cuda"] is False and report["cuda_exercised"] is False and report["passed"] is True
     statuses = {check["name"]: check["status"] for check in report["checks"]}
-    assert statuses == {name: "passed" for name in CHECKS}, statuses
-    assert all(check["seconds"] > 0 for check in report["checks"])
+    expected = {name: "not exercised" if name in NOT_EXERCISED_ON_CPU else "passed" for name in CHECKS}
+    if not _dali_importable():  # the default --dali auto: skipped and named, never passed
+        expected["dali"] = "skipped"
+    assert statuses == expected, statuses
+    assert all(check["seconds"] > 0 for check in report["checks"] if check["name"] != "fp16_clip")
+    messages = {check["name"]: check.get("message", "") for check in report["checks"]}
+    assert "needs CUDA" in messages["speed"] and "not judged" in messages["speed"], messages["speed"]
+    assert "needs CUDA" in messages["fp16_clip"], messages["fp16_clip"]
+    assert "not exercised (they need CUDA; not passed): fp16_clip, speed" in result.stdout
+    last = result.stdout.strip().splitlines()[-1]
+    assert NO_CUDA in last and "fp16_clip, speed" in last, last  # the final line says what was not exercised
     speed = json.loads((out / "speed.json").read_text())
     assert speed == report["speed"]
     assert speed["full_step_ms"] > 0 and speed["stage1_step_ms"] > 0 and 0 < speed["operator_share_of_stage1"]
     assert speed["stage1_kept_tokens"] < speed["patch_tokens"]
 
+
+def test_each_new_check_is_listed(capsys):
+    assert set(NEW_CHECKS) <= set(CHECKS)
+    assert main(["--list"]) == 0
+    listed = {line.split()[0]: line for line in capsys.readouterr().out.splitlines() if line.strip()}
+    for name in CHECKS:
+        assert name in listed and len(listed[name].split()) > 3, (name, listed.get(name))
+
+
+def _without_dali(monkeypatch):
+    """``import nvidia.dali`` raises ImportError (None in sys.modules), as on an install without the extra."""
+    import sys
+
+    monkeypatch.setitem(sys.modules, "nvidia.dali", None)
+    monkeypatch.delenv("TOE_GPU_CHECK_OUT", raising=False)
+
+
+def _dali_entry(out):
+    report = json.loads((out / "gpu_check.json").read_text())
+    return next(check for check in report["checks"] if check["name"] == "dali")
+
+
+def test_dali_require_without_dali_fails(tmp_path, monkeypatch, capsys):
+    _without_dali(monkeypatch)
+    monkeypatch.setenv("TOE_GPU_CHECK_DALI_INSTALL", "pip failed: no network")
+    out = tmp_path / "gpu_check"
+    assert main(["--only", "dali", "--dali", "require", "--out", str(out)]) == 1
+    printed = capsys.readouterr().out
+    assert "gpu_check FAILED: dali" in printed
+    entry = _dali_entry(out)
+    assert entry["status"] == "failed", entry
+    assert "DALI is not importable (--dali require)" in entry["message"]
+    assert "could not (pip failed: no network)" in entry["message"]  # run/gpu_check.sh's failed install is named
+    assert 'pip install -e ".[dali]"' in entry["message"]
+
+
+def test_dali_auto_without_dali_is_skipped_not_passed(tmp_path, monkeypatch, capsys):
+    _without_dali(monkeypatch)
+    monkeypatch.delenv("TOE_GPU_CHECK_DALI_INSTALL", raising=False)
+    out = tmp_path / "gpu_check"
+    assert main(["--only", "dali", "--out", str(out)]) == 0
+    entry = _dali_entry(out)
+    assert entry["status"] == "skipped" and 'pip install -e ".[dali]"' in entry["message"], entry
+    assert "--dali require" in entry["message"]
+    assert "[SKIP] dali" in capsys.readouterr().out
+
+
+def test_the_check_images_are_jpegs(tmp_path):
+    from ToE.gpu_check import write_images
+
+    files = sorted(write_images(tmp_path / "images").rglob("*.*"))
+    assert len(files) == 31 and all(f.suffix == ".jpg" and f.read_bytes()[:2] == b"\xff\xd8" for f in files)
+
+
+def test_speed_verdict_fails_when_stage1_is_not_faster():
+    assert speed_verdict([40.0, 41.0, 39.5], [22.0, 23.0, 21.5]) is None
+    slower = speed_verdict([20.0, 21.0, 20.5], [25.0, 24.0, 26.0])
+    assert slower and "not faster" in slower and "median of 3" in slower
+    assert speed_verdict([20.0, 20.0, 20.0], [20.0, 20.0, 20.0]) is not None  # equal is not faster
+    # the medians decide: one slow outlier in the full-token steps does not make stage 1 look faster
+    assert speed_verdict([20.0, 20.0, 200.0], [21.0, 21.0, 21.0]) is not None
+    assert speed_verdict([], [1.0]) is not None
+    assert speed_verdict([float("nan"), 1.0], [0.5, 0.5]) is not None
+
+
+def test_fp16_clip_verdict():
+    clip = 0.01
+    unscaled = [(1.5, clip), (1.4, clip), (1.6, clip)]
+    assert fp16_clip_verdict(unscaled, [(1.45, clip), (1.5, clip), (float("inf"), float("inf"))], 256.0, clip) is None
+    # clipped before unscale_: the norm at clipping follows the loss scale
+    scaled = fp16_clip_verdict([(b * 256, clip) for b, _ in unscaled], unscaled, 256.0, clip)
+    assert scaled and "before GradScaler.unscale_" in scaled
+    not_clipped = fp16_clip_verdict(unscaled, [(1.5, 1.5), (1.5, 1.5)], 256.0, clip)
+    assert not_clipped and "not clipped" in not_clipped
+    assert "not exercised" in fp16_clip_verdict([(0.001, 0.001)] * 2, [(0.001, 0.001)] * 2, 256.0, clip)
+    assert "overflows" in fp16_clip_verdict([(float("inf"), float("inf"))] * 3, unscaled, 256.0, clip)
+
+
+def test_per_update_lr_verdict():
+    assert per_update_lr_verdict([1e-3, 1e-3, 9e-4, 9e-4, 8e-4, 8e-4], 2) is None
+    assert "inside an update" in per_update_lr_verdict([1e-3, 9e-4, 8e-4, 7e-4], 2)
+    assert "did not change" in per_update_lr_verdict([1e-3, 1e-3, 1e-3, 1e-3], 2)
+    assert "whole number" in per_update_lr_verdict([1e-3, 1e-3, 1e-3], 2)
 
 
 # -- the GPU check drives the trainers through public means only (issue 29) ---------------------------------------
