@@ -6,7 +6,9 @@
 
 For each model and each configuration (full tokens; each ToE stage of the DeiT schedule) one
 training step (forward, loss, backward, AdamW) runs eagerly and through ``torch.compile`` (the
-trainers' ``--torchcompile``: the whole model, ``dynamic=False``, one graph per stage). Every
+trainers' ``--torchcompile``: the whole model, ``dynamic=False``, one graph per stage). The operator
+stays attached throughout, as in the trainers (full tokens: stage 0, the sequence passed on as it is;
+stage 3 keeps every token too): dynamo does not guard on hooks added or removed after compiling. Every
 configuration and mode is timed once per round, the order rotated each round; a configuration's
 compiled/eager ratio is the median over rounds of the paired ratio (same round). The A/A control
 is a second eager step of full tokens in every round: its paired ratios to the first are the noise
@@ -61,12 +63,11 @@ def measure(name: str, batch: Optional[int], steps: int, warmup: int, device: to
     torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 2 * len(configs))
 
     def configure(config: str) -> None:
-        if config == "full":
-            token_select.detach(model)
-        else:
-            token_select.attach(model, operator)
-            operator.current_stage = int(config[len("stage"):])
-            operator.prepare(num_patches, device)  # as the trainers do: one graph per stage
+        # The operator stays attached, as in the trainers: dynamo does not guard on forward hooks added or
+        # removed after compiling (torch's default), so detaching it for full tokens would silently reuse
+        # a graph with ToE. Full tokens is stage 0, where the operator passes the sequence on unchanged.
+        operator.current_stage = 0 if config == "full" else int(config[len("stage"):])
+        operator.prepare(num_patches, device)  # as the trainers do: one graph per stage
 
     def step(forward) -> None:
         optimizer.zero_grad(set_to_none=True)
