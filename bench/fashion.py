@@ -432,6 +432,7 @@ def format_markdown(results: Dict[str, object]) -> str:
                   "ratio < 1 is faster. FLOP ratio: token_select.vit_step_flops over the schedule (the operators' "
                   "own work not counted). A/A control: full tokens trained again; its time ratio is the timing "
                   "noise."]
+    lines += [f"\n{note}" for note in results.get("notes", [])]
     return "\n".join(lines)
 
 
@@ -600,7 +601,7 @@ def main(argv: Optional[Sequence[str]] = None) -> Optional[Dict[str, object]]:
             with open(previous) as handle:
                 provenance = {key: value for key, value in json.load(handle).items()
                               if key in ("command", "commit", "machine", "train_subset", "monitor_images", "parallel",
-                                         "threads", "bench_load")}
+                                         "threads", "bench_load", "notes")}
     else:
         args.subset_path = build_subset(DATA, os.path.join(ROOT, "data", f"fashion-{args.train_subset}-"
                                                                        f"{args.monitor_images}"),
