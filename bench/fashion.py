@@ -377,11 +377,13 @@ def summarise(runs: Sequence[Dict[str, object]], methods: Sequence[str], epochs:
         top1 = [r["acc1"] for r in mine]
         top1_mean, top1_se = mean_se(top1)
         diffs = paired_by_seed(runs, method, "full", lambda a, b: a["acc1"] - b["acc1"])
-        ratios = paired_by_seed(runs, method, "full", lambda a, b: a["time_s"] / b["time_s"])
-        robust = paired_by_seed(runs, method, "full", lambda a, b: a["robust_time_s"] / b["robust_time_s"])
+        timed = [r for r in runs if timed_run(r)]
+        ratios = paired_by_seed(timed, method, "full", lambda a, b: a["time_s"] / b["time_s"])
+        robust = paired_by_seed(timed, method, "full", lambda a, b: a["robust_time_s"] / b["robust_time_s"])
         diff, diff_se = mean_se([d for _, d in diffs]) if diffs else (None, None)
         ratio, ratio_se = mean_se([v for _, v in ratios]) if ratios else (None, None)
-        time_mean, time_std = mean_std(r["time_s"] for r in mine)
+        my_times = [r["time_s"] for r in mine if timed_run(r)]
+        time_mean, time_std = mean_std(my_times) if my_times else (None, None)
         rows.append({
             "method": method, "label": METHODS[method][0], "seeds": [r["seed"] for r in mine],
             "top1_mean": top1_mean, "top1_se": top1_se, "top1_per_seed": top1,
@@ -389,10 +391,17 @@ def summarise(runs: Sequence[Dict[str, object]], methods: Sequence[str], epochs:
             "time_ratio": ratio, "time_ratio_se": ratio_se,
             "robust_time_ratio": mean_se([v for _, v in robust])[0] if robust else None,
             "time_s_mean": time_mean, "time_s_std": time_std,
-            "time_s_se": time_std / len(mine) ** 0.5 if len(mine) > 1 else None,
+            "time_s_se": time_std / len(my_times) ** 0.5 if len(my_times) > 1 else None,
+            "timed_seeds": [r["seed"] for r in mine if timed_run(r)],
             "flop_ratio": flop_ratio(method, epochs, grid),
         })
     return rows
+
+
+def timed_run(run: Dict[str, object]) -> bool:
+    """Whether a run's training time counts: a run marked ``untimed`` (its reason as the value, e.g.
+    measured while the test suite shared the cores) keeps its top-1 but leaves the time columns."""
+    return not run.get("untimed")
 
 
 def _pm(mean, se, spec: str) -> str:
@@ -424,7 +433,7 @@ def format_markdown(results: Dict[str, object]) -> str:
         lines.append(
             f"| {row['label']} | {len(row['seeds'])} | {_pm(row['top1_mean'], row['top1_se'], '.2f')} | "
             f"{'reference' if reference else _pm(row['diff_vs_full'], row['diff_se'], '+.2f')} | "
-            f"{row['time_s_mean']:.0f} ± {row['time_s_std']:.0f} | "
+            f"{_pm(row['time_s_mean'], row['time_s_std'], '.0f')} | "
             f"{'1' if reference else _pm(ratio, row['time_ratio_se'], '.3f')} | {speedup} | "
             f"{row['flop_ratio']:.3f} |")
     lines += ["", "Paired: each run against the full-token run of the same seed; mean over seeds ± standard error "
@@ -432,6 +441,11 @@ def format_markdown(results: Dict[str, object]) -> str:
                   "ratio < 1 is faster. FLOP ratio: token_select.vit_step_flops over the schedule (the operators' "
                   "own work not counted). A/A control: full tokens trained again; its time ratio is the timing "
                   "noise."]
+    untimed = sorted({f"{run['config']} seed {run['seed']} ({run['untimed']})" for run in results["runs"]
+                      if not timed_run(run)})
+    if untimed:
+        lines += ["", "Counted for top-1 only, not in the time columns (marked `untimed` in runs.jsonl): "
+                      + "; ".join(untimed) + "."]
     lines += [f"\n{note}" for note in results.get("notes", [])]
     return "\n".join(lines)
 
@@ -449,6 +463,8 @@ def draw(results: Dict[str, object], path: str = FIGURE) -> Optional[str]:
         return None
     fig, ax = plt.subplots(figsize=(7.5, 4.8))
     for row in results["summary"]:
+        if row["time_s_mean"] is None:  # only untimed runs: no place on the time axis
+            continue
         label = row["label"] if row["method"] == "full" else (
             f"{row['label']}: {row['diff_vs_full']:+.2f} pts, {1 / row['time_ratio']:.2f}x"
             if row["diff_vs_full"] is not None and row["time_ratio"] else row["label"])
