@@ -1,7 +1,7 @@
 """Every CUDA path of an install, checked in minutes: ``bash run/gpu_check.sh`` (or
 ``python -m ToE.gpu_check``).
 
-Time on one H100 (an ESTIMATE: this has not yet run on a GPU): about 2 minutes, under 4 with a 2x margin,
+Time on one H100 (an ESTIMATE: this has not yet run on a GPU): about 2.5 minutes, 5 with a 2x margin,
 within the 5-minute budget. Built from step counts and per-step times, not measured: every trainer check is
 a subprocess whose cost is its start (Python, torch and CUDA initialisation, about 5-10 s) plus 6 steps an
 epoch of a 2-block, 32-wide ViT (launch-bound: about 10-20 ms a step); the speed check's steps are those of
@@ -12,6 +12,7 @@ full-token step, 30-50 ms in stage 1.
     check               what it runs                                                    H100 estimate
     operator            15 operator cases, CPU and CUDA                                 ~5 s (CUDA start)
     no_host_sync        DeiT: 5 + 20 tiny steps, one Run built                          ~5 s
+    no_host_sync_vpt    --finetune + deep VPT, DeiT 3 + 10 tiny steps                   ~3 s
     no_host_sync_lvvit  token labels for 24 images, LV-ViT 3 + 10 tiny steps           ~5 s
     no_host_sync_et     EfficientTrain 2 + 6 tiny micro-steps                           ~3 s
     fp16_clip           DeiT float16: 3 passes of 6 tiny updates                        ~3 s
@@ -19,14 +20,17 @@ full-token step, 30-50 ms in stage 1.
     lvvit               generate_label + 2 epochs                                       ~20 s
     efficienttrain      2 epochs (24 px, 32 px)                                         ~10 s
     dali                2 epochs with the DALI pipeline built                           ~15 s
+    no_host_sync_dali   DeiT's DALI train loader: pipeline built, 2 + 4 batches          ~5 s
     yolos               2 epochs + --eval                                               ~20 s
     nccl                torchrun, NCCL set-up, 2 epochs                                 ~15 s
     sigusr1             2 trainer runs (stopped, resumed)                               ~20 s
+    two_ranks           2 torchrun runs of 2 ranks (3 epochs; stopped in 2), --eval,    ~35 s
+                        1 one-process resume
     speed               deit_small 224 px batch 256: per configuration 3 warm-up + 2   ~10 s
                         untimed + 10 timed steps (~2 s of steps), operator 8 calls, model build
 
-The trainer checks (~130 s in all) run two at a time (``--jobs 2``) beside the in-process checks (~20 s),
-so ~65-75 s; then the speed check alone, ~10 s; plus the data and start-up: ~1.5-2 min. Not included:
+The trainer checks (~165 s in all) run two at a time (``--jobs 2``) beside the in-process checks (~20 s),
+so ~85-95 s; then the speed check alone, ~10 s; plus the data and start-up: ~2-2.5 min. Not included:
 ``run/gpu_check.sh``'s one-time install of the ``dali`` extra (a download of some hundred MB).
 
 Each check asserts; a failed check says what went wrong, the command exits 1, and a table of
@@ -40,6 +44,9 @@ cannot rot.
     operator      TokenSelect on CUDA equals the CPU for every distance under bf16 and fp16 autocast
     no_host_sync  20 DeiT training steps under torch.cuda.set_sync_debug_mode("error")
                   (CPU: the same steps without the detector, a CUDA feature)
+    no_host_sync_vpt  the same detector around a fine-tuning step with deep VPT: --finetune from a checkpoint
+                  of another class count and grid (head dropped, position table resampled), the backbone
+                  frozen, prompts as prefix tokens (CPU: 3 steps without the detector)
     no_host_sync_lvvit  the same detector around LV-ViT's step: token-label targets (roi_align on the
                   device), MixToken, the dense loss (CPU: 3 steps without the detector)
     no_host_sync_et  the same detector around EfficientTrain's step: 2 micro-batches accumulated per update,
@@ -55,9 +62,18 @@ cannot rot.
     dali          EfficientTrain with DALI input on the JPEG check images: on a GPU the "mixed" decoder
                   (nvJPEG); without DALI skipped and named, or failed with --dali require (CPU: DALI's
                   CPU backend)
+    no_host_sync_dali  the torch side of DALI's training loader (outputs into torch, random erasing of the
+                  batch, the labels' copy) under the same detector, 4 batches (CPU: DALI's CPU backend,
+                  unchecked; skipped or failed without DALI as the dali check)
     yolos         YOLOS training and --eval on a tiny COCO layout
     nccl          a one-process NCCL (CPU: gloo) process group and DDP through training and evaluation
     sigusr1       SIGUSR1 mid-epoch: exit 3 with a mid-epoch checkpoint, --auto-resume finishes the run
+    two_ranks     DeiT on 2 ranks with accumulation 2: every micro-batch but an update's last skips the
+                  gradient all-reduce (no_sync, counted by a DDP comm hook) and the ranks step with equal
+                  gradients; 7 test images in shards of 4 and 3 give the top-1 of one process; SIGUSR1 to
+                  rank 1 alone stops both at the same update (exit 3 through ToE/common/torchrun.py); that
+                  checkpoint resumed on 1 process trains exactly the rest of the epoch (GPU: NCCL with 2+
+                  GPUs; with one, both ranks share it over gloo, a stand-in. CPU: gloo)
     speed         deit_small at 224 px, batch 256, bf16, per-step CUDA events: FAILS unless the median
                   stage-1 step is below the median full-token step (CPU: not exercised, a smoke run of
                   its timing code on a cut-down model only)
@@ -79,6 +95,7 @@ import tempfile
 import time
 import traceback
 from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Callable, Dict, List, Optional
 
@@ -164,29 +181,36 @@ def write_images(root: Path, seed: int = 0) -> Path:
     return root
 
 
-def write_coco(root: Path, seed: int = 0) -> Path:
-    """A tiny COCO layout: 8 train / 4 val canvases of 32 x 40 px with 1-2 bright squares (category 1 or 2)."""
+def write_coco(root, splits=(("train", 8), ("val", 4)), size=(32, 40), seed: int = 0,
+               edit: Optional[Callable[[str, dict], None]] = None):
+    """A tiny COCO layout (the one the checks, the tests and bench/audit.py use): ``size`` (height, width)
+    canvases with 1-2 bright squares each (category 1 or 2), train image 1 with none; ``splits``: (name,
+    images). ``edit(split, data)`` changes a split's json before it is written. Returns ``root``."""
     from PIL import Image
 
     rng = np.random.RandomState(seed)
-    (root / "annotations").mkdir(parents=True, exist_ok=True)
-    for split, count in (("train", 8), ("val", 4)):
-        (root / f"{split}2017").mkdir(exist_ok=True)
+    folder = Path(root)
+    (folder / "annotations").mkdir(parents=True, exist_ok=True)
+    height, width = size
+    for split, count in splits:
+        (folder / f"{split}2017").mkdir(parents=True, exist_ok=True)
         images, anns = [], []
         for image_id in range(1, count + 1):
-            pixels = rng.randint(0, 30, size=(32, 40, 3)).astype(np.uint8)
-            for _ in range(rng.randint(1, 3)):
+            pixels = rng.randint(0, 30, size=(height, width, 3)).astype(np.uint8)
+            for _ in range(0 if image_id == 1 and split == "train" else rng.randint(1, 3)):
                 w, h = rng.randint(6, 14, size=2)
-                x, y = rng.randint(0, 40 - w), rng.randint(0, 32 - h)
+                x, y = rng.randint(0, width - w), rng.randint(0, height - h)
                 category = int(rng.randint(1, 3))
                 pixels[y:y + h, x:x + w] = 120 * category
                 anns.append({"id": len(anns) + 1, "image_id": image_id, "category_id": category,
                              "bbox": [float(x), float(y), float(w), float(h)], "area": float(w * h), "iscrowd": 0})
             name = f"{image_id:04d}.png"
-            Image.fromarray(pixels).save(root / f"{split}2017" / name)
-            images.append({"id": image_id, "file_name": name, "width": 40, "height": 32})
-        (root / "annotations" / f"instances_{split}2017.json").write_text(json.dumps(
-            {"images": images, "annotations": anns, "categories": [{"id": 1, "name": "a"}, {"id": 2, "name": "b"}]}))
+            Image.fromarray(pixels).save(folder / f"{split}2017" / name)
+            images.append({"id": image_id, "file_name": name, "width": width, "height": height})
+        data = {"images": images, "annotations": anns, "categories": [{"id": 1, "name": "a"}, {"id": 2, "name": "b"}]}
+        if edit is not None:
+            edit(split, data)
+        (folder / "annotations" / f"instances_{split}2017.json").write_text(json.dumps(data))
     return root
 
 
@@ -228,13 +252,16 @@ class Context:
             env.pop(key, None)
         return env
 
-    def run(self, command: List[Any], name: str, expect_rc: int = 0, timeout: int = 300) -> subprocess.CompletedProcess:
-        """Run ``command`` from the repository root; its output goes to OUT/logs/NAME.log; a
-        return code other than ``expect_rc`` fails the check with the end of its output."""
+    def run(self, command: List[Any], name: str, expect_rc: int = 0, timeout: int = 300,
+            extra_env: Optional[Dict[str, str]] = None) -> subprocess.CompletedProcess:
+        """Run ``command`` from the repository root (``extra_env`` added to its environment); its output
+        goes to OUT/logs/NAME.log; a return code other than ``expect_rc`` fails the check with the end of
+        its output."""
         command = [str(part) for part in command]
         started = time.perf_counter()
         try:
-            result = subprocess.run(command, cwd=ROOT, env=self.env(), capture_output=True, text=True,
+            result = subprocess.run(command, cwd=ROOT, env={**self.env(), **(extra_env or {})}, capture_output=True,
+                                    text=True,
                                     timeout=timeout, check=False)
         except subprocess.TimeoutExpired as error:
             raise CheckFailed(f"{name}: did not finish within {timeout} s: {' '.join(command)}") from error
@@ -422,6 +449,21 @@ class SyncDetector:
         if self.armed:
             self.steps += 1
 
+    @contextmanager
+    def watching(self, where: Callable[[], str]):
+        """Armed inside the block; a sync caught there fails the check, naming ``where()`` (said when it is
+        caught) and the line of the project that made it."""
+        self.arm()
+        try:
+            yield
+        except RuntimeError as error:
+            if self.armed and "synchroniz" in str(error):
+                raise CheckFailed(f"a host sync {where()} at {_find_sync(error)}: {str(error).splitlines()[0]}") \
+                    from error
+            raise
+        finally:
+            self.disarm()
+
 
 def sync_checked(task_class: type, detector: SyncDetector):
     """A task class and a ``Run`` class that tell ``detector`` about the steps: the task's public
@@ -482,14 +524,8 @@ def _sync_checked_steps(ctx: Context, task_class: type, args, warmup: int, steps
             except RuntimeError:
                 pass
             expect(torch.cuda.get_sync_debug_mode() == 2, "the sync debug mode is not 'error'")
-        detector.arm()
-        try:
+        with detector.watching(lambda: f"inside the training step (after {detector.steps} armed steps)"):
             stats = run.train_steps(0, plan, batches[warmup:warmup + steps], 0, None)
-        except RuntimeError as error:
-            if detector.armed and "synchroniz" in str(error):
-                raise CheckFailed(f"a host sync inside the training step (after {detector.steps} armed steps) at "
-                                  f"{_find_sync(error)}: {str(error).splitlines()[0]}") from error
-            raise
     finally:
         detector.disarm()
     expect(detector.steps == steps, f"{detector.steps} training steps ran, expected {steps}")
@@ -523,6 +559,31 @@ def check_no_host_sync(ctx: Context) -> Dict[str, Any]:
     args = parse_args(["--data-path", str(ctx.images), *DEIT, "--device", ctx.dev_flag, "--amp-dtype", amp,
                        "--log-interval", "1000000", "--epochs", "3"])
     return {"amp": amp, **_sync_checked_steps(ctx, DeiTTask, args, warmup=5, steps=20)}
+
+
+def check_no_host_sync_vpt(ctx: Context) -> Dict[str, Any]:
+    """Fine-tuning with deep Visual Prompt Tuning on the device: ``--finetune`` loads a 10-class checkpoint of
+    a 2 x 2 grid onto the run's 3 classes and 4 x 4 grid (head dropped, position table resampled), then
+    ``--vpt deep``: the backbone frozen, prompts as prefix tokens that ToE passes through; 10 steps under
+    the same detector as ``no_host_sync`` after 3 warm-up steps, bf16, the frozen-weight fingerprint
+    taken. On the CPU: 3 steps after 1, float32, without the detector (a CUDA feature)."""
+    import timm
+
+    from ToE.deit.main import parse_args
+    from ToE.deit.trainer import DeiTTask
+
+    work = ctx.folder("sync_vpt")
+    pretrained = work / "pretrained.pth"
+    torch.manual_seed(0)
+    torch.save({"model": timm.create_model("vit_tiny_patch16_224", num_classes=10, img_size=8, patch_size=4,
+                                           embed_dim=32, depth=2, num_heads=2).state_dict()}, pretrained)
+    amp = "bfloat16" if ctx.cuda else "float32"
+    args = parse_args(["--data-path", str(ctx.images), *DEIT, "--device", ctx.dev_flag, "--amp-dtype", amp,
+                       "--log-interval", "1000000", "--epochs", "3", "--finetune", str(pretrained), "--vpt", "deep",
+                       "--prompt-tokens", "3", "--output_dir", str(work / "out")])
+    warmup, steps = (3, 10) if ctx.cuda else (1, 3)
+    return {"amp": amp, "vpt": "deep, 3 prompt tokens", "finetune": "10 -> 3 classes, 2 x 2 -> 4 x 4 grid",
+            **_sync_checked_steps(ctx, DeiTTask, args, warmup, steps)}
 
 
 def check_no_host_sync_lvvit(ctx: Context) -> Dict[str, Any]:
@@ -696,10 +757,9 @@ def check_efficienttrain(ctx: Context) -> Dict[str, Any]:
 DALI_EXTRA = 'pip install -e ".[dali]"'
 
 
-def check_dali(ctx: Context) -> Dict[str, Any]:
-    """EfficientTrain with ``--data-backend dali`` on the JPEG images: DALI's "mixed" decoder (nvJPEG) and
-    its augmentation on the GPU; on the CPU, DALI's CPU backend (libjpeg-turbo). Without DALI: with
-    ``--dali require`` a failure, with ``--dali auto`` (the default) skipped and named, never passed."""
+def _need_dali(ctx: Context) -> None:
+    """Go on only where DALI is to be checked and importable: ``--dali off`` skips; without DALI, ``--dali
+    require`` fails and ``--dali auto`` (the default) skips, naming the install (never passed)."""
     if ctx.dali == "off":
         raise Skipped("--dali off")
     if not _dali_importable():
@@ -710,6 +770,13 @@ def check_dali(ctx: Context) -> Dict[str, Any]:
             raise CheckFailed(f"DALI is not importable (--dali require): {how}")
         raise Skipped(f"DALI is not importable, so DALI's input did not run: {how} (--dali require makes this a "
                       "failure)")
+
+
+def check_dali(ctx: Context) -> Dict[str, Any]:
+    """EfficientTrain with ``--data-backend dali`` on the JPEG images: DALI's "mixed" decoder (nvJPEG) and
+    its augmentation on the GPU; on the CPU, DALI's CPU backend (libjpeg-turbo). Without DALI: with
+    ``--dali require`` a failure, with ``--dali auto`` (the default) skipped and named, never passed."""
+    _need_dali(ctx)
     jpegs = sorted((ctx.images / "train").glob("*/*"))
     expect(jpegs and all(path.suffix == ".jpg" and path.read_bytes()[:2] == b"\xff\xd8" for path in jpegs),
            f"the check images are not all JPEGs: {[p.name for p in jpegs[:3]]}")
@@ -718,6 +785,40 @@ def check_dali(ctx: Context) -> Dict[str, Any]:
     detail["images"] = f"{len(jpegs)} JPEG train images"
     if not ctx.cuda:
         detail["note"] = "DALI ran its CPU backend: the mixed decoder (nvJPEG) needs CUDA"
+    return detail
+
+
+def check_no_host_sync_dali(ctx: Context) -> Dict[str, Any]:
+    """The torch side of DALI's training loader (its outputs into torch tensors, random erasing of the
+    whole batch, the labels' copy to the device) under ``set_sync_debug_mode("error")``: 4 batches of
+    DeiT's loader with ``--data-backend dali`` and ``--reprob 1`` after 2 unchecked ones (the pipeline
+    built, the first batches prefetched, pinned buffers allocated), each consumed by a device-side sum
+    (no read). DALI's own waits are its own (not torch's, so not seen): a sync found here is the
+    project's. On the CPU the same batches run without the detector, from DALI's CPU backend."""
+    from ToE.common.lifecycle import Run
+    from ToE.deit.main import parse_args
+    from ToE.deit.trainer import DeiTTask
+
+    _need_dali(ctx)
+    args = parse_args(["--data-path", str(ctx.images), *DEIT, "--device", ctx.dev_flag, "--data-backend", "dali",
+                       "--reprob", "1.0", "--epochs", "3"])
+    torch.manual_seed(0)
+    task = Run(args, DeiTTask).task
+    batches = iter(task.train_loader(0, task.plan[0], 0))
+    for _ in range(2):
+        next(batches)
+    total, checked = torch.zeros((), device=ctx.device), 0
+    with SyncDetector(ctx.cuda).watching(lambda: f"in DALI's training loader (after {checked} checked batches)"):
+        for images, targets in batches:
+            expect(images.device.type == ctx.device.type and targets.device.type == ctx.device.type,
+                   f"a DALI batch on {images.device}/{targets.device}, expected {ctx.device.type}")
+            total += images.float().mean() + targets.float().sum()
+            checked += 1
+    expect(checked == 4 and bool(torch.isfinite(total)), f"{checked} batches checked (expected 4), sum {total}")
+    detail: Dict[str, Any] = {"batches": checked, "random_erasing": "every image (--reprob 1)",
+                              "sync_debug_mode": "error" if ctx.cuda else "not available on the CPU (unchecked)"}
+    if not ctx.cuda:
+        detail["note"] = "the 4 batches came from DALI's CPU backend without the sync detector (a CUDA feature)"
     return detail
 
 
@@ -840,6 +941,167 @@ def check_sigusr1(ctx: Context) -> Dict[str, Any]:
     on_device(result, ctx, "resumed run")
     check_epochs(out, 3, "SIGUSR1 + --auto-resume")
     return {"stopped_at": {"epoch": position["epoch"], "step": position["step"]}, "exit_code": 3, "resumed_to": 3}
+
+
+# -- 8a. two ranks: no_sync with accumulation, uneven evaluation shards, a stop seen by one rank, 2 -> 1 ---
+# DeiT on 2 processes through ToE/common/torchrun.py, each process reporting what its DDP did: the
+# gradient all-reduces of every micro-batch (a counting DDP comm hook: no_sync must leave all but an
+# update's last micro-batch without one), whether the gradients the optimizer steps with are equal on
+# both ranks, and its training steps. Rank 1 alone sends itself SIGUSR1 when GPU_CHECK_STOP_AT is set.
+# With fewer GPUs than ranks (one H100), both ranks share GPU 0 over gloo, which reduces CUDA tensors
+# too: a stand-in for NCCL, which needs a GPU per rank; with two or more GPUs it is NCCL, as a real
+# run; without a GPU, gloo on the CPU.
+TWO_RANK_TRAINER = """# gpu_check's two_ranks check: DeiT on 2 processes reporting its DDP traffic
+import atexit
+import itertools
+import json
+import os
+import signal
+
+import torch
+import torch.distributed as dist
+from torch.distributed.algorithms.ddp_comm_hooks import default_hooks
+
+from ToE.common.lifecycle import trainer_entry
+from {package}.main import get_args_parser
+from {package}.trainer import DeiTTask
+
+RANK = int(os.environ.get("RANK", "0"))
+STOP_AT = int(os.environ.get("GPU_CHECK_STOP_AT", "0"))  # the training step at which rank 1 signals itself
+REPORT = {{"rank": RANK, "backend": None, "steps": 0, "updates": [], "unequal_gradients": 0, "signalled_at": None}}
+if torch.cuda.is_available() and torch.cuda.device_count() < int(os.environ.get("LOCAL_WORLD_SIZE", "1")):
+    os.environ["LOCAL_RANK"] = "0"  # one GPU for both ranks: gloo over its CUDA tensors stands in for NCCL
+    torch.cuda.set_device(0)
+    dist.init_process_group(backend="gloo")
+STEPS = itertools.count(1)
+COMM = [0]  # gradient buckets all-reduced so far
+
+
+def counting(state, bucket):
+    COMM[0] += 1
+    return default_hooks.allreduce_hook(state, bucket)
+
+
+class TwoRanks(DeiTTask):
+    marks = []  # COMM at the start of each micro-batch of the current update
+
+    def train_step(self, model, batch):
+        if REPORT["steps"] == 0 and hasattr(model, "register_comm_hook"):  # DDP
+            REPORT["backend"] = dist.get_backend()
+            model.register_comm_hook(None, counting)
+        step = REPORT["steps"] = next(STEPS)
+        if RANK == 1 and step == STOP_AT:
+            REPORT["signalled_at"] = step
+            os.kill(os.getpid(), signal.SIGUSR1)
+        self.marks.append(COMM[0])
+        return super().train_step(model, batch)
+
+    def before_optimizer_step(self, model):
+        # all-reduces in each micro-batch's backward: the later marks, then the count now
+        ends = self.marks[1:] + [COMM[0]]
+        REPORT["updates"].append([end - start for start, end in zip(self.marks, ends)])
+        self.marks.clear()
+        if dist.is_initialized():
+            grads = torch.cat([p.grad.detach().flatten().double() for p in model.parameters() if p.grad is not None])
+            mine = [float(grads.sum()), float(grads.abs().sum())]
+            every = [None] * dist.get_world_size()
+            dist.all_gather_object(every, mine)
+            REPORT["unequal_gradients"] += any(other != mine for other in every)
+        return super().before_optimizer_step(model)
+
+
+def write_report():
+    with open(os.path.join(os.environ["GPU_CHECK_REPORT"], f"rank{{RANK}}.json"), "a") as handle:
+        handle.write(json.dumps(REPORT) + "\\n")
+
+
+atexit.register(write_report)
+parse_args, main, cli = trainer_entry("DeiT on 2 ranks reporting its DDP traffic (gpu_check)", get_args_parser,
+                                      __name__ + ":TwoRanks")
+
+if __name__ == "__main__":
+    cli()
+"""
+
+
+def _rank_reports(folder: Path) -> List[Dict[str, Any]]:
+    """Every report the ranks wrote into ``folder`` (one line per process start)."""
+    reports = []
+    for path in sorted(folder.glob("rank*.json")):
+        reports += [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    return reports
+
+
+def no_sync_verdict(reports: List[Dict[str, Any]], accum: int) -> Optional[str]:
+    """What is wrong with the ranks' DDP traffic, or None: every update must have ``accum`` micro-batches,
+    all-reduce in its last one only (no_sync in the others), and step with equal gradients on every rank."""
+    for report in reports:
+        if report["backend"] is None:
+            return f"rank {report['rank']} trained without a process group"
+        for counts in report["updates"]:
+            if len(counts) != accum or any(counts[:-1]) or counts[-1] == 0:
+                return (f"rank {report['rank']}: an update's micro-batches all-reduced {counts} gradient bucket(s); "
+                        f"expected {accum} micro-batches, none before the last (no_sync) and some in the last")
+        if report["unequal_gradients"]:
+            return (f"rank {report['rank']}: {report['unequal_gradients']} update(s) stepped with gradients that "
+                    "differ between the ranks")
+    return None
+
+
+def check_two_ranks(ctx: Context) -> Dict[str, Any]:
+    work = ctx.folder("two_ranks")
+    trainer = work / "two_rank_trainer.py"
+    trainer.write_text(TWO_RANK_TRAINER.format(package=TRAINERS["deit"].package))
+    # 24 images, 2 ranks x 2 per micro-batch, 8 per update: accumulation 2, 3 updates an epoch; the stop
+    # check every 2 micro-batches; 7 test images, shards of 4 and 3
+    accum = 2
+    flags = [*DEIT, "--data-path", ctx.images, "--device", ctx.dev_flag, "--epochs", "3", "--batch-size", "2",
+             "--global-batch", "8", "--log-interval", "2"]
+    launcher = [sys.executable, str(ROOT / "ToE" / "common" / "torchrun.py"), "--standalone", "--nproc_per_node", "2"]
+    runs = {}
+    for name, stop_at in (("straight", 0), ("stopped", 9)):
+        out, reports = work / name, work / f"{name}_reports"
+        reports.mkdir()
+        env_extra = {"GPU_CHECK_REPORT": str(reports), "GPU_CHECK_STOP_AT": str(stop_at)}
+        runs[name] = ctx.run([*launcher, trainer, *flags, "--output_dir", out, "--auto-resume"], f"two_ranks_{name}",
+                             expect_rc=3 if stop_at else 0, extra_env=env_extra)
+        verdict = no_sync_verdict(_rank_reports(reports), accum)
+        expect(verdict is None, f"{name}: {verdict}")
+    straight, stopped = work / "straight", work / "stopped"
+    on_device(runs["straight"], ctx, "two ranks")
+    log = check_epochs(straight, 3, "two ranks")
+    backends = sorted({r["backend"] for r in _rank_reports(work / "straight_reports")})
+    # uneven shards: the 2-rank evaluation counted each of the 7 test images once, as one process does
+    single = ctx.main("deit", *flags, "--eval", "--resume", straight / "checkpoint.pth", name="two_ranks_eval")
+    line = next((text for text in single.stdout.splitlines() if text.startswith("Accuracy on ")), "")
+    expect(line.startswith("Accuracy on 7 test images"), f"one-process --eval: {line or single.stdout[-800:]}")
+    alone = float(line.split("top-1 ")[1].split(" %")[0])
+    expect(log[-1].get("test_images") == 7 and abs(log[-1]["test_acc1"] - alone) < 0.01,  # printed to 2 decimals
+           f"2 ranks evaluated {log[-1].get('test_images')} test image(s) to top-1 {log[-1]['test_acc1']}; one process "
+           f"evaluates 7 to {alone}")
+    # a stop seen by rank 1 alone: both ranks stop at the same update with one mid-epoch checkpoint
+    expect("SIGUSR1 received in epoch 1" in runs["stopped"].stderr,
+           f"the stop message does not name SIGUSR1 in epoch 1:\n{runs['stopped'].stderr[-1500:]}")
+    signalled = [r for r in _rank_reports(work / "stopped_reports") if r["signalled_at"]]
+    expect([r["rank"] for r in signalled] == [1], f"the signal was sent by ranks {[r['rank'] for r in signalled]}")
+    position = load(stopped / "checkpoint.pth").get("position")
+    expect(position is not None and position["epoch"] == 1 and position["step"] == 4,
+           f"the checkpoint holds position {position}; expected epoch 1, step 4 (the update after rank 1's signal)")
+    # 2 ranks resumed as 1: the 8 images per update kept by accumulating 4 micro-batches of 2, and the rest of
+    # the epoch is the 8 images that the 2 updates done did not train on: 1 update, then epoch 2's 3
+    reports = work / "resumed_reports"
+    reports.mkdir()
+    resumed = ctx.run([sys.executable, trainer, *flags, "--output_dir", stopped, "--auto-resume"],
+                      "two_ranks_resumed_as_one", extra_env={"GPU_CHECK_REPORT": str(reports)})
+    expect("written by 2 process(es), this run has 1" in resumed.stdout,
+           f"resuming 2 ranks' checkpoint on one process said nothing of it:\n{resumed.stdout[-1500:]}")
+    alone_steps = [(r["steps"], len(r["updates"])) for r in _rank_reports(reports)]
+    expect(alone_steps == [(16, 4)], f"resumed on one process, it trained (micro-batches, updates) {alone_steps}; "
+                                     "expected (16, 4): the 4 of epoch 1's last update and epoch 2's 12")
+    check_epochs(stopped, 3, "2 ranks resumed as 1")
+    return {"backends": backends, "accumulation": accum, "test_images": 7,
+            "stopped_at": {key: position[key] for key in ("epoch", "step", "updates")},
+            "stand_in": "gloo on one GPU" if ctx.cuda and torch.cuda.device_count() < 2 else None}
 
 
 # -- 8b. float16 with --clip-grad: unscaled before clipped ---------------------------------------------
@@ -1095,6 +1357,7 @@ def check_speed(ctx: Context) -> Dict[str, Any]:
 CHECKS: Dict[str, Callable[[Context], Dict[str, Any]]] = {
     "operator": check_operator,
     "no_host_sync": check_no_host_sync,
+    "no_host_sync_vpt": check_no_host_sync_vpt,
     "no_host_sync_lvvit": check_no_host_sync_lvvit,
     "no_host_sync_et": check_no_host_sync_et,
     "fp16_clip": check_fp16_clip,
@@ -1102,9 +1365,11 @@ CHECKS: Dict[str, Callable[[Context], Dict[str, Any]]] = {
     "lvvit": check_lvvit,
     "efficienttrain": check_efficienttrain,
     "dali": check_dali,
+    "no_host_sync_dali": check_no_host_sync_dali,
     "yolos": check_yolos,
     "nccl": check_nccl,
     "sigusr1": check_sigusr1,
+    "two_ranks": check_two_ranks,
     "speed": check_speed,
 }
 
@@ -1112,6 +1377,7 @@ CHECKS: Dict[str, Callable[[Context], Dict[str, Any]]] = {
 SUMMARIES = {
     "operator": "TokenSelect on CUDA equals the CPU (kept indices, outputs, gradients), every distance, bf16/fp16",
     "no_host_sync": "20 training steps (Run.train_steps, bf16, ToE, EMA) under set_sync_debug_mode('error')",
+    "no_host_sync_vpt": "--finetune onto another grid and class count, deep VPT: the step under the same detector",
     "no_host_sync_lvvit": "LV-ViT's step (token labels, MixToken, dense loss) under the same detector",
     "no_host_sync_et": "EfficientTrain's step (accumulation 2, per-update lr, low-pass view) under the detector",
     "fp16_clip": "float16 + GradScaler + --clip-grad: clipped in unscaled units, stepped, finite; CPU: not exercised",
@@ -1119,13 +1385,15 @@ SUMMARIES = {
     "lvvit": "LV-ViT with token labels from ToE.lvvit.generate_label and a tiny teacher",
     "efficienttrain": "EfficientTrain over two curriculum segments (24 -> 32 px), torch input",
     "dali": "EfficientTrain with DALI input on JPEGs (mixed decoder: nvJPEG); --dali require: missing DALI fails",
+    "no_host_sync_dali": "DALI's training loader (outputs to torch, batch random erasing, labels) under the detector",
     "yolos": "YOLOS training and --eval on a tiny COCO layout",
     "nccl": "torchrun, a one-process NCCL (CPU: gloo) group and DDP through training and evaluation",
     "sigusr1": "SIGUSR1 mid-epoch: exit 3, mid-epoch checkpoint; --auto-resume finishes the run",
+    "two_ranks": "2 ranks: no_sync with accumulation, uneven evaluation shards, a stop seen by one rank, resumed as 1",
     "speed": "deit_small 224 px batch 256 bf16: fails unless the stage-1 median step beats full tokens; CPU: not "
              "exercised",
 }
-SUBPROCESS_CHECKS = ("deit_amp", "lvvit", "efficienttrain", "dali", "yolos", "nccl", "sigusr1")
+SUBPROCESS_CHECKS = ("deit_amp", "lvvit", "efficienttrain", "dali", "yolos", "nccl", "sigusr1", "two_ranks")
 STATUS_MARKS = {"passed": "PASS", "failed": "FAIL", "skipped": "SKIP", "not exercised": "N/A "}
 
 
@@ -1248,8 +1516,7 @@ def main(argv=None) -> int:
                               "torch": torch.__version__, "cuda_version": torch.version.cuda, "out": str(out),
                               "checks": []}
     # the data first: the checks that run side by side read it
-    if set(names) & {"no_host_sync", "no_host_sync_lvvit", "no_host_sync_et", "fp16_clip", "deit_amp", "lvvit",
-                     "efficienttrain", "dali", "nccl", "sigusr1"}:
+    if set(names) - {"operator", "yolos", "speed"}:  # every other check reads the images
         _ = ctx.images
     if "yolos" in names:
         _ = ctx.coco

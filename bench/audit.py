@@ -52,6 +52,7 @@ from PIL import Image
 
 from ToE.common.errors import UserError
 from ToE.common.log import read_log
+from ToE.gpu_check import write_coco
 from ToE.trainers import TRAINERS
 
 HERE = Path(__file__).resolve().parents[1]
@@ -232,34 +233,6 @@ def write_labels(images: Path, labels: Path, side: int = 4, classes: int = 3, se
         path.parent.mkdir(parents=True, exist_ok=True)
         torch.save(label_tensor(classes, side, generator), path)
     return labels
-
-
-def write_coco(root: Path, edit: Optional[Callable[[str, dict], None]] = None, splits=(("train", 8), ("val", 4)),
-               seed: int = 0) -> Path:
-    """The tests' tiny COCO layout: 32 x 40 canvases with 1-2 bright squares (category 1 or 2); train
-    image 1 has none. ``edit(split, data)`` changes a split's json before it is written."""
-    rng = np.random.RandomState(seed)
-    (root / "annotations").mkdir(parents=True, exist_ok=True)
-    for split, count in splits:
-        (root / f"{split}2017").mkdir(parents=True, exist_ok=True)
-        images, anns = [], []
-        for image_id in range(1, count + 1):
-            pixels = rng.randint(0, 30, size=(32, 40, 3)).astype(np.uint8)
-            for _ in range(0 if image_id == 1 and split == "train" else rng.randint(1, 3)):
-                w, h = rng.randint(6, 14, size=2)
-                x, y = rng.randint(0, 40 - w), rng.randint(0, 32 - h)
-                category = int(rng.randint(1, 3))
-                pixels[y:y + h, x:x + w] = 120 * category
-                anns.append({"id": len(anns) + 1, "image_id": image_id, "category_id": category,
-                             "bbox": [float(x), float(y), float(w), float(h)], "area": float(w * h), "iscrowd": 0})
-            name = f"{image_id:04d}.png"
-            Image.fromarray(pixels).save(root / f"{split}2017" / name)
-            images.append({"id": image_id, "file_name": name, "width": 40, "height": 32})
-        data = {"images": images, "annotations": anns, "categories": [{"id": 1, "name": "a"}, {"id": 2, "name": "b"}]}
-        if edit is not None:
-            edit(split, data)
-        (root / "annotations" / f"instances_{split}2017.json").write_text(json.dumps(data))
-    return root
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -676,7 +649,7 @@ def et_run_script_usage_example(ctx: Context) -> Outcome:
 # -- YOLOS -------------------------------------------------------------------------------------------------
 def _yolos_data_case(ctx: Context, edit: Callable[[str, dict], None], needles: Sequence,
                      accepted: Outcome) -> Outcome:
-    root = write_coco(ctx.tmp / "coco", edit)
+    root = write_coco(ctx.tmp / "coco", edit=edit)
     result = ctx.main("yolos", "--coco_path", root, "--output_dir", ctx.tmp / "out")
     return judge_refusal(result, needles=needles, accepted=accepted)
 

@@ -38,6 +38,14 @@ __all__ = ["describe_machine", "git_commit", "demo_config", "recipe", "trainer_c
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
+def load_average() -> Optional[List[float]]:
+    """The machine's load average (1, 5, 15 min), rounded; None where the system has none."""
+    try:
+        return [round(x, 2) for x in os.getloadavg()]
+    except OSError:
+        return None
+
+
 def describe_machine() -> Dict[str, object]:
     """CPU model, core count, memory, torch version and threads: what a table's reader needs."""
     cpu_model = platform.processor() or "unknown"

@@ -25,14 +25,14 @@ import os
 import statistics
 import sys
 import time
-from typing import Dict, List, Optional, Sequence
+from typing import Dict, Optional, Sequence
 
 import torch
 import torch._dynamo
 import torch.nn.functional as F
 
 import token_select
-from bench.common import describe_machine, git_commit, paired_ratios, rotated
+from bench.common import describe_machine, git_commit, load_average, paired_ratios, rotated
 from bench.speed import CUDA_BATCH, RESULTS, model_spec
 from ToE.flops import create_model
 
@@ -141,13 +141,6 @@ def format_markdown(results: Dict[str, object]) -> str:
     return "\n".join(lines)
 
 
-def _load() -> Optional[List[float]]:
-    try:
-        return [round(x, 2) for x in os.getloadavg()]
-    except OSError:
-        return None
-
-
 def main(argv: Optional[Sequence[str]] = None) -> Dict[str, object]:
     parser = argparse.ArgumentParser(prog="python -m bench.compile", description=__doc__.split("\n\n")[0])
     parser.add_argument("--models", nargs="+", default=["demo", "deit_small"])
@@ -171,10 +164,10 @@ def main(argv: Optional[Sequence[str]] = None) -> Dict[str, object]:
         device = torch.device(args.device)
         results = {"machine": describe_machine(), "commit": git_commit(), "device": str(device),
                    "command": " ".join(["python -m bench.compile", *(sys.argv[1:] if argv is None else argv)]),
-                   "load_before": _load()}
+                   "load_before": load_average()}
         results["models"] = [measure(name, args.batch_size, args.steps, args.warmup, device, args.backend)
                              for name in args.models]
-        results["load_after"] = _load()
+        results["load_after"] = load_average()
     os.makedirs(args.out, exist_ok=True)
     with open(stem + ".json", "w") as handle:
         json.dump(results, handle, indent=1)

@@ -44,9 +44,11 @@ Outputs: ``bench/results/fashion/{summary.json,table.md,results.json}`` and
 ``Figs/fashion_accuracy_time.png`` (needs matplotlib; skipped with a note without it).
 ``summary.json`` is a list with one object per method: ``method``, ``seeds``, ``top1_mean``,
 ``top1_se`` (over seeds), ``diff_vs_full``/``diff_se`` (top-1 minus full tokens' with the same
-seed, mean and standard error over seeds), ``time_ratio`` (training time / full tokens' of the same
-seed, mean over seeds; evaluation excluded) and ``flop_ratio`` (``token_select.vit_step_flops``
-over the schedule, against full tokens; the operators' own work is not counted).
+seed, mean and standard error over seeds), ``time_ratio`` (training time against full tokens' of the same
+seed, each stage-normalised by the run's own last-stage epochs (``own_time_ratio``), mean over seeds;
+evaluation excluded; ``wall_time_ratio`` is the plain ratio of seconds) and ``flop_ratio``
+(``token_select.vit_step_flops`` over the schedule, against full tokens; the operators' own work is not
+counted).
 """
 
 from __future__ import annotations
@@ -322,7 +324,8 @@ def run_one(method: str, seed: int, args, neighbours: Neighbours, log=print) -> 
            "robust_time_s": numbers["robust_train_seconds"], "epoch_seconds": numbers["epoch_seconds"],
            "slow_epochs": numbers["slow_epochs"], "kept_tokens": [r.get("kept_tokens") for r in records],
            "wall_s": wall, "started": started, "load_before": list(load_before),
-           "load_after": list(os.getloadavg()), "beside": beside, "threads": args.threads}
+           "load_after": list(os.getloadavg()), "beside": beside, "threads": args.threads,
+           **({"untimed": args.untimed} if args.untimed else {})}
     log(f"[fashion]   {method} seed {seed}: top-1 {run['acc1']:.2f} % on {run['test_images']} images, train "
         f"{run['time_s']:.1f} s, load {load_before[0]:.2f} -> {run['load_after'][0]:.2f}")
     return run
@@ -337,8 +340,10 @@ def run_all(methods: Sequence[str], seeds: Sequence[int], aa_seeds: Sequence[int
     done = {(run["config"], run["seed"]) for run in runs}
     jobs = []
     for index, seed in enumerate(seeds):
-        order = list(methods) + (["full-aa"] if seed in aa_seeds else [])
-        jobs += [(method, seed) for method in rotated(order, index) if (method, seed) not in done]
+        order = rotated(list(methods), index)
+        if seed in aa_seeds and "full" in order:  # the A/A run half the order away from its reference, not beside it
+            order.insert((order.index("full") + len(order) // 2) % len(order) + 1, "full-aa")
+        jobs += [(method, seed) for method in order if (method, seed) not in done]
     if not jobs:
         return runs
     log(f"[fashion] {len(jobs)} runs to train ({len(done)} already in {runs_path}), {args.parallel} at a time")
@@ -378,24 +383,38 @@ def summarise(runs: Sequence[Dict[str, object]], methods: Sequence[str], epochs:
         top1_mean, top1_se = mean_se(top1)
         diffs = paired_by_seed(runs, method, "full", lambda a, b: a["acc1"] - b["acc1"])
         timed = [r for r in runs if timed_run(r)]
-        ratios = paired_by_seed(timed, method, "full", lambda a, b: a["time_s"] / b["time_s"])
-        robust = paired_by_seed(timed, method, "full", lambda a, b: a["robust_time_s"] / b["robust_time_s"])
+        walls = paired_by_seed(timed, method, "full", lambda a, b: a["time_s"] / b["time_s"])
+        ratios = paired_by_seed(timed, method, "full", lambda a, b: own_time_ratio(a) / own_time_ratio(b))
         diff, diff_se = mean_se([d for _, d in diffs]) if diffs else (None, None)
         ratio, ratio_se = mean_se([v for _, v in ratios]) if ratios else (None, None)
+        wall, wall_se = mean_se([v for _, v in walls]) if walls else (None, None)
         my_times = [r["time_s"] for r in mine if timed_run(r)]
         time_mean, time_std = mean_std(my_times) if my_times else (None, None)
         rows.append({
             "method": method, "label": METHODS[method][0], "seeds": [r["seed"] for r in mine],
             "top1_mean": top1_mean, "top1_se": top1_se, "top1_per_seed": top1,
             "diff_vs_full": diff, "diff_se": diff_se, "diff_per_seed": [d for _, d in diffs],
-            "time_ratio": ratio, "time_ratio_se": ratio_se,
-            "robust_time_ratio": mean_se([v for _, v in robust])[0] if robust else None,
+            "time_ratio": ratio, "time_ratio_se": ratio_se, "time_ratio_per_seed": [v for _, v in ratios],
+            "wall_time_ratio": wall, "wall_time_ratio_se": wall_se, "wall_time_ratio_per_seed": [v for _, v in walls],
             "time_s_mean": time_mean, "time_s_std": time_std,
             "time_s_se": time_std / len(my_times) ** 0.5 if len(my_times) > 1 else None,
             "timed_seeds": [r["seed"] for r in mine if timed_run(r)],
             "flop_ratio": flop_ratio(method, epochs, grid),
         })
     return rows
+
+
+def own_time_ratio(run: Dict[str, object]) -> float:
+    """A run's training time over what its epochs would have taken at the speed of its own last stage,
+    where every method trains on all tokens: ``sum(epoch_seconds) / (epochs x mean of the last stage's
+    epochs)``. Each run is its own reference, so the drift of the machine's speed between runs (measured:
+    full tokens alone took 380 s with one seed and 446 s with the next; the two runs beside a run slow
+    it unlike) cancels; paired by seed against full tokens' own ratio (whose epochs differ only by
+    the drift within a run), it is the table's time ratio."""
+    starts = schedule_of(run["config"], run["epochs"])[0]
+    seconds = run["epoch_seconds"]
+    last = seconds[starts[-1]:]
+    return sum(seconds) / (len(seconds) * (sum(last) / len(last)))
 
 
 def timed_run(run: Dict[str, object]) -> bool:
@@ -407,7 +426,7 @@ def timed_run(run: Dict[str, object]) -> bool:
 def _pm(mean, se, spec: str) -> str:
     if mean is None:
         return "n/a"
-    return f"{mean:{spec}}" + ("" if se is None else f" ± {se:.2f}")
+    return f"{mean:{spec}}" + ("" if se is None else f" ± {se:{spec.lstrip('+')}}")  # the SE to the mean's digits
 
 
 def format_markdown(results: Dict[str, object]) -> str:
@@ -424,8 +443,8 @@ def format_markdown(results: Dict[str, object]) -> str:
         f"after the runs: {load_text}.",
         "",
         "| method | seeds | top-1 % (mean ± SE) | Δ top-1 vs full, paired (mean ± SE) | training time s (mean ± std) "
-        "| time ratio vs full, paired | speedup | FLOP ratio |",
-        "|---|---|---|---|---|---|---|---|"]
+        "| wall-time ratio vs full, paired | time ratio vs full, paired, stage-normalised | speedup | FLOP ratio |",
+        "|---|---|---|---|---|---|---|---|---|"]
     for row in results["summary"]:
         reference = row["method"] == "full"
         ratio = row["time_ratio"]
@@ -434,18 +453,27 @@ def format_markdown(results: Dict[str, object]) -> str:
             f"| {row['label']} | {len(row['seeds'])} | {_pm(row['top1_mean'], row['top1_se'], '.2f')} | "
             f"{'reference' if reference else _pm(row['diff_vs_full'], row['diff_se'], '+.2f')} | "
             f"{_pm(row['time_s_mean'], row['time_s_std'], '.0f')} | "
+            f"{'1' if reference else _pm(row['wall_time_ratio'], row['wall_time_ratio_se'], '.3f')} | "
             f"{'1' if reference else _pm(ratio, row['time_ratio_se'], '.3f')} | {speedup} | "
             f"{row['flop_ratio']:.3f} |")
     lines += ["", "Paired: each run against the full-token run of the same seed; mean over seeds ± standard error "
-                  "(std of the paired values / √n). Time: seconds in training epochs (evaluation excluded); time "
-                  "ratio < 1 is faster. FLOP ratio: token_select.vit_step_flops over the schedule (the operators' "
-                  "own work not counted). A/A control: full tokens trained again; its time ratio is the timing "
-                  "noise."]
-    untimed = sorted({f"{run['config']} seed {run['seed']} ({run['untimed']})" for run in results["runs"]
-                      if not timed_run(run)})
+                  "(std of the paired values / √n). Time: seconds in training epochs (evaluation excluded); a ratio "
+                  "< 1 is faster. Wall-time ratio: training seconds over full tokens' (runs of one seed train at "
+                  "different times, so it carries the machine's drift between runs). Stage-normalised (the "
+                  "speedup's basis): each run's seconds over what its epochs would take at the speed of its own "
+                  "last stage, where every method trains all tokens (`own_time_ratio` in bench/fashion.py), over "
+                  "the same for full tokens: each run is its own reference. FLOP ratio: "
+                  "token_select.vit_step_flops over the schedule (the operators' own work not counted). A/A "
+                  "control: full tokens trained again with the same seed at another time; its ratios are the "
+                  "timing noise of each column, its Δ top-1 the nondeterminism of training (0 here: the runs "
+                  "are deterministic)."]
+    untimed: Dict[str, List[str]] = {}
+    for run in sorted(results["runs"], key=lambda r: (r["seed"], r["config"])):
+        if not timed_run(run):
+            untimed.setdefault(str(run["untimed"]), []).append(f"{run['config']} seed {run['seed']}")
     if untimed:
         lines += ["", "Counted for top-1 only, not in the time columns (marked `untimed` in runs.jsonl): "
-                      + "; ".join(untimed) + "."]
+                      + "; ".join(f"{', '.join(names)} ({reason})" for reason, names in untimed.items()) + "."]
     lines += [f"\n{note}" for note in results.get("notes", [])]
     return "\n".join(lines)
 
@@ -463,14 +491,15 @@ def draw(results: Dict[str, object], path: str = FIGURE) -> Optional[str]:
         return None
     fig, ax = plt.subplots(figsize=(7.5, 4.8))
     for row in results["summary"]:
-        if row["time_s_mean"] is None:  # only untimed runs: no place on the time axis
+        if row["method"] != "full" and row["time_ratio"] is None:  # no timed pair: no place on the time axis
             continue
+        x, x_se = (1.0, 0.0) if row["method"] == "full" else (row["time_ratio"], row["time_ratio_se"])
         label = row["label"] if row["method"] == "full" else (
             f"{row['label']}: {row['diff_vs_full']:+.2f} pts, {1 / row['time_ratio']:.2f}x"
             if row["diff_vs_full"] is not None and row["time_ratio"] else row["label"])
-        ax.errorbar(row["time_s_mean"], row["top1_mean"], xerr=row["time_s_se"] or 0, yerr=row["top1_se"] or 0,
+        ax.errorbar(x, row["top1_mean"], xerr=x_se or 0, yerr=row["top1_se"] or 0,
                     fmt="s" if row["method"].startswith("full") else "o", capsize=3, ms=7, label=label)
-    ax.set_xlabel("training time per run (s, evaluation excluded), mean ± SE over seeds")
+    ax.set_xlabel("training time relative to full tokens (stage-normalised, paired by seed), mean ± SE")
     ax.set_ylabel(f"top-1 on the {TEST_IMAGES} test images (%), mean ± SE")
     seeds = max(len(row["seeds"]) for row in results["summary"])
     ax.set_title(f"Fashion-MNIST, {describe_model(results.get('grid', 14))},\n{results['epochs']} epochs, up to "
@@ -577,6 +606,9 @@ def build_parser() -> argparse.ArgumentParser:
                         help="per-run output folders (checkpoints, logs); not part of the repository")
     parser.add_argument("--out", default=RESULTS, help="folder of runs.jsonl, results.json, summary.json, table.md")
     parser.add_argument("--figure", default=FIGURE, help="the figure to draw ('' for none)")
+    parser.add_argument("--untimed", default=None, metavar="REASON",
+                        help="mark the runs this command trains 'untimed' with REASON (e.g. 'beside the test suite'): "
+                             "their top-1 counts, their times stay out of the time columns")
     parser.add_argument("--render", action="store_true", help="train nothing: rewrite the outputs from runs.jsonl")
     parser.add_argument("--calibrate", action="store_true",
                         help="train each method once for 3 epochs (one per stage) on --calibrate-images images, "

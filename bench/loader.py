@@ -71,7 +71,7 @@ from typing import Dict, List, Optional, Sequence
 import numpy as np
 import torch
 
-from bench.common import ROOT, describe_machine, git_commit, paired_ratios, recipe, rotated
+from bench.common import ROOT, describe_machine, git_commit, load_average, paired_ratios, recipe, rotated
 
 __all__ = ["PHOTO_ROOT", "GPU_ASSUMPTIONS", "build_photo_folder", "photo_manifest", "stage_speedups",
            "cores_needed", "summarise", "format_markdown", "measure", "main"]
@@ -381,7 +381,7 @@ def measure_epochs(version: str, before, samples, orders: Sequence[Sequence[int]
                        "wall_s": time.perf_counter() - wall, "cpu_s": time.process_time() - cpu})
         del iterator, batches
     return {"epochs": epochs, "pipelines_built": (dali.BUILDS["train"] - built) if loader is not None else len(orders),
-            "load": _load()}
+            "load": load_average()}
 
 
 def before_after_configs() -> List[Dict[str, object]]:
@@ -397,7 +397,7 @@ def run_before_after(args, log=print) -> Dict[str, object]:
     from ToE.common.data import image_folder
 
     before, commit = dali_before(args.before_ref)
-    load_before = _load()
+    load_before = load_average()
     torch.set_num_threads(1)
     build_photo_folder(args.photo_root, args.photos, args.classes)
     samples = image_folder(args.photo_root, "train").samples
@@ -428,7 +428,7 @@ def run_before_after(args, log=print) -> Dict[str, object]:
     return {"machine": describe_machine(), "commit": git_commit(), "before_commit": commit,
             "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
             "command": " ".join(["python -m bench.loader", *args.argv]),
-            "load": {"before": load_before, "after": _load()}, "pillow_version": PIL.__version__,
+            "load": {"before": load_before, "after": load_average()}, "pillow_version": PIL.__version__,
             "params": {"photos": len(samples), "photo_root": _shown(args.photo_root), "batch": args.batch_size,
                        "epochs": args.epochs, "warmup": args.warmup, "timed": args.timed, "workers": args.workers[0],
                        "torch_threads_main": 1},
@@ -711,13 +711,6 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _load() -> Optional[List[float]]:
-    try:
-        return [round(x, 2) for x in os.getloadavg()]
-    except OSError:
-        return None
-
-
 def _write(results: Dict[str, object], out: str) -> str:
     os.makedirs(out, exist_ok=True)
     with open(os.path.join(out, "loader.json"), "w") as handle:
@@ -770,7 +763,7 @@ def main(argv: Optional[Sequence[str]] = None) -> Dict[str, object]:
             backends.remove("dali")
     import PIL
 
-    load_before = _load()
+    load_before = load_average()
     torch.set_num_threads(1)
     build_photo_folder(args.photo_root, args.photos, args.classes)
     rng = np.random.default_rng(0)
@@ -797,7 +790,7 @@ def main(argv: Optional[Sequence[str]] = None) -> Dict[str, object]:
     results = {"machine": describe_machine(), "commit": git_commit(),
                "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
                "command": " ".join(["python -m bench.loader", *(sys.argv[1:] if argv is None else argv)]),
-               "load": {"before": load_before, "after": _load()}, "dali_version": dali_version,
+               "load": {"before": load_before, "after": load_average()}, "dali_version": dali_version,
                "pillow_version": PIL.__version__,
                "params": {"photos": args.photos, "photo_seed": 0, "photo_root": _shown(args.photo_root),
                           "photo_digest": _digest(args.photo_root, args.photos, args.classes),

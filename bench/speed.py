@@ -59,7 +59,7 @@ import torch
 from torch import nn
 
 import token_select
-from bench.common import demo_config, describe_machine, git_commit, paired_ratios, recipe, rotated
+from bench.common import demo_config, describe_machine, git_commit, load_average, paired_ratios, recipe, rotated
 from ToE.common.args import add_toe_args
 from ToE.common.errors import UserError
 from ToE.common.distributed import AMP_DTYPES, TF32, resolve_amp_dtype, set_float32_policy
@@ -520,13 +520,6 @@ MEMORY_NOTE = {
 }
 
 
-def _load() -> Optional[List[float]]:
-    try:
-        return [round(x, 2) for x in os.getloadavg()]
-    except OSError:
-        return None
-
-
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m bench.speed", description=__doc__.split("\n\n")[0],
                                      formatter_class=argparse.ArgumentDefaultsHelpFormatter)
@@ -607,7 +600,7 @@ def main(argv: Optional[Sequence[str]] = None) -> Dict[str, object]:
                "amp_dtype": str(amp_dtype or torch.float32).replace("torch.", ""),
                "tf32": device.type == "cuda" and TF32,
                "memory_note": MEMORY_NOTE.get(device.type, ""),
-               "load_before": _load()}
+               "load_before": load_average()}
     # Every model's memory first, in one meter: the timed steps grow the heap (glibc's usual mmap
     # threshold), and memory reused from there would not show in the resident set.
     with CpuPeakMemory() if device.type == "cpu" else nullcontext() as meter:
@@ -617,7 +610,7 @@ def main(argv: Optional[Sequence[str]] = None) -> Dict[str, object]:
     results["models"] = [measure_model(name, args.batch_size, args.steps, args.warmup, device, schedule,
                                        recipe_file=args.config, amp_dtype=amp_dtype, memory=memory[name])
                          for name in args.models]
-    results["load_after"] = _load()
+    results["load_after"] = load_average()
     out = args.out or (os.path.join(tempfile.gettempdir(), "toe_bench") if args.quick else RESULTS)
     os.makedirs(out, exist_ok=True)
     print(_write(results, os.path.join(out, "speed_quick" if args.quick else "speed")))

@@ -4,7 +4,7 @@
 #   bash run/gpu_check.sh --only operator no_host_sync
 #   bash run/gpu_check.sh --out DIR       # keep the runs, logs and gpu_check.json in DIR (or $TOE_GPU_CHECK_OUT)
 #   bash run/gpu_check.sh --list
-# Without a GPU the same checks run on the CPU at small sizes (about 2 minutes on 2 cores), what
+# Without a GPU the same checks run on the CPU at small sizes (about 3 minutes on 2 cores), what
 # needs CUDA is skipped and named, and it says "CUDA was not exercised: no GPU visible". When
 # nvidia-smi lists a GPU that the installed torch cannot use (a build for a newer CUDA than the
 # driver's, a CPU-only build), it fails at once with one line naming both versions and the fix.

@@ -21,8 +21,11 @@
 #   of their own, which Slurm's pgid process tracking does not signal; under cgroup tracking they get
 #   it directly as well, and a second one changes nothing). They finish their current steps, write a
 #   checkpoint with their position inside the epoch and exit 3, which torchrun passes on; on exit 3
-#   (this signal, or a SIGTERM of the scheduler's) the job requeues itself (scontrol requeue; needs a
-#   partition that allows it), and the next start continues;
+#   the job requeues itself (scontrol requeue; needs a partition that allows it), and the next start
+#   continues. A SIGTERM without that USR1 before it (scancel, a preemption) stops the run the same way
+#   but does not requeue: a cancel stays a cancel (Slurm requeues a job preempted with
+#   PreemptMode=REQUEUE itself). The checkpoint must be written within Slurm's KillWait after a SIGTERM
+#   (scontrol show config | grep KillWait; 30 s by default): the stop comes at the next --log-interval step;
 # - a node whose torchrun fails ends the job (srun --kill-on-bad-exit=1): the other nodes would
 #   otherwise wait in their next collective call until its timeout;
 # - with GPUs the trainer gets --device cuda (unless the flags name a device): a node whose torch
@@ -44,6 +47,25 @@
 #SBATCH --open-mode=append
 #SBATCH --output=slurm-%x-%j.out
 set -euo pipefail
+# The stop signals first (bash ends on an untrapped USR1 or TERM, and the job would then end unrequeued):
+# USR1 before the launch means the time limit is nearer than the signal's lead (checked below).
+PREEMPTED=0 TERMINATED=0 STEP=""
+on_usr1() {
+  PREEMPTED=1
+  [ -n "$STEP" ] || return 0
+  echo "[slurm] time limit near: asking the training processes to checkpoint and stop"
+  scancel --signal=USR1 "$SLURM_JOB_ID"  # the job's steps (the srun tasks), not this script
+}
+# SIGTERM: Slurm cancels the job (scancel), preempts it, or reached its time limit. The training processes
+# get it too (Slurm signals the steps; torchrun passes it on) and checkpoint within KillWait; this script
+# waits for them, and requeues only when its own USR1 came first (the time limit): a cancel stays a cancel,
+# and a preemption with PreemptMode=REQUEUE is requeued by Slurm itself.
+on_term() {
+  TERMINATED=1
+  echo "[slurm] SIGTERM: the job is cancelled, preempted or out of time; the training processes checkpoint and stop"
+}
+trap on_usr1 USR1
+trap on_term TERM
 if [ "$#" -lt 1 ] || [ ! -f "$1" ]; then
   echo "error: pass a trainer's main.py first, e.g. sbatch run/slurm.sh ToE/deit/main.py --data-path ... --output_dir ..." >&2
   exit 2
@@ -156,13 +178,11 @@ if [ "$DRY" = 1 ]; then
 fi
 echo "[slurm] job $SLURM_JOB_ID (restart $RESTART): $NNODES node(s) x $GPUS process(es), rendezvous $HEAD:$PORT;" \
      "continues $CONTINUES"
-PREEMPTED=0
-on_usr1() {
-  PREEMPTED=1
-  echo "[slurm] time limit near: asking the training processes to checkpoint and stop"
-  scancel --signal=USR1 "$SLURM_JOB_ID"  # the job's steps (the srun tasks), not this script
-}
-trap on_usr1 USR1
+if [ "$PREEMPTED" = 1 ] || [ "$TERMINATED" = 1 ]; then
+  [ "$TERMINATED" = 1 ] && { echo "[slurm] SIGTERM before the start: nothing started, nothing to requeue"; exit 0; }
+  toe_fail "SIGUSR1 came before the training started: the job's time left is under the signal's lead (300 s," \
+           "#SBATCH --signal). Submit with a longer --time"
+fi
 "${LAUNCH[@]}" &
 STEP=$!
 # wait returns early when the trap fires: wait again until srun has really ended
@@ -171,10 +191,15 @@ while true; do
   if wait "$STEP"; then STATUS=0; else STATUS=$?; fi
   kill -0 "$STEP" 2>/dev/null || break
 done
-# exit 3: the training processes stopped with a checkpoint (this script's SIGUSR1 or a SIGTERM from the
-# scheduler). After our own SIGUSR1 other exits requeue as well, but for a finished run (0) and a user
+# exit 3: the training processes stopped with a checkpoint (this script's SIGUSR1, or a SIGTERM after it at
+# the time limit). After our own SIGUSR1 other exits requeue as well, but for a finished run (0) and a user
 # error (2): a node that had already exited 3 may have made srun end the others (--kill-on-bad-exit)
 # with another code.
+if [ "$TERMINATED" = 1 ] && [ "$PREEMPTED" = 0 ]; then
+  echo "[slurm] stopped by SIGTERM with exit $STATUS; not requeued (a cancel or a preemption: Slurm requeues a" \
+       "preempted job itself under PreemptMode=REQUEUE). ${OUTPUT:-OUTPUT}/checkpoint.pth continues it"
+  exit "$STATUS"
+fi
 if [ "$STATUS" = 3 ] || { [ "$PREEMPTED" = 1 ] && [ "$STATUS" != 0 ] && [ "$STATUS" != 2 ]; }; then
   echo "[slurm] stopped with exit $STATUS; requeueing job $SLURM_JOB_ID (the next start continues" \
        "${OUTPUT:-OUTPUT}/checkpoint.pth)"

@@ -36,6 +36,21 @@ def data(tmp_path_factory):
     return write_images(tmp_path_factory.mktemp("data"))
 
 
+@pytest.fixture(scope="module")
+def pretrained(tmp_path_factory):
+    """A 10-class tiny ViT on 8 px images (a 2 x 2 grid): the checkpoint ``--finetune`` starts from in
+    the tests (another class count than ``data``'s 3; the fine-tuning resamples the grid to 4 x 4)."""
+    import timm
+    import torch
+
+    out = tmp_path_factory.mktemp("pre")
+    torch.manual_seed(0)
+    model = timm.create_model("vit_tiny_patch16_224", num_classes=10, img_size=8, embed_dim=32, depth=2, num_heads=2,
+                              patch_size=4)
+    torch.save({"model": model.state_dict()}, out / "checkpoint.pth")
+    return out / "checkpoint.pth"
+
+
 # -- the unit-tier guard ----------------------------------------------------------------------
 
 # ``-m ToE.<trainer>.main`` or ``-m torch.distributed.run``

@@ -7,7 +7,6 @@ A test module never imports another test module: a helper that two modules need 
 
 from __future__ import annotations
 
-import json
 import os
 import socket
 import subprocess
@@ -19,6 +18,7 @@ import torch
 from PIL import Image
 
 from ToE.common.log import read_log  # noqa: F401  (the project's one log reader, for the tests)
+from ToE.gpu_check import write_coco  # noqa: F401  (the project's one tiny COCO layout, for the tests)
 
 ROOT = Path(__file__).resolve().parents[1]
 MAIN = ROOT / "ToE" / "deit" / "main.py"
@@ -139,27 +139,3 @@ def write_images(root: Path, seed: int = 0) -> Path:
     return root
 
 
-def write_coco(root, splits=(("train", 8), ("val", 4)), size=(32, 40), seed=0):
-    """A tiny COCO layout: canvases with 1-2 bright squares each (category 1 or 2); image 'train' 0 has no box."""
-    rng = np.random.RandomState(seed)
-    os.makedirs(os.path.join(root, "annotations"), exist_ok=True)
-    for split, count in splits:
-        os.makedirs(os.path.join(root, f"{split}2017"), exist_ok=True)
-        images, anns = [], []
-        for image_id in range(1, count + 1):
-            pixels = rng.randint(0, 30, size=(size[0], size[1], 3)).astype(np.uint8)
-            for _ in range(0 if image_id == 1 and split == "train" else rng.randint(1, 3)):
-                w, h = rng.randint(6, 14, size=2)
-                x, y = rng.randint(0, size[1] - w), rng.randint(0, size[0] - h)
-                category = int(rng.randint(1, 3))
-                pixels[y:y + h, x:x + w] = 120 * category
-                anns.append({"id": len(anns) + 1, "image_id": image_id, "category_id": category,
-                             "bbox": [float(x), float(y), float(w), float(h)], "area": float(w * h), "iscrowd": 0})
-            name = f"{image_id:04d}.png"
-            Image.fromarray(pixels).save(os.path.join(root, f"{split}2017", name))
-            images.append({"id": image_id, "file_name": name, "width": size[1], "height": size[0]})
-        data = {"images": images, "annotations": anns,
-                "categories": [{"id": 1, "name": "a"}, {"id": 2, "name": "b"}]}
-        with open(os.path.join(root, "annotations", f"instances_{split}2017.json"), "w") as handle:
-            json.dump(data, handle)
-    return str(root)

@@ -113,17 +113,6 @@ def test_vpt_eval_is_the_full_sequence_with_prompts():
     assert seen == [1 + 5 + 64]
 
 
-@pytest.fixture(scope="module")
-def pretrained(data, tmp_path_factory):
-    """A 10-class DeiT run on 16 px images: the checkpoint to fine-tune (another class count than the data's 3)."""
-    out = tmp_path_factory.mktemp("pre")
-    torch.manual_seed(0)
-    model = timm.create_model("vit_tiny_patch16_224", num_classes=10, img_size=8, embed_dim=32, depth=2, num_heads=2,
-                              patch_size=4)  # a 2 x 2 grid: the fine-tuning resamples it to 4 x 4
-    torch.save({"model": model.state_dict()}, out / "checkpoint.pth")
-    return out / "checkpoint.pth"
-
-
 @pytest.mark.e2e
 def test_finetune_onto_another_class_count_trains(data, pretrained, tmp_path):
     result = ok(run_main("--data-path", data, *TINY, *FAST, *PLAIN, "--epochs", 2, "--expansion-step", 0, 1,

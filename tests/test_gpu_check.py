@@ -10,10 +10,12 @@ import subprocess
 import pytest
 from helpers import ROOT
 
-from ToE.gpu_check import CHECKS, NO_CUDA, fp16_clip_verdict, main, per_update_lr_verdict, speed_verdict
+from ToE.gpu_check import (CHECKS, NO_CUDA, fp16_clip_verdict, main, no_sync_verdict, per_update_lr_verdict,
+                           speed_verdict)
 
 # issue 31: checks that can fail and say what they did not exercise
-NEW_CHECKS = ("no_host_sync_lvvit", "no_host_sync_et", "fp16_clip", "dali", "speed")
+NEW_CHECKS = ("no_host_sync_lvvit", "no_host_sync_et", "fp16_clip", "dali", "speed", "two_ranks", "no_host_sync_dali",
+              "no_host_sync_vpt")
 NOT_EXERCISED_ON_CPU = ("fp16_clip", "speed")  # they need CUDA: reported "not exercised", never "passed"
 
 
@@ -43,8 +45,10 @@ def test_gpu_check_passes_on_the_cpu_and_says_cuda_was_not_exercised(tmp_path):
     statuses = {check["name"]: check["status"] for check in report["checks"]}
     expected = {name: "not exercised" if name in NOT_EXERCISED_ON_CPU else "passed" for name in CHECKS}
     if not _dali_importable():  # the default --dali auto: skipped and named, never passed
-        expected["dali"] = "skipped"
+        expected["dali"] = expected["no_host_sync_dali"] = "skipped"
     assert statuses == expected, statuses
+    two_ranks = next(check for check in report["checks"] if check["name"] == "two_ranks")["detail"]
+    assert two_ranks["backends"] == ["gloo"] and two_ranks["accumulation"] == 2, two_ranks
     assert all(check["seconds"] > 0 for check in report["checks"] if check["name"] != "fp16_clip")
     messages = {check["name"]: check.get("message", "") for check in report["checks"]}
     assert "needs CUDA" in messages["speed"] and "not judged" in messages["speed"], messages["speed"]
@@ -142,6 +146,18 @@ def test_per_update_lr_verdict():
     assert "whole number" in per_update_lr_verdict([1e-3, 1e-3, 1e-3], 2)
 
 
+def test_no_sync_verdict():
+    def report(updates, unequal=0, backend="gloo"):
+        return {"rank": 0, "backend": backend, "updates": updates, "unequal_gradients": unequal}
+
+    assert no_sync_verdict([report([[0, 2], [0, 2]]), {**report([[0, 2], [0, 2]]), "rank": 1}], 2) is None
+    assert "no_sync" in no_sync_verdict([report([[0, 2], [2, 2]])], 2)  # an all-reduce before the last micro-batch
+    assert "no_sync" in no_sync_verdict([report([[0, 0]])], 2)  # none at all
+    assert "no_sync" in no_sync_verdict([report([[0, 0, 2]])], 2)  # 3 micro-batches for accumulation 2
+    assert "differ between the ranks" in no_sync_verdict([report([[0, 2]], unequal=1)], 2)
+    assert "without a process group" in no_sync_verdict([report([[0, 2]], backend=None)], 2)
+
+
 # -- the GPU check drives the trainers through public means only (issue 29) ---------------------------------------
 # Where it must still patch, and why (a public way needs a change outside the GPU check, named here):
 ALLOWED_PATCHES = {
@@ -234,7 +250,8 @@ def test_gpu_check_patches_no_object_of_the_project():
     runpy, in gpu_check.py or in the modules it writes: the checks subclass the task and ``Run``, override their
     public methods, and start trainers through their entry points (``cli``, ``trainer_entry``)."""
     sources = _gpu_check_sources()
-    assert {"DIST_WRAPPER", "SIGNAL_TRAINER"} <= {name for name, _ in sources}  # the written modules are scanned
+    # the written modules are scanned
+    assert {"DIST_WRAPPER", "SIGNAL_TRAINER", "TWO_RANK_TRAINER"} <= {name for name, _ in sources}
     problems = [problem for name, source in sources for problem in _patches(name, source)]
     assert not problems, "\n".join(problems)
 

@@ -67,7 +67,8 @@ def many_images(tmp_path_factory) -> Path:
 @pytest.mark.parametrize("trainer", list(RECIPES))
 def test_published_recipe_keeps_its_global_batch_on_one_and_two_processes(trainer, many_images, tmp_path):
     recipe, published, batch, extra = RECIPES[trainer]
-    data = ["--coco_path", write_coco(tmp_path / "coco", splits=(("train", 16), ("val", 2)))] if trainer == "yolos" \
+    coco = tmp_path / "coco"
+    data = ["--coco_path", str(write_coco(coco, splits=(("train", 16), ("val", 2))))] if trainer == "yolos" \
         else ["--data-path", str(many_images)]
     runs = {}
     for processes in (1, 2):

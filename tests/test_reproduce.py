@@ -313,7 +313,7 @@ def places(tmp_path_factory):
         path = labels / image.parent.name / f"{image.name.split('.')[0]}.pt"
         path.parent.mkdir(parents=True, exist_ok=True)
         torch.save(torch.stack([values, indices.float()]).half(), path)
-    coco = write_coco(root / "coco")
+    coco = str(write_coco(root / "coco"))
     init = root / "init.pth"  # the YOLOS backbone's "ImageNet weights": the tiny backbone's shape
     torch.save(timm.create_model("vit_tiny_patch16_224", pretrained=False, img_size=32, patch_size=8, embed_dim=32,
                                  depth=3, num_heads=2).state_dict(), init)

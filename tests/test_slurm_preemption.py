@@ -217,6 +217,26 @@ def test_usr1_checkpoints_mid_epoch_exits_3_and_requeues(many_images, tmp_path, 
 
 
 @pytest.mark.e2e
+def test_sigterm_without_the_stop_signal_checkpoints_and_is_not_requeued(many_images, tmp_path):
+    """scancel (or a preemption) sends SIGTERM to the batch script and the job's steps. The script used to
+    end at once (an untrapped TERM), with no word of what happened; now it waits for the training
+    processes, which write a checkpoint inside the epoch, and does not requeue: a cancel stays a cancel
+    (the time limit comes with the USR1 first, and requeues)."""
+    env = fake_slurm(tmp_path, "pgid")
+    out = tmp_path / "out"
+    job = start_job(many_images, out, env)
+    wait_for(out / "checkpoint.pth", job, 60)
+    time.sleep(0.5)  # into epoch 1
+    job.send_signal(signal.SIGTERM)  # Slurm signals the batch script and every step
+    subprocess.run([str(tmp_path / "bin" / "scancel"), "--signal=TERM", "31"], env=env, check=True)
+    output, _ = job.communicate(timeout=90)
+    assert "[slurm] SIGTERM" in output and "not requeued" in output, output
+    assert not (tmp_path / "requeued").exists(), output
+    position = torch.load(out / "checkpoint.pth", map_location="cpu", weights_only=True).get("position")
+    assert position is not None and position["epoch"] == 1, (position, output)
+
+
+@pytest.mark.e2e
 def test_a_node_that_dies_ends_the_job(many_images, tmp_path):
     """Two nodes; node 1 dies mid-training: its training process freezes (holding its connections, as
     a hung or unreachable node does: node 0 then waits in its next collective call) and its torchrun

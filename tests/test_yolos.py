@@ -260,7 +260,7 @@ def test_num_boxes_is_clamped_at_one():
 def test_ground_truth_fed_back_as_predictions_gives_ap_one(tmp_path):
     """GT boxes -> model-shaped outputs (normalised cxcywh, sure logits) -> postprocess -> COCO
     results -> COCOeval: AP 1.0 (an error in any scaling or format would lower it)."""
-    root = write_coco(tmp_path / "coco")
+    root = str(write_coco(tmp_path / "coco"))
     dataset = CocoDetection(root, "val", Normalize())
     queries, classes = 4, dataset.num_classes
     results = []
@@ -338,7 +338,7 @@ def _run(argv, capsys):
 
 @pytest.fixture(scope="module")
 def coco_root(tmp_path_factory):
-    return write_coco(tmp_path_factory.mktemp("coco"))
+    return str(write_coco(tmp_path_factory.mktemp("coco")))
 
 
 def _broken(tmp_path, coco_root, edit):

@@ -210,8 +210,7 @@ class ClassificationTask(Task):
         self.amp_dtype = context.amp_dtype
         self.plan = self.build_plan()
         first = self.plan[0]
-        # images per optimizer update over all processes (the lr scales with it; a curriculum keeps it)
-        self.total_batch = first.batch * first.accum * self.env.world_size
+        self.total_batch = self.plan.global_batch(self.env.world_size)
         self.train_set, self.val_set = self.build_datasets()
         self.num_classes = len(self.val_set.classes)
         self._check_batch()

@@ -41,7 +41,7 @@ from ToE.common.errors import Preempted, TrainingInterrupted, TrainingStopped, U
 from ToE.common.lock import OutputLock
 from ToE.common.log import (RunLog, check_no_other_run, check_output_dir, console_line, remove_run_outputs,
                             save_args)
-from ToE.common.preemption import StopSignal, StopWatch
+from ToE.common.preemption import StopSignal, StopWatch, agreed_reason
 from ToE.common.pretrained import check_resumable, misfit
 from ToE.common.schedule import EpochPlan
 
@@ -214,6 +214,7 @@ class Run:
         # one writer per output folder: the set-up takes the lock; a run refused during it gives it back
         self.output_lock = OutputLock("" if args.eval else args.output_dir)
         self.watch = StopWatch(args.time_limit)
+        self.stop_reason: Optional[str] = None  # why the processes agreed to stop (_agreed_stop)
         # A stop signal or Ctrl-C while the run sets up (data, labels, model, resume file) ends it at
         # once, in one line that says what the output folder holds; once training runs, a signal is
         # acted on at the next stop check (with a checkpoint) instead.
@@ -279,7 +280,7 @@ class Run:
         # the resolved configuration: the flags and what the run derived from them (args.yaml, resume identity)
         # (the flags as given, so that "-c OUT/args.yaml" runs it again; derived values beside them)
         first = self.first_plan = task.plan[0]
-        self.global_batch = first.batch * first.accum * self.env.world_size  # images per optimizer update
+        self.global_batch = task.plan.global_batch(self.env.world_size)  # images per optimizer update
         self.derived = {"run_epochs": self.epochs, "accumulation": first.accum, **task.plan.identity}
         # args.yaml records the global batch the run trains with, whether a flag, a recipe or the
         # per-process batch x processes gave it: "-c OUT/args.yaml" reruns it on any number of processes
@@ -392,7 +393,7 @@ class Run:
         none (a node-local --output_dir), is refused in one line instead of training out of step."""
         if not self.env.distributed:
             return
-        step = int(self.position["step"]) if self.position is not None else 0
+        step = self._resume_step()
         places = gather_ints([self.start_epoch, step, int(self.finished)], self.env)
         if any(place != places[0] for place in places):
             raise UserError(f"the processes found different checkpoints to resume (epoch, step, finished per rank: "
@@ -449,7 +450,7 @@ class Run:
             for epoch in range(self.start_epoch, last_epoch):
                 self.train_epoch(epoch)
                 if epoch + 1 < last_epoch and self._agreed_stop():
-                    raise Preempted(f"{self.watch.reason()} after epoch {epoch}; {self._saved_message()}")
+                    raise Preempted(f"{self.stop_reason} after epoch {epoch}; {self._saved_message()}")
             if last_epoch < self.epochs and env.is_main:
                 print(f"stopped after --stop-after-epochs {args.stop_after_epochs}: {self._saved_message()}",
                       flush=True)
@@ -487,14 +488,28 @@ class Run:
                 # "derived" names what is not a flag, so that the file reads back as a config (ToE.common.config)
                 save_args({**self.config, **info, "derived": [*self.derived, *info]}, args.output_dir)
         barrier()  # no process writes before the old run's files are gone
-        step = int(self.position["step"]) if self.position is not None else 0
+        step = self._resume_step()
         self.log = RunLog(args.output_dir, enabled=self.env.is_main, first_epoch=self.start_epoch, first_step=step,
                           first_image=self.images_trained)
 
+    def _resume_step(self) -> int:
+        """The micro-batches of the resumed epoch that are done on each process: the position's updates
+        times this run's accumulation, so a run resumed on another number of processes (the images per
+        update kept) leaves the same images of the epoch to train (DistributedSampler deals one
+        permutation out round-robin, so the first updates x global batch of it are the ones done). A
+        checkpoint without ``updates`` (older) gives its own micro-batch count. 0 without a position."""
+        position = self.position
+        if position is None:
+            return 0
+        if "updates" in position:
+            return int(position["updates"]) * self.task.plan[int(position["epoch"])].accum
+        return int(position["step"])
+
     def _agreed_stop(self) -> bool:
-        """Whether any process was told to stop (signal, time limit): all processes get the same answer."""
-        flag = torch.tensor([1.0 if self.watch.should_stop() else 0.0])
-        return all_reduce_sum(flag).item() > 0
+        """Whether any process was told to stop (signal, time limit): all processes get the same answer,
+        and ``stop_reason`` the same words (a signal may have reached one process only)."""
+        self.stop_reason = agreed_reason(all_reduce_sum(torch.tensor(self.watch.reasons())).tolist())
+        return self.stop_reason is not None
 
     def _saved_message(self, advice: bool = True) -> str:
         """What the output folder holds to continue from, read from its files (every way a run stops
@@ -516,13 +531,14 @@ class Run:
         if task.lr_scheduler is not None:
             task.lr_scheduler.step(epoch)
         position = self.position if self.position is not None and self.position["epoch"] == epoch else None
+        start_step = self._resume_step() if position is not None else 0
         self.position = None
-        start_step = int(position["step"]) if position is not None else 0
         loader = task.train_loader(epoch, plan, start_step)
         stats = self.train_steps(epoch, plan, loader, start_step, position)
-        if "stopped_at_step" in stats:
-            self._save(epoch - 1, position={"epoch": epoch, "step": stats["stopped_at_step"], "sums": stats["sums"]})
-            raise Preempted(f"{self.watch.reason()} in epoch {epoch} after step {stats['stopped_at_step']}; "
+        if "stopped_at_step" in stats:  # a stop is agreed at the end of an update only
+            self._save(epoch - 1, position={"epoch": epoch, "step": stats["stopped_at_step"],
+                                            "updates": stats["stopped_at_step"] // plan.accum, "sums": stats["sums"]})
+            raise Preempted(f"{self.stop_reason} in epoch {epoch} after step {stats['stopped_at_step']}; "
                             + self._saved_message())
         # the unwrapped model: shards may differ by a batch, and DDP's forward may sync the processes
         test = task.evaluate(task.model)
@@ -644,7 +660,8 @@ class Run:
         stats = {f"train_{name}": total[name] / images for name in names}
         stats.update({"lr": optimizer.param_groups[0]["lr"], "updates": micro_steps // accum,
                       "epoch_seconds": total["seconds"],
-                      **({"compile_seconds": round(total["compile_seconds"], 2)} if self.compiled else {}),
+                      **({"compile_seconds": round(total["compile_seconds"], 2), "compiled_graphs": compiled_graphs()}
+                         if self.compiled else {}),
                       "patch_tokens": _whole(total["patch_tokens"] / steps),
                       "kept_tokens": _whole(total["kept_tokens"] / steps)})
         return stats

@@ -11,7 +11,7 @@ import os
 import re
 import signal
 import time
-from typing import Dict, Iterator, Optional
+from typing import Dict, Iterator, List, Optional
 
 EXIT_PREEMPTED = 3  # stopped early with a checkpoint: run the same command with --auto-resume to continue
 STOP_SIGNALS = tuple(getattr(signal, name) for name in ("SIGTERM", "SIGUSR1") if hasattr(signal, name))
@@ -112,6 +112,23 @@ class StopWatch:
         return now + 2.0 * (self.longest_gap + self.longest_save) >= self.deadline
 
     def reason(self) -> str:
+        """Why this process stops (asked after ``should_stop`` said so)."""
         if self.signal is not None:
             return f"{signal.Signals(self.signal).name} received"
-        return "the --time-limit is near"
+        return TIME_LIMIT
+
+    def reasons(self) -> List[float]:
+        """This process's stop reasons as a vote, one entry per ``REASONS``: summed over the processes, it
+        tells every process why the run stops, whichever process was signalled (``agreed_reason``)."""
+        mine = self.reason() if self.should_stop() else None
+        return [1.0 if reason == mine else 0.0 for reason in REASONS]
+
+
+TIME_LIMIT = "the --time-limit is near"
+REASONS = tuple(f"{signal.Signals(signum).name} received" for signum in STOP_SIGNALS) + (TIME_LIMIT,)
+
+
+def agreed_reason(votes) -> Optional[str]:
+    """The stop reason of the summed ``StopWatch.reasons`` votes of all processes (the first of ``REASONS``
+    any process gave), or None when none stops."""
+    return next((reason for reason, count in zip(REASONS, votes) if count > 0), None)

@@ -94,6 +94,12 @@ class Plan(list):
         super().__init__(epochs)
         self.epochs, self.per_update, self.identity = len(self), per_update, dict(identity or {})
 
+    def global_batch(self, world_size: int) -> int:
+        """Images per optimizer update over ``world_size`` processes (every epoch's: a curriculum keeps it;
+        the lr rules scale with it, args.yaml and the resume check record it)."""
+        first = self[0]
+        return first.batch * first.accum * world_size
+
 
 def constant_plan(epochs: int, batch: int, accum: int = 1) -> Plan:
     """Every epoch alike: ``batch`` per process and ``accum`` micro-batches per update (see
