@@ -643,7 +643,7 @@ def main(argv: Optional[Sequence[str]] = None) -> Optional[Dict[str, object]]:
         args.recipe = runs[-1]["recipe"]
         runs = [run for run in runs if run["recipe"] == args.recipe]
         args.epochs, args.grid = runs[0]["epochs"], runs[0].get("grid", 14)
-        previous = os.path.join(args.out, "results.json")
+        previous = os.path.join(args.out, "ablations.json" if args.ablations else "results.json")
         provenance = {}
         if os.path.isfile(previous):
             with open(previous) as handle:
