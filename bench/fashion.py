@@ -1,7 +1,7 @@
 """Fashion-MNIST: ToE against the token reducers a user would pick instead, one recipe, several seeds.
 
     apt-get install dataset-fashion-mnist     # once (or pass --source DIR with the four IDX files)
-    python -m bench.fashion                   # the headline table: 6 methods x 5 seeds + 2 A/A runs
+    python -m bench.fashion                   # the headline table: 7 methods x 5 seeds + 2 A/A runs
     python -m bench.fashion --render          # train nothing: rewrite table, summary and figure from the runs
     python -m bench.fashion --calibrate       # short runs (3 epochs on 2,000 images) per method: the
                                               # table's time on this machine, estimated
@@ -17,6 +17,8 @@ only the token reduction differs:
 - ``patchdrop``: ``--token-drop random``, timm's own PatchDropout (``patch_drop_rate``) before
   block 0, as a user would call it, keeping ToE's count in every stage (so blocks 0..depth-1 all
   run short: cheaper than the after-block-0 reducers);
+- ``patchdrop-flops``: the same PatchDropout keeping more tokens (126 and 160 of 196 where ToE keeps
+  98 and 147), so that every stage trains ToE's FLOPs (``SCHEDULE_CHANGES``);
 - ``full-aa``: full tokens again with the first ``--aa-seeds`` seeds, an A/A control: its time
   ratio to ``full`` is the timing noise of the machine, its accuracy difference the run-to-run
   nondeterminism (zero where training is deterministic).
@@ -116,9 +118,16 @@ METHODS: Dict[str, Tuple[str, Optional[List[str]]]] = {
     "topk": ("top-k by class-token similarity (after block 0)", ["--reducer", "topk"]),
     "tome": ("ToMe merging (after block 0)", ["--reducer", "tome"]),
     "patchdrop": ("PatchDropout at the input (timm)", ["--token-drop", "random"]),
+    "patchdrop-flops": ("PatchDropout at the input, ToE's FLOPs per stage (timm)", ["--token-drop", "random"]),
     "full-aa": ("full tokens again (A/A control)", None),
 }
 HEADLINE = [name for name in METHODS if name != "full-aa"]
+# Where a method's schedule differs from ToE's: keep rates, r0, k, the stage starts as shares of the run.
+# patchdrop-flops: PatchDropout at the input runs every block short (block 0 too), so at ToE's kept count
+# ("patchdrop") it trains fewer FLOPs than ToE; these keep rates give it ToE's FLOPs in every stage instead
+# (126 and 160 of 196 patch tokens where ToE keeps 98 and 147 after block 0; tests/test_fashion.py checks
+# the match, within 0.2 %, on the 14 x 14 grid).
+SCHEDULE_CHANGES: Dict[str, Dict[str, object]] = {"patchdrop-flops": {"keep_rate": [0.645, 0.82, 1.0]}}
 # The paper's ablations on the same data, one change to ToE each (the rest as "toe"); the trainer flags, and
 # the schedule where it changes (keep rates, r0, k, the stage starts as shares of the run). r0 with k1 = 2 r0
 # as the published configurations (ToE/deit/configs/imagenet_small_r0_*.yaml); Hyper: the stages of the
@@ -139,10 +148,13 @@ ABLATIONS: Dict[str, Tuple[str, List[str], Dict[str, object]]] = {
 }
 for _name, (_label, _flags, _schedule) in ABLATIONS.items():
     METHODS[_name] = (_label, ["--reducer", "toe", "--initialization", "stride", *_flags])
+    SCHEDULE_CHANGES[_name] = _schedule
 ABLATION_SET = ["full", "toe", *ABLATIONS]
 
 __all__ = ["METHODS", "method_flags", "stage_starts", "flop_ratio", "summarise", "format_markdown", "main"]
 
+
+TARGET_SE = 0.3  # points: the paired standard error every row of the table should reach (the issue's target)
 
 # ---------------------------------------------------------------------------------------------
 # what a run is
@@ -155,7 +167,7 @@ def stage_starts(epochs: int, shares: Optional[Sequence[float]] = None) -> List[
 
 def schedule_of(method: str, epochs: int) -> Tuple[List[int], List[float], float, int]:
     """(stage starts, keep rates, r0, k) of ``method``: ToE's unless an ablation changes them."""
-    change = ABLATIONS[method][2] if method in ABLATIONS else {}
+    change = SCHEDULE_CHANGES.get(method, {})
     return (stage_starts(epochs, change.get("starts")), list(change.get("keep_rate", KEEP_RATE)),
             float(change.get("init_rate", INIT_RATE)), int(change.get("multiple", MULTIPLE)))
 
@@ -191,7 +203,7 @@ def flop_ratio(method: str, epochs: int, grid: int = 14) -> float:
     for epoch in range(epochs):
         stage = token_select.stage_of_epoch(epoch, starts)
         kept = kept_per_stage[stage - 1] if stage >= 1 else patches
-        if method == "patchdrop":  # the patch embedding runs on all patches, every block on the kept ones
+        if "--token-drop" in flags:  # PatchDropout: the patch embedding on all patches, every block on the kept
             total += (token_select.vit_step_flops(kept, width, depth, patch_dim=0, **shape)
                       + 3.0 * 2.0 * patches * patch_dim * width)
         else:
@@ -404,6 +416,71 @@ def summarise(runs: Sequence[Dict[str, object]], methods: Sequence[str], epochs:
     return rows
 
 
+def seeds_plan(summary: Sequence[Dict[str, object]], runs: Sequence[Dict[str, object]], methods: Sequence[str],
+               epochs: int, parallel: int = 2, target: float = TARGET_SE, first_seeds: int = 5) -> Dict[str, object]:
+    """What it takes for every paired difference of ``methods`` to reach a standard error under ``target``
+    points, at the spread of its paired differences so far: ``n > (std / target)^2`` seeds (a method with
+    fewer than 2 pairs: ``first_seeds``, its spread unknown); full tokens as many as the most. The runs
+    that adds, each costed at its method's mean wall time (training and final evaluation; timed runs where
+    there are, a method without runs at full tokens' x its FLOP ratio), ``parallel`` at a time. The
+    spread of a few seeds is itself uncertain: the seed counts are estimates, to be redone as runs land."""
+    rows = {row["method"]: row for row in summary}
+
+    def cost(method: str) -> Optional[float]:
+        mine = [r for r in runs if r["config"] == method and "wall_s" in r]
+        chosen = [r for r in mine if timed_run(r)] or mine
+        if chosen:
+            return float(np.mean([r["wall_s"] + r.get("eval_wall_s", 0.0) for r in chosen]))
+        full = cost("full") if method != "full" else None
+        return None if full is None else full * flop_ratio(method, epochs)
+
+    need: Dict[str, int] = {}
+    for method in methods:
+        if method in ("full", "full-aa"):
+            continue
+        diffs = rows[method]["diff_per_seed"] if method in rows else []
+        if len(diffs) < 2:
+            need[method] = max(first_seeds, len(diffs))
+        else:
+            std = float(np.std(diffs, ddof=1))
+            need[method] = max(len(diffs), int((std / target) ** 2) + 1)
+    if not need:
+        return {"target_se": target, "methods": {}, "runs": 0, "hours": 0.0}
+    need["full"] = max(need.values())
+    plan, seconds, count = {}, 0.0, 0
+    for method, seeds in need.items():
+        have = {r["seed"] for r in runs if r["config"] == method}
+        missing = [seed for seed in range(seeds) if seed not in have]
+        each = cost(method)
+        plan[method] = {"seeds": seeds, "have": len(have), "missing": len(missing), "run_s": each}
+        count += len(missing)
+        seconds += len(missing) * (each or 0.0)
+    # one command per seed count, most seeds first with full tokens in it (each method trains only its own seeds)
+    groups: Dict[int, List[str]] = {}
+    for method, entry in plan.items():
+        if entry["missing"] and method != "full":
+            groups.setdefault(entry["seeds"], []).append(method)
+    commands = [f"python -m bench.fashion --methods {' '.join((['full'] if seeds == need['full'] else []) + names)} "
+                f"--seeds 0-{seeds - 1} --aa-seeds" for seeds, names in sorted(groups.items(), reverse=True)]
+    if plan["full"]["missing"] and (not groups or max(groups) < need["full"]):
+        commands.insert(0, f"python -m bench.fashion --methods full --seeds 0-{need['full'] - 1} --aa-seeds")
+    return {"target_se": target, "methods": plan, "runs": count, "hours": seconds / parallel / 3600,
+            "parallel": parallel, "commands": commands}
+
+
+def plan_text(plan: Dict[str, object]) -> str:
+    """One paragraph: the seeds per method for the target, and the command and hours that add them."""
+    if not plan.get("runs"):
+        return f"Every paired standard error is under {plan['target_se']} points."
+    per = ", ".join(f"{method} {entry['seeds']} (has {entry['have']})" for method, entry in plan["methods"].items()
+                    if entry["missing"])
+    return (f"To bring every paired standard error under {plan['target_se']} points at the spread so far (an "
+            f"estimate from the seeds there are): seeds {per}; {plan['runs']} more runs, about "
+            f"{plan['hours']:.1f} h {plan['parallel']} at a time: "
+            + " then ".join(f"`{command}`" for command in plan["commands"])
+            + " (each trains only the runs not in runs.jsonl, so any of them can stop and run again).")
+
+
 def own_time_ratio(run: Dict[str, object]) -> float:
     """A run's training time over what its epochs would have taken at the speed of its own last stage,
     where every method trains on all tokens: ``sum(epoch_seconds) / (epochs x mean of the last stage's
@@ -429,12 +506,38 @@ def _pm(mean, se, spec: str) -> str:
     return f"{mean:{spec}}" + ("" if se is None else f" ± {se:{spec.lstrip('+')}}")  # the SE to the mean's digits
 
 
+def read_results(path: str, recipe: str) -> Dict[str, object]:
+    """A previous results.json/ablations.json of this recipe ({} where there is none, or another recipe's)."""
+    if not os.path.isfile(path):
+        return {}
+    with open(path) as handle:
+        previous = json.load(handle)
+    return previous if previous.get("recipe") == recipe else {}
+
+
+def training_sessions(results: Dict[str, object]) -> List[Dict[str, object]]:
+    """The bench commands that trained a table's runs, oldest first: ``sessions`` in results.json, each
+    ``{command, commit, started, finished, bench_load, trained}`` (a file written before sessions were
+    kept has one top-level ``command``)."""
+    if results.get("sessions"):
+        return list(results["sessions"])
+    if results.get("command"):
+        return [{key: results[key] for key in ("command", "commit", "bench_load") if key in results}]
+    return []
+
+
 def format_markdown(results: Dict[str, object]) -> str:
     machine = results["machine"]
-    loads = [run["load_before"][0] for run in results["runs"]] + [run["load_after"][0] for run in results["runs"]]
+    shown = {row["method"] for row in results["summary"]}
+    mine = [run for run in results["runs"] if run["config"] in shown]
+    loads = [run["load_before"][0] for run in mine] + [run["load_after"][0] for run in mine]
     load_text = f"{min(loads):.2f}-{max(loads):.2f}" if loads else "not recorded"
+    sessions = training_sessions(results)
+    commands = "; ".join(f"`{session['command']}` (commit {session.get('commit') or 'not recorded'}"
+                         + (f", {session['trained']} runs" if session.get("trained") is not None else "") + ")"
+                         for session in sessions) or "not recorded"
     lines = [
-        f"Command: `{results['command']}` (commit {results.get('commit') or 'not recorded'}). Fashion-MNIST, "
+        f"{'Commands' if len(sessions) > 1 else 'Command'}: {commands}. Fashion-MNIST, "
         f"{describe_model(results.get('grid', 14))}, {results['epochs']} epochs on "
         f"{results['train_subset']} training images, stages at epochs {stage_starts(results['epochs'])} keeping "
         f"{KEEP_RATE} of the patch tokens (r0 {INIT_RATE}). Top-1 on all {TEST_IMAGES} test images at the end of "
@@ -468,12 +571,14 @@ def format_markdown(results: Dict[str, object]) -> str:
                   "timing noise of each column, its Δ top-1 the nondeterminism of training (0 here: the runs "
                   "are deterministic)."]
     untimed: Dict[str, List[str]] = {}
-    for run in sorted(results["runs"], key=lambda r: (r["seed"], r["config"])):
+    for run in sorted(mine, key=lambda r: (r["seed"], r["config"])):
         if not timed_run(run):
             untimed.setdefault(str(run["untimed"]), []).append(f"{run['config']} seed {run['seed']}")
     if untimed:
         lines += ["", "Counted for top-1 only, not in the time columns (marked `untimed` in runs.jsonl): "
                       + "; ".join(f"{', '.join(names)} ({reason})" for reason, names in untimed.items()) + "."]
+    if results.get("plan"):
+        lines += ["", plan_text(results["plan"])]
     lines += [f"\n{note}" for note in results.get("notes", [])]
     return "\n".join(lines)
 
@@ -576,6 +681,15 @@ def stage_index(epoch: int, starts: Sequence[int]) -> int:
 # ---------------------------------------------------------------------------------------------
 # the command
 # ---------------------------------------------------------------------------------------------
+def seed_list(text: str) -> List[int]:
+    """A --seeds item: a number, or a range ``A-B`` (both ends in)."""
+    match = re.fullmatch(r"(\d+)(?:-(\d+))?", text.strip())
+    if not match or (match.group(2) is not None and int(match.group(2)) < int(match.group(1))):
+        raise argparse.ArgumentTypeError(f"'{text}' is not a seed or a range of seeds (e.g. 3 or 0-21)")
+    first = int(match.group(1))
+    return list(range(first, int(match.group(2) if match.group(2) is not None else first) + 1))
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m bench.fashion", description=__doc__.split("\n\n")[0],
                                      formatter_class=argparse.ArgumentDefaultsHelpFormatter)
@@ -586,7 +700,8 @@ def build_parser() -> argparse.ArgumentParser:
                         help="the paper's ablations instead of the headline table: full tokens, ToE and one change "
                              "each (initialization, expansion, merging, r0, k, distance, Hyper stages); written to "
                              "ablations.md/.json. Runs that the headline table shares (full, toe) are reused")
-    parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2, 3, 4], help="training seeds")
+    parser.add_argument("--seeds", type=seed_list, nargs="+", default=[[0, 1, 2, 3, 4]],
+                        help="training seeds: numbers and ranges (0-21 is 0 to 21)")
     parser.add_argument("--aa-seeds", type=int, nargs="*", default=[0, 1],
                         help="seeds with which full tokens train a second time (the A/A timing control)")
     parser.add_argument("--grid", type=int, default=14, choices=sorted(GRIDS, reverse=True),
@@ -621,6 +736,7 @@ def main(argv: Optional[Sequence[str]] = None) -> Optional[Dict[str, object]]:
     from ToE.common.errors import UserError
 
     args = build_parser().parse_args(argv)
+    args.seeds = list(dict.fromkeys(seed for part in args.seeds for seed in part))
     table_methods = ABLATION_SET if args.ablations else [*HEADLINE, "full-aa"]
     if args.methods is None:
         args.methods = ABLATION_SET if args.ablations else HEADLINE
@@ -643,24 +759,27 @@ def main(argv: Optional[Sequence[str]] = None) -> Optional[Dict[str, object]]:
         args.recipe = runs[-1]["recipe"]
         runs = [run for run in runs if run["recipe"] == args.recipe]
         args.epochs, args.grid = runs[0]["epochs"], runs[0].get("grid", 14)
-        previous = os.path.join(args.out, "ablations.json" if args.ablations else "results.json")
-        provenance = {}
-        if os.path.isfile(previous):
-            with open(previous) as handle:
-                provenance = {key: value for key, value in json.load(handle).items()
-                              if key in ("command", "commit", "machine", "train_subset", "monitor_images", "parallel",
-                                         "threads", "bench_load", "notes")}
+    previous = read_results(os.path.join(args.out, "ablations.json" if args.ablations else "results.json"),
+                            args.recipe)
+    sessions = training_sessions(previous)
+    if args.render:
+        provenance = {key: value for key, value in previous.items()
+                      if key in ("machine", "train_subset", "monitor_images", "parallel", "threads", "notes")}
     else:
         args.subset_path = build_subset(DATA, os.path.join(ROOT, "data", f"fashion-{args.train_subset}-"
                                                                        f"{args.monitor_images}"),
                                         args.train_subset, args.monitor_images)
-        load_start = os.getloadavg()
+        load_start, started = os.getloadavg(), time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())
+        before = len(read_runs(runs_path))
         runs = run_all(args.methods, args.seeds, args.aa_seeds, args, runs_path)
-        provenance = {"command": command, "commit": git_commit(), "machine": describe_machine(),
-                      "train_subset": args.train_subset, "monitor_images": args.monitor_images,
-                      "parallel": args.parallel, "threads": args.threads,
-                      "bench_load": {"start": list(load_start), "end": list(os.getloadavg())}}
-    results = {"command": command, "commit": None, "machine": describe_machine(), "train_subset": args.train_subset,
+        trained = len(read_runs(runs_path)) - before
+        if trained or not sessions:  # a rerun that trained nothing adds no session
+            sessions.append({"command": command, "commit": git_commit(), "started": started,
+                             "finished": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), "trained": trained,
+                             "bench_load": {"start": list(load_start), "end": list(os.getloadavg())}})
+        provenance = {"machine": describe_machine(), "train_subset": args.train_subset,
+                      "monitor_images": args.monitor_images, "parallel": args.parallel, "threads": args.threads}
+    results = {"sessions": sessions, "machine": describe_machine(), "train_subset": args.train_subset,
                "monitor_images": args.monitor_images, "parallel": args.parallel, "threads": args.threads,
                **provenance, "recipe": args.recipe, "epochs": args.epochs,
                "grid": args.grid,
@@ -670,14 +789,10 @@ def main(argv: Optional[Sequence[str]] = None) -> Optional[Dict[str, object]]:
     if args.ablations:
         results["schedules"] = {m: dict(zip(("starts", "keep_rate", "r0", "k"), schedule_of(m, args.epochs)))
                                 for m in table_methods}
+    results["plan"] = seeds_plan(results["summary"], runs, [m for m in table_methods if m != "full-aa"],
+                                 args.epochs, args.parallel)
     table = write_outputs(results, args.out, args.figure, ablations=args.ablations)
     print(table)
-    wide = [row["method"] for row in results["summary"] if row["method"] not in ("full", "full-aa")
-            and (row["diff_se"] is None or row["diff_se"] >= 0.3)]
-    if wide:
-        print(f"note: the paired standard error of {', '.join(wide)} is not under 0.3 points yet: add seeds "
-              f"(e.g. --seeds {' '.join(map(str, range(max(len(r['seeds']) for r in results['summary']) + 3)))}); "
-              "a rerun trains only the new runs")
     return results
 
 

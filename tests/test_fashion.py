@@ -202,6 +202,7 @@ def test_bench_rows_pair_by_seed_and_predict_flops(tmp_path):
     ratios = {name: bench.flop_ratio(name, 6) for name in bench.HEADLINE}
     assert ratios["toe"] == ratios["random"] == ratios["topk"] == ratios["tome"] < 1.0
     assert ratios["patchdrop"] < ratios["toe"]
+    assert ratios["patchdrop-flops"] == pytest.approx(ratios["toe"], rel=2e-3)
     assert bench.method_flags("tome", 6)[:4] == ["--expansion-step", "0", "2", "4"]
     results = {"command": "c", "machine": {"cpu_model": "x", "cpu_count": 2, "torch": "t"}, "epochs": 6,
                "train_subset": 15000, "parallel": 2, "threads": 1, "summary": rows,
@@ -212,6 +213,112 @@ def test_bench_rows_pair_by_seed_and_predict_flops(tmp_path):
     summary = json.loads((tmp_path / "summary.json").read_text())
     assert [list(row)[:8] for row in summary] == [["method", "seeds", "top1_mean", "top1_se", "diff_vs_full",
                                                    "diff_se", "time_ratio", "flop_ratio"]] * 2
+
+
+def test_patchdropout_at_toes_flops_keeps_more_tokens_and_matches_every_stage():
+    """patchdrop-flops: the trainer's own schedule keeps 126 and 160 of 196 patch tokens where ToE keeps
+    98 and 147, and each stage's step costs ToE's (vit_step_flops, within 0.2 %)."""
+    import token_select
+    from bench import fashion as bench
+    from ToE.deit.main import parse_args
+
+    args = parse_args(bench.method_flags("patchdrop-flops", 6))
+    assert args.token_drop == "random" and args.expansion_step == [0, 2, 4]
+    kept = token_select.kept_tokens_per_stage(196, args.keep_rate, args.initialization_keep_rate,
+                                              args.expansion_multiple_stage)
+    assert kept == [126, 160, 196]
+    toe = parse_args(bench.method_flags("toe", 6))
+    assert token_select.kept_tokens_per_stage(196, toe.keep_rate, toe.initialization_keep_rate,
+                                              toe.expansion_multiple_stage) == [98, 147, 196]
+    shape = dict(num_prefix_tokens=1, mlp_ratio=4.0, num_classes=10)
+    embed = 3.0 * 2.0 * 196 * 12 * 48
+    for short, after_block0 in ((126, 98), (160, 147)):
+        dropped = token_select.vit_step_flops(short, 48, 4, patch_dim=0, **shape) + embed
+        assert dropped == pytest.approx(token_select.vit_step_flops(196, 48, 4, kept_patches=after_block0,
+                                                                    patch_dim=12, **shape), rel=2e-3)
+
+
+def test_the_seeds_plan_follows_the_spread_and_costs_the_missing_runs():
+    """seeds_plan: n > (std / 0.3)^2 seeds per method from its paired differences so far, full tokens as
+    many as the most, each missing run at its method's mean wall time; --seeds takes ranges."""
+    from bench import fashion as bench
+
+    runs = []
+    for seed, (full, toe, tome) in enumerate([(90.0, 90.5, 91.0), (91.0, 91.1, 90.0), (89.0, 89.6, 90.5)]):
+        for config, acc in (("full", full), ("toe", toe), ("tome", tome)):
+            runs.append({"config": config, "seed": seed, "epochs": 6, "acc1": acc, "epoch_seconds": [10.0] * 6,
+                         "time_s": 60.0, "wall_s": 100.0 if config == "full" else 80.0, "eval_wall_s": 20.0})
+    summary = bench.summarise(runs, ["full", "toe", "tome"], epochs=6)
+    plan = bench.seeds_plan(summary, runs, ["full", "toe", "tome", "patchdrop-flops"], epochs=6, parallel=2)
+    toe_std, tome_std = np.std([0.5, 0.1, 0.6], ddof=1), np.std([1.0, -1.0, 1.5], ddof=1)
+    assert toe_std / np.sqrt(3) < 0.3 and tome_std / np.sqrt(3) > 0.3
+    tome = int((tome_std / 0.3) ** 2) + 1
+    assert tome_std / np.sqrt(tome) < 0.3 <= tome_std / np.sqrt(tome - 1)
+    methods = plan["methods"]
+    assert methods["toe"]["seeds"] == 3 and methods["toe"]["missing"] == 0
+    assert methods["tome"]["seeds"] == tome and methods["full"]["seeds"] == tome
+    assert methods["patchdrop-flops"] == {"seeds": 5, "have": 0, "missing": 5,
+                                          "run_s": pytest.approx(120.0 * bench.flop_ratio("patchdrop-flops", 6))}
+    assert plan["runs"] == 2 * (tome - 3) + 5
+    assert plan["hours"] == pytest.approx(((tome - 3) * (120.0 + 100.0) + 5 * methods["patchdrop-flops"]["run_s"])
+                                          / 2 / 3600)
+    assert plan["commands"] == [f"python -m bench.fashion --methods full tome --seeds 0-{tome - 1} --aa-seeds",
+                                "python -m bench.fashion --methods patchdrop-flops --seeds 0-4 --aa-seeds"]
+    assert "0-" in bench.plan_text(plan)
+    parser = bench.build_parser()
+    assert parser.parse_args(["--seeds", "0-3", "7"]).seeds == [[0, 1, 2, 3], [7]]
+    for bad in ("3-1", "a", "-2"):
+        with pytest.raises(SystemExit):
+            parser.parse_args(["--seeds", bad])
+
+
+def test_the_table_names_every_command_that_trained_its_runs(tmp_path, monkeypatch):
+    """A table built by several bench commands (more seeds later) lists each with its commit and run
+    count; an older results.json's single command is the first; --render and a rerun that trains
+    nothing keep the list as it is."""
+    from bench import fashion as bench
+    from bench.common import append_run
+
+    out = tmp_path / "out"
+    out.mkdir()
+    recipe = "r1"
+
+    def run(config, seed):
+        return {"config": config, "seed": seed, "recipe": recipe, "epochs": 6, "grid": 14, "acc1": 90.0 + seed,
+                "epoch_seconds": [10.0] * 6, "time_s": 60.0, "load_before": [1.0], "load_after": [1.0]}
+
+    for seed in (0, 1):
+        for config in ("full", "toe"):
+            append_run(str(out / "runs.jsonl"), run(config, seed))
+    (out / "results.json").write_text(json.dumps({"command": "python -m bench.fashion --seeds 0 1",
+                                                  "commit": "abc1234", "recipe": recipe}))
+
+    def fake_run_all(methods, seeds, aa_seeds, args, runs_path, log=print):
+        done = {(r["config"], r["seed"]) for r in bench.read_runs(runs_path)}
+        for seed in seeds:
+            for config in methods:
+                if (config, seed) not in done:
+                    append_run(runs_path, run(config, seed))
+        return bench.read_runs(runs_path)
+
+    monkeypatch.setattr(bench, "recipe_key", lambda args: recipe)
+    monkeypatch.setattr(bench, "build_subset", lambda *a, **k: str(tmp_path / "subset"))
+    monkeypatch.setattr(bench, "run_all", fake_run_all)
+    monkeypatch.setattr(bench, "git_commit", lambda: "def5678")
+    monkeypatch.setattr(fashion, "build_fashion", lambda *a, **k: None)
+    train = ["--out", str(out), "--figure", "", "--methods", "full", "toe", "--seeds", "0", "1", "2", "--aa-seeds"]
+    bench.main(train)
+    sessions = json.loads((out / "results.json").read_text())["sessions"]
+    assert [(s["command"], s["commit"], s.get("trained")) for s in sessions] == [
+        ("python -m bench.fashion --seeds 0 1", "abc1234", None),
+        ("python -m bench.fashion " + " ".join(train), "def5678", 2)]
+    table = (out / "table.md").read_text()
+    assert table.startswith("Commands: `python -m bench.fashion --seeds 0 1` (commit abc1234); `python -m "
+                            "bench.fashion --out") and "(commit def5678, 2 runs)." in table
+    assert "| ToE (after block 0) | 3 |" in table
+    bench.main(train)  # nothing left to train
+    bench.main(["--render", "--out", str(out), "--figure", ""])
+    assert json.loads((out / "results.json").read_text())["sessions"] == sessions
 
 
 def test_the_ablations_change_one_thing_each_and_parse_as_the_trainer_reads_them():

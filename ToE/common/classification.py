@@ -210,7 +210,7 @@ class ClassificationTask(Task):
         self.amp_dtype = context.amp_dtype
         self.plan = self.build_plan()
         first = self.plan[0]
-        self.total_batch = self.plan.global_batch(self.env.world_size)
+        self.global_batch = self.plan.global_batch(self.env.world_size)
         self.train_set, self.val_set = self.build_datasets()
         self.num_classes = len(self.val_set.classes)
         self._check_batch()
@@ -234,7 +234,7 @@ class ClassificationTask(Task):
         self.targets = self.build_targets()
         self._check_mixup_batch()
         self.criterion = self.build_criterion(self.build_loss())
-        self.lr = args.lr if args.unscale_lr else args.lr * self.total_batch / 512.0
+        self.lr = args.lr if args.unscale_lr else args.lr * self.global_batch / 512.0
         self.optimizer = self.build_optimizer()
         # a pure function of the epoch and the flags (timm's schedulers keep no other state): a
         # resume rebuilds it, and a resume with a larger --epochs follows the new length
@@ -242,7 +242,7 @@ class ClassificationTask(Task):
         updates = len(self.train_sampler) // (first.batch * first.accum)
         if updates < 1 and not args.eval:
             raise UserError(f"the training split has {len(self.train_set)} images, fewer than one update of "
-                            f"{self.total_batch} images. Lower --global-batch or --batch-size")
+                            f"{self.global_batch} images. Lower --global-batch or --batch-size")
         self.updates_per_epoch = updates if self.plan.per_update else None
         self.lr_scheduler = self.build_scheduler()
         self.clip_grad = args.clip_grad
@@ -493,7 +493,7 @@ class ClassificationTask(Task):
                                                   args.expansion_multiple_stage)
         return (f"{args.model}: {self.num_patches} patch tokens, the ToE stages keeping {kept} patch tokens; "
                 f"{len(self.train_set)} train / {len(self.val_set)} val images; lr {self.lr:.2e} "
-                f"({'--lr as given' if args.unscale_lr else f'--lr {args.lr:g} x {self.total_batch} / 512'})")
+                f"({'--lr as given' if args.unscale_lr else f'--lr {args.lr:g} x {self.global_batch} / 512'})")
 
     def outputs_info(self) -> Dict[str, Any]:
         # the class count comes from the data: the summary's FLOP count needs the head
