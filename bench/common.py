@@ -1,7 +1,8 @@
 """What the benches share: what every bench records beside its numbers, how it starts a trainer on a
 recipe file, a finished run's numbers, the statistics over seeds and the launcher of repeated runs.
 
-- The machine and the code: ``describe_machine``, ``git_commit``.
+- The machine and the code: ``describe_machine``, ``git_commit`` (``archive_commit`` in a tree that
+  ``git archive`` exported).
 - Recipes and trainers: ``demo_config``, ``recipe``, ``trainer_command`` (a recipe file plus flags),
   ``run_trainer``.
 - A run folder: ``run_numbers`` condenses a finished run (its ``log.txt``, read by
@@ -31,11 +32,14 @@ import torch
 from ToE.common.config import config_path, load_config, recipe_command
 from ToE.common.log import read_log
 
-__all__ = ["describe_machine", "git_commit", "demo_config", "recipe", "trainer_command", "run_trainer",
-           "run_numbers", "mean_std", "mean_se", "paired_by_seed", "paired_ratios", "robust_seconds",
+__all__ = ["describe_machine", "git_commit", "archive_commit", "demo_config", "recipe", "trainer_command",
+           "run_trainer", "run_numbers", "mean_std", "mean_se", "paired_by_seed", "paired_ratios", "robust_seconds",
            "slow_epochs", "rotated", "read_runs", "append_run", "run_repeated"]
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+# "$Format:%h$" in the repository; ``git archive`` writes the commit in its place (export-subst in
+# .gitattributes), so a bench run from an exported tree (no .git) still records its commit.
+ARCHIVE_COMMIT = os.path.join(ROOT, "bench", "ARCHIVE_COMMIT")
 
 
 def load_average() -> Optional[List[float]]:
@@ -74,15 +78,27 @@ def describe_machine() -> Dict[str, object]:
 
 
 def git_commit() -> Optional[str]:
-    """The checked-out commit (short hash, "+changes" if the tree differs from it), or None."""
+    """The checked-out commit (short hash, "+changes" if the tree differs from it); in a tree that
+    ``git archive`` exported, the archived commit ("<hash> (git archive)"); else None."""
     try:
         commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True,
                                 text=True, check=True).stdout.strip()
         dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=ROOT,
                                capture_output=True, text=True, check=True).stdout.strip()
     except (OSError, subprocess.CalledProcessError):
-        return None
+        return archive_commit()
     return commit + ("+changes" if dirty else "")
+
+
+def archive_commit(path: str = ARCHIVE_COMMIT) -> Optional[str]:
+    """The commit ``git archive`` wrote into ``path`` ("<hash> (git archive)"); None where the file
+    is missing or still holds its placeholder (a checkout, not an export)."""
+    try:
+        with open(path) as handle:
+            text = handle.read().strip()
+    except OSError:
+        return None
+    return None if not text or "$Format" in text else f"{text} (git archive)"
 
 
 def demo_config(trainer: str) -> str:

@@ -583,9 +583,31 @@ def format_markdown(results: Dict[str, object]) -> str:
     return "\n".join(lines)
 
 
+def figure_points(summary: Sequence[Dict[str, object]]) -> List[Dict[str, object]]:
+    """The figure's points: each method's paired difference in top-1 from full tokens (y) against its
+    paired, stage-normalised time ratio (x), both mean ± SE over its own seeds, so that rows with
+    different seed counts compare as the table does; full tokens at (1, 0). Methods without a timed
+    pair have no place on the time axis and are left out."""
+    points = []
+    for row in summary:
+        if row["method"] == "full":
+            points.append({"method": "full", "label": f"{row['label']} ({len(row['seeds'])} seeds): reference",
+                           "x": 1.0, "x_se": 0.0, "y": 0.0, "y_se": 0.0})
+            continue
+        if row["time_ratio"] is None or row["diff_vs_full"] is None:
+            continue
+        points.append({"method": row["method"],
+                       "label": f"{row['label']} ({len(row['diff_per_seed'])} seeds): {row['diff_vs_full']:+.2f} "
+                                f"± {row['diff_se'] or 0:.2f} pts, {1 / row['time_ratio']:.2f}x",
+                       "x": row["time_ratio"], "x_se": row["time_ratio_se"] or 0.0,
+                       "y": row["diff_vs_full"], "y_se": row["diff_se"] or 0.0})
+    return points
+
+
 def draw(results: Dict[str, object], path: str = FIGURE) -> Optional[str]:
-    """Top-1 against measured training time per method (error bars: standard errors over seeds);
-    None (with a note) where matplotlib is not installed."""
+    """The paired difference in top-1 from full tokens against the paired training-time ratio per
+    method (``figure_points``; error bars: standard errors over seeds); None (with a note) where
+    matplotlib is not installed."""
     try:
         import matplotlib
         matplotlib.use("Agg")
@@ -595,20 +617,13 @@ def draw(results: Dict[str, object], path: str = FIGURE) -> Optional[str]:
               "--render)")
         return None
     fig, ax = plt.subplots(figsize=(7.5, 4.8))
-    for row in results["summary"]:
-        if row["method"] != "full" and row["time_ratio"] is None:  # no timed pair: no place on the time axis
-            continue
-        x, x_se = (1.0, 0.0) if row["method"] == "full" else (row["time_ratio"], row["time_ratio_se"])
-        label = row["label"] if row["method"] == "full" else (
-            f"{row['label']}: {row['diff_vs_full']:+.2f} pts, {1 / row['time_ratio']:.2f}x"
-            if row["diff_vs_full"] is not None and row["time_ratio"] else row["label"])
-        ax.errorbar(x, row["top1_mean"], xerr=x_se or 0, yerr=row["top1_se"] or 0,
-                    fmt="s" if row["method"].startswith("full") else "o", capsize=3, ms=7, label=label)
+    ax.axhline(0.0, color="grey", lw=0.8)
+    for point in figure_points(results["summary"]):
+        ax.errorbar(point["x"], point["y"], xerr=point["x_se"], yerr=point["y_se"],
+                    fmt="s" if point["method"].startswith("full") else "o", capsize=3, ms=7, label=point["label"])
     ax.set_xlabel("training time relative to full tokens (stage-normalised, paired by seed), mean ± SE")
-    ax.set_ylabel(f"top-1 on the {TEST_IMAGES} test images (%), mean ± SE")
-    seeds = max(len(row["seeds"]) for row in results["summary"])
-    ax.set_title(f"Fashion-MNIST, {describe_model(results.get('grid', 14))},\n{results['epochs']} epochs, up to "
-                 f"{seeds} seeds; "
+    ax.set_ylabel(f"Δ top-1 vs full tokens, paired by seed (points,\non the {TEST_IMAGES} test images), mean ± SE")
+    ax.set_title(f"Fashion-MNIST, {describe_model(results.get('grid', 14))},\n{results['epochs']} epochs; "
                  f"{results['machine']['cpu_model']}, {results['parallel']} runs at a time, "
                  f"{results['threads']} thread each", fontsize=9)
     ax.grid(alpha=0.3)

@@ -3,11 +3,14 @@
 by their numbers (the JSON, the cells of the rendered tables), not by their prose."""
 
 import functools
+import io
 import json
 import math
 import pathlib
 import re
 import shutil
+import subprocess
+import tarfile
 
 import pytest
 import torch
@@ -594,3 +597,30 @@ def test_accuracy_bench_trains_the_demo_recipe_and_resumes(tmp_path):
     stored = (tmp_path / "accuracy_runs.jsonl").read_text()
     again = accuracy.main([*common, "--resume"])  # nothing left to train: the same runs
     assert (tmp_path / "accuracy_runs.jsonl").read_text() == stored and again["runs"] == first["runs"]
+
+
+def test_archive_commit_reads_what_git_archive_wrote(tmp_path):
+    stamp = tmp_path / "ARCHIVE_COMMIT"
+    assert common.archive_commit(str(stamp)) is None  # missing
+    stamp.write_text("$Format:%h$\n")  # a checkout: the placeholder
+    assert common.archive_commit(str(stamp)) is None
+    stamp.write_text("1e94e31\n")
+    assert common.archive_commit(str(stamp)) == "1e94e31 (git archive)"
+
+
+def test_git_archive_substitutes_the_commit_stamp(tmp_path):
+    """The export-subst attribute is what fills bench/ARCHIVE_COMMIT: an exported tree names HEAD."""
+    root = pathlib.Path(common.ROOT)
+    if shutil.which("git") is None or not (root / ".git").exists():
+        pytest.skip("not a git checkout")
+    listed = subprocess.run(["git", "ls-tree", "--name-only", "HEAD", "bench/ARCHIVE_COMMIT"], cwd=root,
+                            capture_output=True, text=True)
+    if "ARCHIVE_COMMIT" not in listed.stdout:
+        pytest.skip("bench/ARCHIVE_COMMIT is not committed yet")
+    head = subprocess.run(["git", "rev-parse", "HEAD"], cwd=root, capture_output=True, text=True,
+                          check=True).stdout.strip()
+    exported = subprocess.run(["git", "archive", "HEAD", "bench/ARCHIVE_COMMIT"], cwd=root, capture_output=True,
+                              check=True).stdout
+    with tarfile.open(fileobj=io.BytesIO(exported)) as tar:
+        stamp = tar.extractfile("bench/ARCHIVE_COMMIT").read().decode().strip()
+    assert stamp and head.startswith(stamp), (stamp, head)

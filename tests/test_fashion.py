@@ -213,6 +213,13 @@ def test_bench_rows_pair_by_seed_and_predict_flops(tmp_path):
     summary = json.loads((tmp_path / "summary.json").read_text())
     assert [list(row)[:8] for row in summary] == [["method", "seeds", "top1_mean", "top1_se", "diff_vs_full",
                                                    "diff_se", "time_ratio", "flop_ratio"]] * 2
+    # the figure plots what the table pairs: Δ top-1 against the time ratio, full tokens at (1, 0)
+    runs.append({"config": "random", "seed": 0, "epochs": 6, "acc1": 88.0, "epoch_seconds": [20.0] * 6,
+                 "time_s": 120.0, "untimed": "beside CI"})  # no timed pair: off the time axis
+    points = bench.figure_points(bench.summarise(runs, ["full", "toe", "random"], epochs=6))
+    assert [(p["method"], p["x"], p["y"]) for p in points] == [
+        ("full", 1.0, 0.0), ("toe", pytest.approx(0.8), pytest.approx(0.4))]
+    assert points[1]["y_se"] == pytest.approx(toe["diff_se"]) and "(3 seeds): +0.40 ± 0.15 pts" in points[1]["label"]
 
 
 def test_patchdropout_at_toes_flops_keeps_more_tokens_and_matches_every_stage():
