@@ -46,7 +46,8 @@ Outputs: ``bench/results/fashion/{summary.json,table.md,results.json}`` and
 ``Figs/fashion_accuracy_time.png`` (needs matplotlib; skipped with a note without it).
 ``summary.json`` is a list with one object per method: ``method``, ``seeds``, ``top1_mean``,
 ``top1_se`` (over seeds), ``diff_vs_full``/``diff_se`` (top-1 minus full tokens' with the same
-seed, mean and standard error over seeds), ``time_ratio`` (training time against full tokens' of the same
+seed, mean and standard error over seeds; ``diff_vs_toe``/``diff_vs_toe_se`` the same against ToE),
+``time_ratio`` (training time against full tokens' of the same
 seed, each stage-normalised by the run's own last-stage epochs (``own_time_ratio``), mean over seeds;
 evaluation excluded; ``wall_time_ratio`` is the plain ratio of seconds) and ``flop_ratio``
 (``token_select.vit_step_flops`` over the schedule, against full tokens; the operators' own work is not
@@ -398,6 +399,9 @@ def summarise(runs: Sequence[Dict[str, object]], methods: Sequence[str], epochs:
         walls = paired_by_seed(timed, method, "full", lambda a, b: a["time_s"] / b["time_s"])
         ratios = paired_by_seed(timed, method, "full", lambda a, b: own_time_ratio(a) / own_time_ratio(b))
         diff, diff_se = mean_se([d for _, d in diffs]) if diffs else (None, None)
+        # the question the table is for, whether ToE's choice beats the others, paired by seed as well
+        toe_diffs = paired_by_seed(runs, method, "toe", lambda a, b: a["acc1"] - b["acc1"]) if method != "toe" else []
+        toe_diff, toe_diff_se = mean_se([d for _, d in toe_diffs]) if toe_diffs else (None, None)
         ratio, ratio_se = mean_se([v for _, v in ratios]) if ratios else (None, None)
         wall, wall_se = mean_se([v for _, v in walls]) if walls else (None, None)
         my_times = [r["time_s"] for r in mine if timed_run(r)]
@@ -406,6 +410,7 @@ def summarise(runs: Sequence[Dict[str, object]], methods: Sequence[str], epochs:
             "method": method, "label": METHODS[method][0], "seeds": [r["seed"] for r in mine],
             "top1_mean": top1_mean, "top1_se": top1_se, "top1_per_seed": top1,
             "diff_vs_full": diff, "diff_se": diff_se, "diff_per_seed": [d for _, d in diffs],
+            "diff_vs_toe": toe_diff, "diff_vs_toe_se": toe_diff_se, "diff_vs_toe_per_seed": [d for _, d in toe_diffs],
             "time_ratio": ratio, "time_ratio_se": ratio_se, "time_ratio_per_seed": [v for _, v in ratios],
             "wall_time_ratio": wall, "wall_time_ratio_se": wall_se, "wall_time_ratio_per_seed": [v for _, v in walls],
             "time_s_mean": time_mean, "time_s_std": time_std,
@@ -545,9 +550,10 @@ def format_markdown(results: Dict[str, object]) -> str:
         f"{results['parallel']} runs at a time, {results['threads']} thread each; load average (1 min) before and "
         f"after the runs: {load_text}.",
         "",
-        "| method | seeds | top-1 % (mean ± SE) | Δ top-1 vs full, paired (mean ± SE) | training time s (mean ± std) "
-        "| wall-time ratio vs full, paired | time ratio vs full, paired, stage-normalised | speedup | FLOP ratio |",
-        "|---|---|---|---|---|---|---|---|---|"]
+        "| method | seeds | top-1 % (mean ± SE) | Δ top-1 vs full, paired (mean ± SE) | Δ top-1 vs ToE, paired "
+        "(mean ± SE) | training time s (mean ± std) | wall-time ratio vs full, paired | time ratio vs full, paired, "
+        "stage-normalised | speedup | FLOP ratio |",
+        "|---|---|---|---|---|---|---|---|---|---|"]
     for row in results["summary"]:
         reference = row["method"] == "full"
         ratio = row["time_ratio"]
@@ -555,21 +561,22 @@ def format_markdown(results: Dict[str, object]) -> str:
         lines.append(
             f"| {row['label']} | {len(row['seeds'])} | {_pm(row['top1_mean'], row['top1_se'], '.2f')} | "
             f"{'reference' if reference else _pm(row['diff_vs_full'], row['diff_se'], '+.2f')} | "
+            f"{'reference' if row['method'] == 'toe' else _pm(row['diff_vs_toe'], row['diff_vs_toe_se'], '+.2f')} | "
             f"{_pm(row['time_s_mean'], row['time_s_std'], '.0f')} | "
             f"{'1' if reference else _pm(row['wall_time_ratio'], row['wall_time_ratio_se'], '.3f')} | "
             f"{'1' if reference else _pm(ratio, row['time_ratio_se'], '.3f')} | {speedup} | "
             f"{row['flop_ratio']:.3f} |")
-    lines += ["", "Paired: each run against the full-token run of the same seed; mean over seeds ± standard error "
-                  "(std of the paired values / √n). Time: seconds in training epochs (evaluation excluded); a ratio "
-                  "< 1 is faster. Wall-time ratio: training seconds over full tokens' (runs of one seed train at "
-                  "different times, so it carries the machine's drift between runs). Stage-normalised (the "
-                  "speedup's basis): each run's seconds over what its epochs would take at the speed of its own "
-                  "last stage, where every method trains all tokens (`own_time_ratio` in bench/fashion.py), over "
-                  "the same for full tokens: each run is its own reference. FLOP ratio: "
-                  "token_select.vit_step_flops over the schedule (the operators' own work not counted). A/A "
-                  "control: full tokens trained again with the same seed at another time; its ratios are the "
-                  "timing noise of each column, its Δ top-1 the nondeterminism of training (0 here: the runs "
-                  "are deterministic)."]
+    lines += ["", "Paired: each run against the full-token run (or ToE's) of the same seed; mean over the seeds "
+                  "both have ± standard error (std of the paired values / √n). Time: seconds in training epochs "
+                  "(evaluation excluded); a ratio < 1 is faster. Wall-time ratio: training seconds over full "
+                  "tokens' (runs of one seed train at different times, so it carries the machine's drift between "
+                  "runs). Stage-normalised (the speedup's basis): each run's seconds over what its epochs would "
+                  "take at the speed of its own last stage, where every method trains all tokens "
+                  "(`own_time_ratio` in bench/fashion.py), over the same for full tokens: each run is its own "
+                  "reference. FLOP ratio: token_select.vit_step_flops over the schedule (the operators' own work "
+                  "not counted). A/A control: full tokens trained again with the same seed at another time; its "
+                  "ratios are the timing noise of each column, its Δ top-1 the nondeterminism of training (0 "
+                  "here: the runs are deterministic)."]
     untimed: Dict[str, List[str]] = {}
     for run in sorted(mine, key=lambda r: (r["seed"], r["config"])):
         if not timed_run(run):

@@ -208,8 +208,12 @@ def test_bench_rows_pair_by_seed_and_predict_flops(tmp_path):
                "train_subset": 15000, "parallel": 2, "threads": 1, "summary": rows,
                "runs": [{**run, "load_before": [1.0], "load_after": [1.5]} for run in runs]}
     table = bench.write_outputs(results, str(tmp_path), figure=None)
-    row = "| ToE (after block 0) | 3 | 90.40 ± 0.44 | +0.40 ± 0.15 | 96 ± 0 | 0.747 ± 0.053 | 0.800 ± 0.000 | 1.25x |"
+    row = ("| ToE (after block 0) | 3 | 90.40 ± 0.44 | +0.40 ± 0.15 | reference | 96 ± 0 | 0.747 ± 0.053 | "
+           "0.800 ± 0.000 | 1.25x |")
     assert row in table
+    # against ToE too, paired by seed: full tokens trail it by what it leads them
+    assert "| full tokens | 3 | 90.00 ± 0.58 | reference | -0.40 ± 0.15 | " in table
+    assert rows[0]["diff_vs_toe_per_seed"] == pytest.approx([-0.5, -0.1, -0.6]) and toe["diff_vs_toe"] is None
     summary = json.loads((tmp_path / "summary.json").read_text())
     assert [list(row)[:8] for row in summary] == [["method", "seeds", "top1_mean", "top1_se", "diff_vs_full",
                                                    "diff_se", "time_ratio", "flop_ratio"]] * 2
