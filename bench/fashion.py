@@ -623,7 +623,7 @@ def draw(results: Dict[str, object], path: str = FIGURE) -> Optional[str]:
         print("note: matplotlib is not installed: no figure (pip install matplotlib, then python -m bench.fashion "
               "--render)")
         return None
-    fig, ax = plt.subplots(figsize=(7.5, 4.8))
+    fig, ax = plt.subplots(figsize=(7.5, 6.6))
     ax.axhline(0.0, color="grey", lw=0.8)
     for point in figure_points(results["summary"]):
         ax.errorbar(point["x"], point["y"], xerr=point["x_se"], yerr=point["y_se"],
@@ -634,7 +634,7 @@ def draw(results: Dict[str, object], path: str = FIGURE) -> Optional[str]:
                  f"{results['machine']['cpu_model']}, {results['parallel']} runs at a time, "
                  f"{results['threads']} thread each", fontsize=9)
     ax.grid(alpha=0.3)
-    ax.legend(fontsize=7)
+    ax.legend(fontsize=7, loc="upper center", bbox_to_anchor=(0.5, -0.13))  # below the axes: no point hidden
     fig.tight_layout()
     os.makedirs(os.path.dirname(path), exist_ok=True)
     fig.savefig(path, dpi=90)
