@@ -383,6 +383,11 @@ def run_all(methods: Sequence[str], seeds: Sequence[int], aa_seeds: Sequence[int
 # ---------------------------------------------------------------------------------------------
 # the table
 # ---------------------------------------------------------------------------------------------
+def both_top1(run: Dict[str, object], reference: Dict[str, object]) -> Tuple[float, float]:
+    """The top-1 of a run and of its reference (``paired_by_seed``'s combine)."""
+    return run["acc1"], reference["acc1"]
+
+
 def summarise(runs: Sequence[Dict[str, object]], methods: Sequence[str], epochs: int, grid: int = 14
               ) -> List[Dict[str, object]]:
     """One row per method with runs: top-1 over seeds, the paired difference from full tokens and
@@ -394,13 +399,15 @@ def summarise(runs: Sequence[Dict[str, object]], methods: Sequence[str], epochs:
             continue
         top1 = [r["acc1"] for r in mine]
         top1_mean, top1_se = mean_se(top1)
-        diffs = paired_by_seed(runs, method, "full", lambda a, b: a["acc1"] - b["acc1"])
+        full_pairs = paired_by_seed(runs, method, "full", both_top1)
+        diffs = [(seed, a - b) for seed, (a, b) in full_pairs]
         timed = [r for r in runs if timed_run(r)]
         walls = paired_by_seed(timed, method, "full", lambda a, b: a["time_s"] / b["time_s"])
         ratios = paired_by_seed(timed, method, "full", lambda a, b: own_time_ratio(a) / own_time_ratio(b))
         diff, diff_se = mean_se([d for _, d in diffs]) if diffs else (None, None)
         # the question the table is for, whether ToE's choice beats the others, paired by seed as well
-        toe_diffs = paired_by_seed(runs, method, "toe", lambda a, b: a["acc1"] - b["acc1"]) if method != "toe" else []
+        toe_diffs = ([(seed, a - b) for seed, (a, b) in paired_by_seed(runs, method, "toe", both_top1)]
+                     if method != "toe" else [])
         toe_diff, toe_diff_se = mean_se([d for _, d in toe_diffs]) if toe_diffs else (None, None)
         ratio, ratio_se = mean_se([v for _, v in ratios]) if ratios else (None, None)
         wall, wall_se = mean_se([v for _, v in walls]) if walls else (None, None)
@@ -410,6 +417,9 @@ def summarise(runs: Sequence[Dict[str, object]], methods: Sequence[str], epochs:
             "method": method, "label": METHODS[method][0], "seeds": [r["seed"] for r in mine],
             "top1_mean": top1_mean, "top1_se": top1_se, "top1_per_seed": top1,
             "diff_vs_full": diff, "diff_se": diff_se, "diff_per_seed": [d for _, d in diffs],
+            # how much pairing by seed removes: the seed's share of the spread both runs have in common
+            "corr_with_full": (float(np.corrcoef(*zip(*(pair for _, pair in full_pairs)))[0, 1])
+                               if len(full_pairs) > 2 and method != "full" else None),
             "diff_vs_toe": toe_diff, "diff_vs_toe_se": toe_diff_se, "diff_vs_toe_per_seed": [d for _, d in toe_diffs],
             "time_ratio": ratio, "time_ratio_se": ratio_se, "time_ratio_per_seed": [v for _, v in ratios],
             "wall_time_ratio": wall, "wall_time_ratio_se": wall_se, "wall_time_ratio_per_seed": [v for _, v in walls],
@@ -440,6 +450,7 @@ def seeds_plan(summary: Sequence[Dict[str, object]], runs: Sequence[Dict[str, ob
         return None if full is None else full * flop_ratio(method, epochs)
 
     need: Dict[str, int] = {}
+    spread: Dict[str, Optional[float]] = {}  # std of each method's paired differences
     for method in methods:
         if method in ("full", "full-aa"):
             continue
@@ -447,7 +458,7 @@ def seeds_plan(summary: Sequence[Dict[str, object]], runs: Sequence[Dict[str, ob
         if len(diffs) < 2:
             need[method] = max(first_seeds, len(diffs))
         else:
-            std = float(np.std(diffs, ddof=1))
+            std = spread[method] = float(np.std(diffs, ddof=1))
             need[method] = max(len(diffs), int((std / target) ** 2) + 1)
     if not need:
         return {"target_se": target, "methods": {}, "runs": 0, "hours": 0.0}
@@ -457,7 +468,8 @@ def seeds_plan(summary: Sequence[Dict[str, object]], runs: Sequence[Dict[str, ob
         have = {r["seed"] for r in runs if r["config"] == method}
         missing = [seed for seed in range(seeds) if seed not in have]
         each = cost(method)
-        plan[method] = {"seeds": seeds, "have": len(have), "missing": len(missing), "run_s": each}
+        plan[method] = {"seeds": seeds, "have": len(have), "missing": len(missing), "run_s": each,
+                        "spread": spread.get(method)}
         count += len(missing)
         seconds += len(missing) * (each or 0.0)
     # one command per seed count, most seeds first with full tokens in it (each method trains only its own seeds)
@@ -477,8 +489,9 @@ def plan_text(plan: Dict[str, object]) -> str:
     """One paragraph: the seeds per method for the target, and the command and hours that add them."""
     if not plan.get("runs"):
         return f"Every paired standard error is under {plan['target_se']} points."
-    per = ", ".join(f"{method} {entry['seeds']} (has {entry['have']})" for method, entry in plan["methods"].items()
-                    if entry["missing"])
+    per = ", ".join(f"{method} {entry['seeds']} (has {entry['have']}"
+                    + (f", paired spread {entry['spread']:.2f}" if entry.get("spread") is not None else "") + ")"
+                    for method, entry in plan["methods"].items() if entry["missing"])
     return (f"To bring every paired standard error under {plan['target_se']} points at the spread so far (an "
             f"estimate from the seeds there are): seeds {per}; {plan['runs']} more runs, about "
             f"{plan['hours']:.1f} h {plan['parallel']} at a time: "

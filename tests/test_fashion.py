@@ -214,6 +214,8 @@ def test_bench_rows_pair_by_seed_and_predict_flops(tmp_path):
     # against ToE too, paired by seed: full tokens trail it by what it leads them
     assert "| full tokens | 3 | 90.00 ± 0.58 | reference | -0.40 ± 0.15 | " in table
     assert rows[0]["diff_vs_toe_per_seed"] == pytest.approx([-0.5, -0.1, -0.6]) and toe["diff_vs_toe"] is None
+    # the seed's shared part: deviations (0, 1, -1) and (0.1, 0.7, -0.8) from the means
+    assert toe["corr_with_full"] == pytest.approx(1.5 / np.sqrt(2 * 1.14)) and rows[0]["corr_with_full"] is None
     summary = json.loads((tmp_path / "summary.json").read_text())
     assert [list(row)[:8] for row in summary] == [["method", "seeds", "top1_mean", "top1_se", "diff_vs_full",
                                                    "diff_se", "time_ratio", "flop_ratio"]] * 2
@@ -268,14 +270,16 @@ def test_the_seeds_plan_follows_the_spread_and_costs_the_missing_runs():
     methods = plan["methods"]
     assert methods["toe"]["seeds"] == 3 and methods["toe"]["missing"] == 0
     assert methods["tome"]["seeds"] == tome and methods["full"]["seeds"] == tome
-    assert methods["patchdrop-flops"] == {"seeds": 5, "have": 0, "missing": 5,
+    assert methods["patchdrop-flops"] == {"seeds": 5, "have": 0, "missing": 5, "spread": None,
                                           "run_s": pytest.approx(120.0 * bench.flop_ratio("patchdrop-flops", 6))}
+    assert methods["tome"]["spread"] == pytest.approx(tome_std)
     assert plan["runs"] == 2 * (tome - 3) + 5
     assert plan["hours"] == pytest.approx(((tome - 3) * (120.0 + 100.0) + 5 * methods["patchdrop-flops"]["run_s"])
                                           / 2 / 3600)
     assert plan["commands"] == [f"python -m bench.fashion --methods full tome --seeds 0-{tome - 1} --aa-seeds",
                                 "python -m bench.fashion --methods patchdrop-flops --seeds 0-4 --aa-seeds"]
-    assert "0-" in bench.plan_text(plan)
+    text = bench.plan_text(plan)
+    assert "0-" in text and f"tome {tome} (has 3, paired spread {tome_std:.2f})" in text
     parser = bench.build_parser()
     assert parser.parse_args(["--seeds", "0-3", "7"]).seeds == [[0, 1, 2, 3], [7]]
     for bad in ("3-1", "a", "-2"):
