@@ -360,10 +360,18 @@ def run_all(methods: Sequence[str], seeds: Sequence[int], aa_seeds: Sequence[int
     if not jobs:
         return runs
     log(f"[fashion] {len(jobs)} runs to train ({len(done)} already in {runs_path}), {args.parallel} at a time")
-    lock, neighbours = threading.Lock(), Neighbours()
+    lock, neighbours, stop = threading.Lock(), Neighbours(), threading.Event()
 
     def work(job):
-        run = run_one(*job, args, neighbours, log)
+        # Ctrl-C reaches the trainers first: a worker whose run just died would take the next job
+        # before the main thread sees KeyboardInterrupt and cancels, so a failure stops it here
+        if stop.is_set():
+            return
+        try:
+            run = run_one(*job, args, neighbours, log)
+        except BaseException:
+            stop.set()
+            raise
         with lock:
             runs.append(run)
             append_run(runs_path, run)
@@ -374,6 +382,7 @@ def run_all(methods: Sequence[str], seeds: Sequence[int], aa_seeds: Sequence[int
             for future in futures:
                 future.result()
         except BaseException:  # a failed run or Ctrl-C: start nothing more (the runs in flight end first)
+            stop.set()
             for future in futures:
                 future.cancel()
             raise

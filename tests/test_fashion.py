@@ -336,6 +336,33 @@ def test_the_table_names_every_command_that_trained_its_runs(tmp_path, monkeypat
     assert json.loads((out / "results.json").read_text())["sessions"] == sessions
 
 
+def test_a_failed_or_interrupted_run_starts_no_other(tmp_path, monkeypatch):
+    """Ctrl-C reaches the trainers before the bench: a run that dies must not let its worker take
+    the next job while another run is still in flight (the bench once started one more run after
+    Ctrl-C); the finished run is kept, the failure raised."""
+    import time
+    from types import SimpleNamespace
+
+    from bench import fashion as bench
+
+    started = []
+
+    def fake_run_one(method, seed, args, neighbours, log=print):
+        started.append((method, seed))
+        if (method, seed) == ("toe", 0):
+            raise RuntimeError("trainer failed (exit -2)")
+        time.sleep(0.5)  # the main thread waits on this run while the other worker is free
+        return {"config": method, "seed": seed, "recipe": "r1", "acc1": 90.0}
+
+    monkeypatch.setattr(bench, "run_one", fake_run_one)
+    args = SimpleNamespace(recipe="r1", parallel=2)
+    runs_path = str(tmp_path / "runs.jsonl")
+    with pytest.raises(RuntimeError, match="exit -2"):
+        bench.run_all(["full", "toe"], [0, 1], [], args, runs_path, log=lambda *a: None)
+    assert started == [("full", 0), ("toe", 0)]
+    assert [(r["config"], r["seed"]) for r in bench.read_runs(runs_path)] == [("full", 0)]
+
+
 def test_the_ablations_change_one_thing_each_and_parse_as_the_trainer_reads_them():
     """bench.fashion --ablations: each row is ToE with one change, read by DeiT's own parser (the
     last of a repeated flag wins); the FLOP ratios follow the schedules."""
