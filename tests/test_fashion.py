@@ -340,18 +340,23 @@ def test_a_failed_or_interrupted_run_starts_no_other(tmp_path, monkeypatch):
     """Ctrl-C reaches the trainers before the bench: a run that dies must not let its worker take
     the next job while another run is still in flight (the bench once started one more run after
     Ctrl-C); the finished run is kept, the failure raised."""
+    import threading
     import time
     from types import SimpleNamespace
 
     from bench import fashion as bench
 
-    started = []
+    started, failed = [], threading.Event()
 
     def fake_run_one(method, seed, args, neighbours, log=print):
         started.append((method, seed))
         if (method, seed) == ("toe", 0):
+            failed.set()
             raise RuntimeError("trainer failed (exit -2)")
-        time.sleep(0.5)  # the main thread waits on this run while the other worker is free
+        # in flight until the other run has died and a while after, however loaded the machine:
+        # the main thread waits on this run while the other worker is free to take the next job
+        failed.wait(10)
+        time.sleep(0.3)
         return {"config": method, "seed": seed, "recipe": "r1", "acc1": 90.0}
 
     monkeypatch.setattr(bench, "run_one", fake_run_one)
@@ -359,7 +364,7 @@ def test_a_failed_or_interrupted_run_starts_no_other(tmp_path, monkeypatch):
     runs_path = str(tmp_path / "runs.jsonl")
     with pytest.raises(RuntimeError, match="exit -2"):
         bench.run_all(["full", "toe"], [0, 1], [], args, runs_path, log=lambda *a: None)
-    assert started == [("full", 0), ("toe", 0)]
+    assert sorted(started) == [("full", 0), ("toe", 0)]
     assert [(r["config"], r["seed"]) for r in bench.read_runs(runs_path)] == [("full", 0)]
 
 
