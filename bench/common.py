@@ -13,6 +13,8 @@ recipe file, a finished run's numbers, the statistics over seeds and the launche
 - Repeated runs: ``run_repeated`` trains every (configuration, seed), seed-major with the
   configuration order rotated from seed to seed (``rotated``), keeps each run as one JSON line of a
   ``.jsonl`` file as soon as it finishes, and skips the runs that file already holds (resumable).
+  ``StopRequest``: SIGTERM (``kill PID``) stops a bench between runs: the runs in flight finish and
+  are kept, no other starts, and the bench exits 3 like a preempted trainer.
 """
 
 from __future__ import annotations
@@ -21,9 +23,11 @@ import json
 import math
 import os
 import platform
+import signal
 import statistics
 import subprocess
 import sys
+import threading
 import time
 from typing import Callable, Dict, Iterable, List, Optional, Sequence, Tuple
 
@@ -34,7 +38,7 @@ from ToE.common.log import read_log
 
 __all__ = ["describe_machine", "git_commit", "archive_commit", "demo_config", "recipe", "trainer_command",
            "run_trainer", "run_numbers", "mean_std", "mean_se", "paired_by_seed", "paired_ratios", "robust_seconds",
-           "slow_epochs", "rotated", "read_runs", "append_run", "run_repeated"]
+           "slow_epochs", "rotated", "read_runs", "append_run", "run_repeated", "StopRequest"]
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # "$Format:%h$" in the repository; ``git archive`` writes the commit in its place (export-subst in
@@ -235,6 +239,52 @@ def append_run(path: str, run: Dict[str, object]) -> None:
         handle.write(json.dumps(run) + "\n")
 
 
+class StopRequest:
+    """Whether a bench should start no more runs: set by SIGTERM while it is in use as a context
+    manager (main thread only, as Python requires), or by the caller (e.g. when a run fails).
+
+    SIGTERM is the way to stop a bench started in the background, which ignores Ctrl-C (a shell
+    starts ``cmd &`` with SIGINT ignored): ``kill PID`` lets the runs in flight finish and be kept,
+    starts no other, and ``finish(left)`` then raises ``Preempted`` (exit 3, as a preempted trainer)
+    with the command's rerun in mind: the same command trains only what is missing."""
+
+    def __init__(self, log: Callable[[str], None] = print) -> None:
+        self.log = log
+        self.event = threading.Event()
+        self.signal: Optional[int] = None
+        self._previous = None
+
+    def is_set(self) -> bool:
+        return self.event.is_set()
+
+    def set(self) -> None:
+        self.event.set()
+
+    def _handle(self, signum, frame) -> None:
+        if self.signal is None:
+            self.log(f"[bench] {signal.Signals(signum).name}: the runs in flight finish and are kept, no other starts")
+        self.signal = signum
+        self.event.set()
+
+    def __enter__(self) -> "StopRequest":
+        if threading.current_thread() is threading.main_thread():
+            self._previous = signal.signal(signal.SIGTERM, self._handle)
+        return self
+
+    def __exit__(self, *exc) -> None:
+        if self._previous is not None:
+            signal.signal(signal.SIGTERM, self._previous)
+            self._previous = None
+
+    def finish(self, left: int) -> None:
+        """Raise ``Preempted`` when a signal stopped the bench with ``left`` runs not started."""
+        if self.signal is not None and left:
+            from ToE.common.errors import Preempted
+
+            raise Preempted(f"{signal.Signals(self.signal).name} received: {left} runs not started; run the same "
+                            f"command again to train them (the finished runs are kept)")
+
+
 def run_repeated(configs: Sequence[str], seeds: Sequence[int], run_one: Callable[[str, int], Dict[str, object]],
                  runs_path: str, keep: Callable[[Dict[str, object]], bool] = lambda run: True,
                  log: Callable[[str], None] = print) -> List[Dict[str, object]]:
@@ -246,13 +296,16 @@ def run_repeated(configs: Sequence[str], seeds: Sequence[int], run_one: Callable
     so drift of the machine and the place in the order hit every configuration alike. Each run is
     appended to ``runs_path`` as one JSON line the moment it finishes; the runs already there for
     which ``keep(run)`` holds count as done and are not trained again (an interrupted bench resumes).
+    SIGTERM lets the run in progress finish, then raises ``Preempted`` (``StopRequest``).
     """
     runs = [run for run in read_runs(runs_path) if keep(run)]
     done = {(run["config"], run["seed"]) for run in runs}
-    for index, seed in enumerate(seeds):
-        for config in rotated(list(configs), index):
-            if (config, seed) in done:
-                continue
+    jobs = [(config, seed) for index, seed in enumerate(seeds) for config in rotated(list(configs), index)
+            if (config, seed) not in done]
+    with StopRequest(log) as stop:
+        for number, (config, seed) in enumerate(jobs):
+            if stop.is_set():
+                stop.finish(len(jobs) - number)
             log(f"[bench] {config} seed {seed}")
             run = run_one(config, seed)
             runs.append(run)

@@ -42,6 +42,9 @@ of the machine's drift alike. Each finished run is one JSON line in
 ``bench/results/fashion/runs.jsonl`` (its numbers, the load average before and after it, what
 ran beside it); a rerun skips the runs already there (same recipe), so an interrupted bench
 resumes; a run interrupted mid-way continues from its last epoch checkpoint (``--auto-resume``).
+To stop a bench between runs, send it SIGTERM (``kill PID``; a bench started with ``&`` ignores
+Ctrl-C): the runs in flight finish and are kept, no other starts, it exits 3. A stopped bench
+(SIGTERM, Ctrl-C, a failed run) still writes its table and records its command in ``sessions``.
 Outputs: ``bench/results/fashion/{summary.json,table.md,results.json}`` and
 ``Figs/fashion_accuracy_time.png`` (needs matplotlib; skipped with a note without it).
 ``summary.json`` is a list with one object per method: ``method``, ``seeds``, ``top1_mean``,
@@ -73,7 +76,8 @@ from typing import Dict, List, Optional, Sequence, Tuple
 import numpy as np
 
 from bench.common import (append_run, demo_config, describe_machine, git_commit, mean_se, mean_std, paired_by_seed,
-                          read_runs, rotated, run_numbers, run_trainer, trainer_command)
+                          read_runs, rotated, run_numbers, run_trainer, StopRequest,
+                          trainer_command)
 from ToE.common.log import read_log
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -360,13 +364,13 @@ def run_all(methods: Sequence[str], seeds: Sequence[int], aa_seeds: Sequence[int
     if not jobs:
         return runs
     log(f"[fashion] {len(jobs)} runs to train ({len(done)} already in {runs_path}), {args.parallel} at a time")
-    lock, neighbours, stop = threading.Lock(), Neighbours(), threading.Event()
+    lock, neighbours = threading.Lock(), Neighbours()
 
-    def work(job):
+    def work(job) -> bool:
         # Ctrl-C reaches the trainers first: a worker whose run just died would take the next job
         # before the main thread sees KeyboardInterrupt and cancels, so a failure stops it here
         if stop.is_set():
-            return
+            return False
         try:
             run = run_one(*job, args, neighbours, log)
         except BaseException:
@@ -375,17 +379,19 @@ def run_all(methods: Sequence[str], seeds: Sequence[int], aa_seeds: Sequence[int
         with lock:
             runs.append(run)
             append_run(runs_path, run)
+        return True
 
-    with ThreadPoolExecutor(max_workers=args.parallel) as pool:
+    # SIGTERM (how a bench started with & is stopped: it ignores Ctrl-C) lets the runs in flight finish
+    with StopRequest(log) as stop, ThreadPoolExecutor(max_workers=args.parallel) as pool:
         futures = [pool.submit(work, job) for job in jobs]  # started in this order, --parallel in flight
         try:
-            for future in futures:
-                future.result()
+            started = sum(future.result() for future in futures)
         except BaseException:  # a failed run or Ctrl-C: start nothing more (the runs in flight end first)
             stop.set()
             for future in futures:
                 future.cancel()
             raise
+        stop.finish(len(jobs) - started)
     return runs
 
 
@@ -544,8 +550,8 @@ def read_results(path: str, recipe: str) -> Dict[str, object]:
 
 def training_sessions(results: Dict[str, object]) -> List[Dict[str, object]]:
     """The bench commands that trained a table's runs, oldest first: ``sessions`` in results.json, each
-    ``{command, commit, started, finished, bench_load, trained}`` (a file written before sessions were
-    kept has one top-level ``command``)."""
+    ``{command, commit, started, finished, bench_load, trained[, stopped]}`` (a file written before
+    sessions were kept has one top-level ``command``)."""
     if results.get("sessions"):
         return list(results["sessions"])
     if results.get("command"):
@@ -561,7 +567,8 @@ def format_markdown(results: Dict[str, object]) -> str:
     load_text = f"{min(loads):.2f}-{max(loads):.2f}" if loads else "not recorded"
     sessions = training_sessions(results)
     commands = "; ".join(f"`{session['command']}` (commit {session.get('commit') or 'not recorded'}"
-                         + (f", {session['trained']} runs" if session.get("trained") is not None else "") + ")"
+                         + (f", {session['trained']} runs" if session.get("trained") is not None else "")
+                         + (f", stopped by {session['stopped'].split(':')[0]}" if session.get("stopped") else "") + ")"
                          for session in sessions) or "not recorded"
     lines = [
         f"{'Commands' if len(sessions) > 1 else 'Command'}: {commands}. Fashion-MNIST, "
@@ -803,6 +810,7 @@ def main(argv: Optional[Sequence[str]] = None) -> Optional[Dict[str, object]]:
         args.recipe = runs[-1]["recipe"]
         runs = [run for run in runs if run["recipe"] == args.recipe]
         args.epochs, args.grid = runs[0]["epochs"], runs[0].get("grid", 14)
+    stopped: Optional[BaseException] = None
     previous = read_results(os.path.join(args.out, "ablations.json" if args.ablations else "results.json"),
                             args.recipe)
     sessions = training_sessions(previous)
@@ -815,12 +823,19 @@ def main(argv: Optional[Sequence[str]] = None) -> Optional[Dict[str, object]]:
                                         args.train_subset, args.monitor_images)
         load_start, started = os.getloadavg(), time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())
         before = len(read_runs(runs_path))
-        runs = run_all(args.methods, args.seeds, args.aa_seeds, args, runs_path)
+        try:
+            runs = run_all(args.methods, args.seeds, args.aa_seeds, args, runs_path)
+        except BaseException as error:  # stopped (a signal, Ctrl-C, a failed run): the runs it kept still count
+            stopped = error
+            runs = [run for run in read_runs(runs_path) if run.get("recipe") == args.recipe]
+            if not runs:
+                raise
         trained = len(read_runs(runs_path)) - before
         if trained or not sessions:  # a rerun that trained nothing adds no session
             sessions.append({"command": command, "commit": git_commit(), "started": started,
                              "finished": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), "trained": trained,
-                             "bench_load": {"start": list(load_start), "end": list(os.getloadavg())}})
+                             "bench_load": {"start": list(load_start), "end": list(os.getloadavg())},
+                             **({"stopped": stop_reason(stopped)} if stopped is not None else {})})
         provenance = {"machine": describe_machine(), "train_subset": args.train_subset,
                       "monitor_images": args.monitor_images, "parallel": args.parallel, "threads": args.threads}
     results = {"sessions": sessions, "machine": describe_machine(), "train_subset": args.train_subset,
@@ -836,8 +851,16 @@ def main(argv: Optional[Sequence[str]] = None) -> Optional[Dict[str, object]]:
     results["plan"] = seeds_plan(results["summary"], runs, [m for m in table_methods if m != "full-aa"],
                                  args.epochs, args.parallel)
     table = write_outputs(results, args.out, args.figure, ablations=args.ablations)
+    if stopped is not None:  # the outputs hold what it trained; the command ends as it was stopped
+        raise stopped
     print(table)
     return results
+
+
+def stop_reason(error: BaseException) -> str:
+    """What stopped a bench, in one line for its session record (e.g. "KeyboardInterrupt")."""
+    text = str(error).strip().splitlines()
+    return f"{type(error).__name__}: {text[0]}" if text else type(error).__name__
 
 
 def calibrate(args, command: str) -> Dict[str, object]:

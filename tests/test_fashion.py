@@ -368,6 +368,90 @@ def test_a_failed_or_interrupted_run_starts_no_other(tmp_path, monkeypatch):
     assert [(r["config"], r["seed"]) for r in bench.read_runs(runs_path)] == [("full", 0)]
 
 
+def test_sigterm_lets_the_runs_in_flight_finish_and_starts_no_other(tmp_path, monkeypatch):
+    """A bench started with & ignores Ctrl-C; SIGTERM (kill PID) stops it between runs: both runs in
+    flight finish and are kept, none of the next seed starts, and it ends as a preempted trainer
+    (Preempted, exit 3) saying how many runs were not started. The handler is gone afterwards."""
+    import signal
+    import threading
+    from types import SimpleNamespace
+
+    from bench import fashion as bench
+    from ToE.common.errors import Preempted
+
+    started, told, both = [], threading.Event(), threading.Barrier(2, timeout=10)
+
+    def log(message):
+        if "SIGTERM" in message:
+            told.set()
+
+    def fake_run_one(method, seed, args, neighbours, log=print):
+        started.append((method, seed))
+        both.wait()  # both runs in flight before the signal
+        if method == "full":
+            os.kill(os.getpid(), signal.SIGTERM)
+        assert told.wait(10)
+        return {"config": method, "seed": seed, "recipe": "r1", "acc1": 90.0}
+
+    monkeypatch.setattr(bench, "run_one", fake_run_one)
+    before = signal.getsignal(signal.SIGTERM)
+    runs_path = str(tmp_path / "runs.jsonl")
+    with pytest.raises(Preempted, match="2 runs not started"):
+        bench.run_all(["full", "toe"], [0, 1], [], SimpleNamespace(recipe="r1", parallel=2), runs_path, log=log)
+    assert sorted(started) == [("full", 0), ("toe", 0)]
+    assert sorted((r["config"], r["seed"]) for r in bench.read_runs(runs_path)) == [("full", 0), ("toe", 0)]
+    assert signal.getsignal(signal.SIGTERM) == before
+
+
+def test_run_repeated_stops_between_runs_on_sigterm(tmp_path):
+    """The sequential benches (bench.common.run_repeated) stop the same way."""
+    import signal
+
+    from bench.common import read_runs, run_repeated
+    from ToE.common.errors import Preempted
+
+    def run_one(config, seed):
+        if (config, seed) == ("a", 0):
+            os.kill(os.getpid(), signal.SIGTERM)
+        return {"config": config, "seed": seed}
+
+    runs_path = str(tmp_path / "runs.jsonl")
+    with pytest.raises(Preempted, match="3 runs not started"):
+        run_repeated(["a", "b"], [0, 1], run_one, runs_path, log=lambda *a: None)
+    assert [(r["config"], r["seed"]) for r in read_runs(runs_path)] == [("a", 0)]
+    assert [(r["config"], r["seed"]) for r in run_repeated(["a", "b"], [0, 1], run_one, runs_path,
+                                                           log=lambda *a: None)] == [
+        ("a", 0), ("b", 0), ("b", 1), ("a", 1)]
+
+
+def test_a_stopped_bench_still_records_its_session_and_table(tmp_path, monkeypatch):
+    """Ctrl-C or SIGTERM mid-bench: the runs it finished are in the table and its command in the
+    sessions (with what stopped it), then it ends as it was stopped (before, the session was lost)."""
+    from bench import fashion as bench
+    from bench.common import append_run
+
+    out = tmp_path / "out"
+
+    def fake_run_all(methods, seeds, aa_seeds, args, runs_path, log=print):
+        for config in ("full", "toe"):
+            append_run(runs_path, {"config": config, "seed": 0, "recipe": "r1", "epochs": 6, "grid": 14,
+                                   "acc1": 90.0, "epoch_seconds": [10.0] * 6, "time_s": 60.0,
+                                   "load_before": [1.0], "load_after": [1.0]})
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(bench, "recipe_key", lambda args: "r1")
+    monkeypatch.setattr(bench, "build_subset", lambda *a, **k: str(tmp_path / "subset"))
+    monkeypatch.setattr(bench, "run_all", fake_run_all)
+    monkeypatch.setattr(bench, "git_commit", lambda: "def5678")
+    monkeypatch.setattr(fashion, "build_fashion", lambda *a, **k: None)
+    with pytest.raises(KeyboardInterrupt):
+        bench.main(["--out", str(out), "--figure", "", "--methods", "full", "toe", "--seeds", "0", "1"])
+    sessions = json.loads((out / "results.json").read_text())["sessions"]
+    assert [(s["trained"], s["stopped"]) for s in sessions] == [(2, "KeyboardInterrupt")]
+    table = (out / "table.md").read_text()
+    assert "(commit def5678, 2 runs, stopped by KeyboardInterrupt)" in table and "| ToE (after block 0) | 1 |" in table
+
+
 def test_the_ablations_change_one_thing_each_and_parse_as_the_trainer_reads_them():
     """bench.fashion --ablations: each row is ToE with one change, read by DeiT's own parser (the
     last of a repeated flag wins); the FLOP ratios follow the schedules."""
