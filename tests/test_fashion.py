@@ -210,7 +210,18 @@ def test_bench_rows_pair_by_seed_and_predict_flops(tmp_path):
     table = bench.write_outputs(results, str(tmp_path), figure=None)
     row = ("| ToE (after block 0) | 3 | 90.40 ± 0.44 | +0.40 ± 0.15 | reference | 96 ± 0 | 0.747 ± 0.053 | "
            "0.800 ± 0.000 | 1.25x |")
-    assert row in table
+    assert row in table and "the paper says" not in table  # the claims column is the ablation table's
+    # the ablation table sets each row beside what the paper claims of it
+    for seed, acc in enumerate([89.0, 90.0, 88.5]):
+        runs.append({"config": "merge-drop", "seed": seed, "epochs": 6, "acc1": acc,
+                     "epoch_seconds": [12.0, 12.0, 16.0, 16.0, 20.0, 20.0], "time_s": 96.0})
+    ablation = bench.format_markdown({**results, "summary": bench.summarise(runs, bench.ABLATION_SET, epochs=6)})
+    assert "| FLOP ratio | the paper says (DeiT, ImageNet) |" in ablation
+    rows_md = {line.split(" | ")[0]: line for line in ablation.splitlines() if line.startswith("| ")}
+    assert rows_md["| merging: none (left-out tokens dropped)"].endswith(
+        "| each of initialization, expansion and merging adds accuracy: replacing it costs top-1 |")
+    assert rows_md["| ToE (after block 0)"].endswith("| no loss of top-1 at about 1.3x |")
+    del runs[-3:]
     # against ToE too, paired by seed: full tokens trail it by what it leads them
     assert "| full tokens | 3 | 90.00 ± 0.58 | reference | -0.40 ± 0.15 | " in table
     assert rows[0]["diff_vs_toe_per_seed"] == pytest.approx([-0.5, -0.1, -0.6]) and toe["diff_vs_toe"] is None
