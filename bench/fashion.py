@@ -459,10 +459,12 @@ def summarise(runs: Sequence[Dict[str, object]], methods: Sequence[str], epochs:
 
 
 def seeds_plan(summary: Sequence[Dict[str, object]], runs: Sequence[Dict[str, object]], methods: Sequence[str],
-               epochs: int, parallel: int = 2, target: float = TARGET_SE, first_seeds: int = 5) -> Dict[str, object]:
-    """What it takes for every paired difference of ``methods`` to reach a standard error under ``target``
-    points, at the spread of its paired differences so far: ``n > (std / target)^2`` seeds (a method with
-    fewer than 2 pairs: ``first_seeds``, its spread unknown); full tokens as many as the most. The runs
+               epochs: int, parallel: int = 2, target: float = TARGET_SE, first_seeds: int = 5,
+               reference: str = "full") -> Dict[str, object]:
+    """What it takes for every paired difference of ``methods`` from ``reference`` (full tokens for the
+    headline table; ToE for the ablations, each ToE with one change) to reach a standard error under
+    ``target`` points, at the spread of its paired differences so far: ``n > (std / target)^2`` seeds, and
+    at least ``first_seeds`` (a spread from fewer is unknown or too rough); the reference as many as the most. The runs
     that adds, each costed at its method's mean wall time (training and final evaluation; timed runs where
     there are, a method without runs at full tokens' x its FLOP ratio), ``parallel`` at a time. The
     spread of a few seeds is itself uncertain: the seed counts are estimates, to be redone as runs land."""
@@ -479,17 +481,18 @@ def seeds_plan(summary: Sequence[Dict[str, object]], runs: Sequence[Dict[str, ob
     need: Dict[str, int] = {}
     spread: Dict[str, Optional[float]] = {}  # std of each method's paired differences
     for method in methods:
-        if method in ("full", "full-aa"):
+        if method in ("full", "full-aa", reference):
             continue
-        diffs = rows[method]["diff_per_seed"] if method in rows else []
+        diffs = rows[method]["diff_per_seed" if reference == "full" else f"diff_vs_{reference}_per_seed"] \
+            if method in rows else []
         if len(diffs) < 2:
             need[method] = max(first_seeds, len(diffs))
         else:
-            std = spread[method] = float(np.std(diffs, ddof=1))
-            need[method] = max(len(diffs), int((std / target) ** 2) + 1)
+            std = spread[method] = float(np.std(diffs, ddof=1))  # from 2-4 pairs too rough to stop at
+            need[method] = max(len(diffs), int((std / target) ** 2) + 1, first_seeds)
     if not need:
-        return {"target_se": target, "methods": {}, "runs": 0, "hours": 0.0}
-    need["full"] = max(need.values())
+        return {"target_se": target, "reference": reference, "methods": {}, "runs": 0, "hours": 0.0}
+    need[reference] = max(need.values())
     plan, seconds, count = {}, 0.0, 0
     for method, seeds in need.items():
         have = {r["seed"] for r in runs if r["config"] == method}
@@ -499,28 +502,31 @@ def seeds_plan(summary: Sequence[Dict[str, object]], runs: Sequence[Dict[str, ob
                         "spread": spread.get(method)}
         count += len(missing)
         seconds += len(missing) * (each or 0.0)
-    # one command per seed count, most seeds first with full tokens in it (each method trains only its own seeds)
+    # one command per seed count, most seeds first with the reference in it (each method trains only its own seeds)
     groups: Dict[int, List[str]] = {}
     for method, entry in plan.items():
-        if entry["missing"] and method != "full":
+        if entry["missing"] and method != reference:
             groups.setdefault(entry["seeds"], []).append(method)
-    commands = [f"python -m bench.fashion --methods {' '.join((['full'] if seeds == need['full'] else []) + names)} "
-                f"--seeds 0-{seeds - 1} --aa-seeds" for seeds, names in sorted(groups.items(), reverse=True)]
-    if plan["full"]["missing"] and (not groups or max(groups) < need["full"]):
-        commands.insert(0, f"python -m bench.fashion --methods full --seeds 0-{need['full'] - 1} --aa-seeds")
-    return {"target_se": target, "methods": plan, "runs": count, "hours": seconds / parallel / 3600,
-            "parallel": parallel, "commands": commands}
+    bench, extra = ("python -m bench.fashion", " --aa-seeds") if reference == "full" else \
+        ("python -m bench.fashion --ablations", "")
+    commands = [f"{bench} --methods {' '.join(([reference] if seeds == need[reference] else []) + names)} "
+                f"--seeds 0-{seeds - 1}{extra}" for seeds, names in sorted(groups.items(), reverse=True)]
+    if plan[reference]["missing"] and (not groups or max(groups) < need[reference]):
+        commands.insert(0, f"{bench} --methods {reference} --seeds 0-{need[reference] - 1}{extra}")
+    return {"target_se": target, "reference": reference, "methods": plan, "runs": count,
+            "hours": seconds / parallel / 3600, "parallel": parallel, "commands": commands}
 
 
 def plan_text(plan: Dict[str, object]) -> str:
     """One paragraph: the seeds per method for the target, and the command and hours that add them."""
+    against = {"full": "full tokens", "toe": "ToE"}[plan.get("reference", "full")]
     if not plan.get("runs"):
-        return f"Every paired standard error is under {plan['target_se']} points."
+        return f"Every paired standard error against {against} is under {plan['target_se']} points."
     per = ", ".join(f"{method} {entry['seeds']} (has {entry['have']}"
                     + (f", paired spread {entry['spread']:.2f}" if entry.get("spread") is not None else "") + ")"
                     for method, entry in plan["methods"].items() if entry["missing"])
-    return (f"To bring every paired standard error under {plan['target_se']} points at the spread so far (an "
-            f"estimate from the seeds there are): seeds {per}; {plan['runs']} more runs, about "
+    return (f"To bring every paired standard error against {against} under {plan['target_se']} points at the "
+            f"spread so far (an estimate from the seeds there are): seeds {per}; {plan['runs']} more runs, about "
             f"{plan['hours']:.1f} h {plan['parallel']} at a time: "
             + " then ".join(f"`{command}`" for command in plan["commands"])
             + " (each trains only the runs not in runs.jsonl, so any of them can stop and run again).")
@@ -849,8 +855,10 @@ def main(argv: Optional[Sequence[str]] = None) -> Optional[Dict[str, object]]:
                              "finished": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), "trained": trained,
                              "bench_load": {"start": list(load_start), "end": list(os.getloadavg())},
                              **({"stopped": stop_reason(stopped)} if stopped is not None else {})})
+        # the notes (what the table shows, written by hand) stay: each names the state it describes
         provenance = {"machine": describe_machine(), "train_subset": args.train_subset,
-                      "monitor_images": args.monitor_images, "parallel": args.parallel, "threads": args.threads}
+                      "monitor_images": args.monitor_images, "parallel": args.parallel, "threads": args.threads,
+                      **({"notes": previous["notes"]} if previous.get("notes") else {})}
     results = {"sessions": sessions, "machine": describe_machine(), "train_subset": args.train_subset,
                "monitor_images": args.monitor_images, "parallel": args.parallel, "threads": args.threads,
                **provenance, "recipe": args.recipe, "epochs": args.epochs,
@@ -862,7 +870,7 @@ def main(argv: Optional[Sequence[str]] = None) -> Optional[Dict[str, object]]:
         results["schedules"] = {m: dict(zip(("starts", "keep_rate", "r0", "k"), schedule_of(m, args.epochs)))
                                 for m in table_methods}
     results["plan"] = seeds_plan(results["summary"], runs, [m for m in table_methods if m != "full-aa"],
-                                 args.epochs, args.parallel)
+                                 args.epochs, args.parallel, reference="toe" if args.ablations else "full")
     table = write_outputs(results, args.out, args.figure, ablations=args.ablations)
     if stopped is not None:  # the outputs hold what it trained; the command ends as it was stopped
         raise stopped

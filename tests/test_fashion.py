@@ -263,8 +263,9 @@ def test_patchdropout_at_toes_flops_keeps_more_tokens_and_matches_every_stage():
 
 
 def test_the_seeds_plan_follows_the_spread_and_costs_the_missing_runs():
-    """seeds_plan: n > (std / 0.3)^2 seeds per method from its paired differences so far, full tokens as
-    many as the most, each missing run at its method's mean wall time; --seeds takes ranges."""
+    """seeds_plan: n > (std / 0.3)^2 seeds per method from its paired differences so far and at least 5
+    (a spread from fewer is too rough), full tokens as many as the most, each missing run at its method's
+    mean wall time; --seeds takes ranges."""
     from bench import fashion as bench
 
     runs = []
@@ -279,18 +280,31 @@ def test_the_seeds_plan_follows_the_spread_and_costs_the_missing_runs():
     tome = int((tome_std / 0.3) ** 2) + 1
     assert tome_std / np.sqrt(tome) < 0.3 <= tome_std / np.sqrt(tome - 1)
     methods = plan["methods"]
-    assert methods["toe"]["seeds"] == 3 and methods["toe"]["missing"] == 0
+    assert methods["toe"]["seeds"] == 5 and methods["toe"]["missing"] == 2  # 3 pairs reach 0.3: still 5
     assert methods["tome"]["seeds"] == tome and methods["full"]["seeds"] == tome
     assert methods["patchdrop-flops"] == {"seeds": 5, "have": 0, "missing": 5, "spread": None,
                                           "run_s": pytest.approx(120.0 * bench.flop_ratio("patchdrop-flops", 6))}
     assert methods["tome"]["spread"] == pytest.approx(tome_std)
-    assert plan["runs"] == 2 * (tome - 3) + 5
-    assert plan["hours"] == pytest.approx(((tome - 3) * (120.0 + 100.0) + 5 * methods["patchdrop-flops"]["run_s"])
-                                          / 2 / 3600)
+    assert plan["runs"] == 2 * (tome - 3) + 5 + 2
+    assert plan["hours"] == pytest.approx(((tome - 3) * (120.0 + 100.0) + 5 * methods["patchdrop-flops"]["run_s"]
+                                           + 2 * 100.0) / 2 / 3600)
     assert plan["commands"] == [f"python -m bench.fashion --methods full tome --seeds 0-{tome - 1} --aa-seeds",
-                                "python -m bench.fashion --methods patchdrop-flops --seeds 0-4 --aa-seeds"]
+                                "python -m bench.fashion --methods toe patchdrop-flops --seeds 0-4 --aa-seeds"]
     text = bench.plan_text(plan)
     assert "0-" in text and f"tome {tome} (has 3, paired spread {tome_std:.2f})" in text
+    assert text.startswith("To bring every paired standard error against full tokens under 0.3")
+    # the ablations: each is ToE with one change, so their plan pairs with ToE and adds ToE's seeds,
+    # in commands that render the ablation table (no A/A control there)
+    for seed, acc in enumerate([90.0, 92.0, 89.0]):
+        runs.append({"config": "k1", "seed": seed, "epochs": 6, "acc1": acc, "epoch_seconds": [10.0] * 6,
+                     "time_s": 60.0, "wall_s": 80.0, "eval_wall_s": 20.0})
+    summary = bench.summarise(runs, ["full", "toe", "k1"], epochs=6)
+    plan = bench.seeds_plan(summary, runs, ["full", "toe", "k1"], epochs=6, reference="toe")
+    k1_std = np.std([90.0 - 90.5, 92.0 - 91.1, 89.0 - 89.6], ddof=1)
+    k1 = int((k1_std / 0.3) ** 2) + 1
+    assert set(plan["methods"]) == {"k1", "toe"} and plan["methods"]["toe"]["seeds"] == k1 > 3
+    assert plan["commands"] == [f"python -m bench.fashion --ablations --methods toe k1 --seeds 0-{k1 - 1}"]
+    assert bench.plan_text(plan).startswith("To bring every paired standard error against ToE under 0.3")
     parser = bench.build_parser()
     assert parser.parse_args(["--seeds", "0-3", "7"]).seeds == [[0, 1, 2, 3], [7]]
     for bad in ("3-1", "a", "-2"):
@@ -317,7 +331,8 @@ def test_the_table_names_every_command_that_trained_its_runs(tmp_path, monkeypat
         for config in ("full", "toe"):
             append_run(str(out / "runs.jsonl"), run(config, seed))
     (out / "results.json").write_text(json.dumps({"command": "python -m bench.fashion --seeds 0 1",
-                                                  "commit": "abc1234", "recipe": recipe}))
+                                                  "commit": "abc1234", "recipe": recipe,
+                                                  "notes": ["What the first two seeds show."]}))
 
     def fake_run_all(methods, seeds, aa_seeds, args, runs_path, log=print):
         done = {(r["config"], r["seed"]) for r in bench.read_runs(runs_path)}
@@ -342,6 +357,7 @@ def test_the_table_names_every_command_that_trained_its_runs(tmp_path, monkeypat
     assert table.startswith("Commands: `python -m bench.fashion --seeds 0 1` (commit abc1234); `python -m "
                             "bench.fashion --out") and "(commit def5678, 2 runs)." in table
     assert "| ToE (after block 0) | 3 |" in table
+    assert table.endswith("\n\nWhat the first two seeds show.\n")  # the notes written by hand stay
     bench.main(train)  # nothing left to train
     bench.main(["--render", "--out", str(out), "--figure", ""])
     assert json.loads((out / "results.json").read_text())["sessions"] == sessions
