@@ -586,7 +586,7 @@ def format_markdown(results: Dict[str, object]) -> str:
     sessions = training_sessions(results)
     commands = "; ".join(f"`{session['command']}` (commit {session.get('commit') or 'not recorded'}"
                          + (f", {session['trained']} runs" if session.get("trained") is not None else "")
-                         + (f", stopped by {session['stopped'].split(':')[0]}" if session.get("stopped") else "") + ")"
+                         + (f", stopped ({session['stopped'].split(';')[0]})" if session.get("stopped") else "") + ")"
                          for session in sessions) or "not recorded"
     claims = any(row["method"] in ABLATIONS for row in results["summary"])  # the ablation table
     lines = [

@@ -476,7 +476,7 @@ def test_a_stopped_bench_still_records_its_session_and_table(tmp_path, monkeypat
     sessions = json.loads((out / "results.json").read_text())["sessions"]
     assert [(s["trained"], s["stopped"]) for s in sessions] == [(2, "KeyboardInterrupt")]
     table = (out / "table.md").read_text()
-    assert "(commit def5678, 2 runs, stopped by KeyboardInterrupt)" in table and "| ToE (after block 0) | 1 |" in table
+    assert "(commit def5678, 2 runs, stopped (KeyboardInterrupt))" in table and "| ToE (after block 0) | 1 |" in table
 
 
 def test_the_ablations_change_one_thing_each_and_parse_as_the_trainer_reads_them():
