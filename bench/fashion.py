@@ -70,7 +70,7 @@ import sys
 import tempfile
 import threading
 import time
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import ThreadPoolExecutor, wait
 from typing import Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
@@ -360,6 +360,15 @@ def run_one(method: str, seed: int, args, neighbours: Neighbours, log=print) -> 
     return run
 
 
+def _result(future) -> object:
+    """``future.result()``, waiting in half-second steps: the kernel may hand a SIGTERM to a worker
+    thread, and Python runs the handler in the main thread only when that thread runs again, so a
+    main thread blocked until the run ends would see the signal only then."""
+    while not future.done():
+        wait([future], timeout=0.5)
+    return future.result()
+
+
 def run_all(methods: Sequence[str], seeds: Sequence[int], aa_seeds: Sequence[int], args,
             runs_path: str, log=print) -> List[Dict[str, object]]:
     """Every (method, seed), ``args.parallel`` at a time, seed-major with the method order rotated
@@ -397,7 +406,7 @@ def run_all(methods: Sequence[str], seeds: Sequence[int], aa_seeds: Sequence[int
     with StopRequest(log) as stop, ThreadPoolExecutor(max_workers=args.parallel) as pool:
         futures = [pool.submit(work, job) for job in jobs]  # started in this order, --parallel in flight
         try:
-            started = sum(future.result() for future in futures)
+            started = sum(_result(future) for future in futures)
         except BaseException:  # a failed run or Ctrl-C: start nothing more (the runs in flight end first)
             stop.set()
             for future in futures:

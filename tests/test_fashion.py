@@ -401,6 +401,7 @@ def test_sigterm_lets_the_runs_in_flight_finish_and_starts_no_other(tmp_path, mo
     (Preempted, exit 3) saying how many runs were not started. The handler is gone afterwards."""
     import signal
     import threading
+    import time
     from types import SimpleNamespace
 
     from bench import fashion as bench
@@ -415,8 +416,9 @@ def test_sigterm_lets_the_runs_in_flight_finish_and_starts_no_other(tmp_path, mo
     def fake_run_one(method, seed, args, neighbours, log=print):
         started.append((method, seed))
         both.wait()  # both runs in flight before the signal
-        if method == "full":
-            os.kill(os.getpid(), signal.SIGTERM)
+        if method == "full":  # to this worker thread, once the main thread waits for the runs: the case
+            time.sleep(0.3)    # where it must wake to see the signal (a blocked wait would miss it for 10 s)
+            signal.pthread_kill(threading.get_ident(), signal.SIGTERM)
         assert told.wait(10)
         return {"config": method, "seed": seed, "recipe": "r1", "acc1": 90.0}
 
