@@ -494,11 +494,10 @@ def seeds_plan(summary: Sequence[Dict[str, object]], runs: Sequence[Dict[str, ob
             continue
         diffs = rows[method]["diff_per_seed" if reference == "full" else f"diff_vs_{reference}_per_seed"] \
             if method in rows else []
-        if len(diffs) < 2:
-            need[method] = max(first_seeds, len(diffs))
-        else:
-            std = spread[method] = float(np.std(diffs, ddof=1))  # from 2-4 pairs too rough to stop at
-            need[method] = max(len(diffs), int((std / target) ** 2) + 1, first_seeds)
+        if len(diffs) >= 2:  # a spread from 2-4 pairs is too rough to stop at: first_seeds at least
+            spread[method] = float(np.std(diffs, ddof=1))
+        need[method] = max(first_seeds, len(diffs),
+                           int((spread[method] / target) ** 2) + 1 if method in spread else 0)
     if not need:
         return {"target_se": target, "reference": reference, "methods": {}, "runs": 0, "hours": 0.0}
     need[reference] = max(need.values())
