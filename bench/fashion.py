@@ -45,7 +45,8 @@ resumes; a run interrupted mid-way continues from its last epoch checkpoint (``-
 To stop a bench between runs, send it SIGTERM (``kill PID``; a bench started with ``&`` ignores
 Ctrl-C): the runs in flight finish and are kept, no other starts, it exits 3. A stopped bench
 (SIGTERM, Ctrl-C, a failed run) still writes its table and records its command in ``sessions``.
-Outputs: ``bench/results/fashion/{summary.json,table.md,results.json}`` and
+Outputs: ``bench/results/fashion/{summary.json,table.md,results.json}`` (results.json holds no runs:
+they are in ``runs.jsonl`` only) and
 ``Figs/fashion_accuracy_time.png`` (needs matplotlib; skipped with a note without it).
 ``summary.json`` is a list with one object per method: ``method``, ``seeds``, ``top1_mean``,
 ``top1_se`` (over seeds), ``diff_vs_full``/``diff_se`` (top-1 minus full tokens' with the same
@@ -699,18 +700,18 @@ def draw(results: Dict[str, object], path: str = FIGURE) -> Optional[str]:
 
 
 def write_outputs(results: Dict[str, object], out: str, figure: Optional[str], ablations: bool = False) -> str:
-    """results.json (everything), summary.json (one object per method), table.md; the figure. The
-    ablations: ablations.json and ablations.md (no figure)."""
+    """results.json (sessions, machine, recipe, summary, plan: everything but the runs, which live once,
+    in runs.jsonl), summary.json (one object per method), table.md; the figure. The ablations:
+    ablations.json and ablations.md (no figure)."""
     os.makedirs(out, exist_ok=True)
+    stored = {**{key: value for key, value in results.items() if key != "runs"}, "runs_file": "runs.jsonl"}
+    with open(os.path.join(out, "ablations.json" if ablations else "results.json"), "w") as handle:
+        json.dump(stored, handle, indent=2)
     if ablations:
-        with open(os.path.join(out, "ablations.json"), "w") as handle:
-            json.dump({key: value for key, value in results.items() if key != "runs"}, handle, indent=2)
         table = format_markdown(results)
         with open(os.path.join(out, "ablations.md"), "w") as handle:
             handle.write(table + "\n")
         return table
-    with open(os.path.join(out, "results.json"), "w") as handle:
-        json.dump(results, handle, indent=2)
     keys = ("method", "seeds", "top1_mean", "top1_se", "diff_vs_full", "diff_se", "time_ratio", "flop_ratio")
     summary = [{**{key: row[key] for key in keys}, **{key: value for key, value in row.items() if key not in keys}}
                for row in results["summary"]]

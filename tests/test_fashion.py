@@ -349,7 +349,9 @@ def test_the_table_names_every_command_that_trained_its_runs(tmp_path, monkeypat
     monkeypatch.setattr(fashion, "build_fashion", lambda *a, **k: None)
     train = ["--out", str(out), "--figure", "", "--methods", "full", "toe", "--seeds", "0", "1", "2", "--aa-seeds"]
     bench.main(train)
-    sessions = json.loads((out / "results.json").read_text())["sessions"]
+    stored = json.loads((out / "results.json").read_text())
+    assert "runs" not in stored and stored["runs_file"] == "runs.jsonl"  # the runs live once, in runs.jsonl
+    sessions = stored["sessions"]
     assert [(s["command"], s["commit"], s.get("trained")) for s in sessions] == [
         ("python -m bench.fashion --seeds 0 1", "abc1234", None),
         ("python -m bench.fashion " + " ".join(train), "def5678", 2)]
