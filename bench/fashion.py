@@ -511,14 +511,16 @@ def seeds_plan(summary: Sequence[Dict[str, object]], runs: Sequence[Dict[str, ob
                         "spread": spread.get(method)}
         count += len(missing)
         seconds += len(missing) * (each or 0.0)
-    # one command per seed count, most seeds first with the reference in it (each method trains only its own seeds)
+    # one command per seed count, most seeds first, with the reference in it where it misses runs (each
+    # method trains only its own seeds)
     groups: Dict[int, List[str]] = {}
     for method, entry in plan.items():
         if entry["missing"] and method != reference:
             groups.setdefault(entry["seeds"], []).append(method)
     bench, extra = ("python -m bench.fashion", " --aa-seeds") if reference == "full" else \
         ("python -m bench.fashion --ablations", "")
-    commands = [f"{bench} --methods {' '.join(([reference] if seeds == need[reference] else []) + names)} "
+    with_reference = need[reference] if plan[reference]["missing"] else None
+    commands = [f"{bench} --methods {' '.join(([reference] if seeds == with_reference else []) + names)} "
                 f"--seeds 0-{seeds - 1}{extra}" for seeds, names in sorted(groups.items(), reverse=True)]
     if plan[reference]["missing"] and (not groups or max(groups) < need[reference]):
         commands.insert(0, f"{bench} --methods {reference} --seeds 0-{need[reference] - 1}{extra}")

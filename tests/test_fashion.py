@@ -304,6 +304,11 @@ def test_the_seeds_plan_follows_the_spread_and_costs_the_missing_runs():
     k1 = int((k1_std / 0.3) ** 2) + 1
     assert set(plan["methods"]) == {"k1", "toe"} and plan["methods"]["toe"]["seeds"] == k1 > 3
     assert plan["commands"] == [f"python -m bench.fashion --ablations --methods toe k1 --seeds 0-{k1 - 1}"]
+    for seed in range(3, k1 + 2):  # ToE already has the seeds the plan asks: its name leaves the command
+        runs.append({**runs[1], "seed": seed})
+    plan = bench.seeds_plan(summary, runs, ["full", "toe", "k1"], epochs=6, reference="toe")
+    assert plan["methods"]["toe"]["missing"] == 0
+    assert plan["commands"] == [f"python -m bench.fashion --ablations --methods k1 --seeds 0-{k1 - 1}"]
     assert bench.plan_text(plan).startswith("To bring every paired standard error against ToE under 0.3")
     parser = bench.build_parser()
     assert parser.parse_args(["--seeds", "0-3", "7"]).seeds == [[0, 1, 2, 3], [7]]
