@@ -211,9 +211,10 @@ def test_reducer_flag_builds_the_reducer_and_refuses_toe_switches(capsys):
         assert stop.value.code == 2 and len(err) == 1 and needle in err[0], err
 
 
-@pytest.mark.e2e  # trains a tiny model in this process (a few seconds)
-def test_tome_run_resumed_two_plus_two_epochs_equals_four_straight(data, tmp_path):
-    common = ["--data-path", data, "--epochs", 4, *TINY, *FAST, *PLAIN, *SCHEDULE, "--reducer", "tome",
+@pytest.mark.e2e  # trains a tiny model in this process (a few seconds per reducer)
+@pytest.mark.parametrize("name", BASELINES)  # random draws from the torch generator: its state must resume too
+def test_run_resumed_two_plus_two_epochs_equals_four_straight(name, data, tmp_path):
+    common = ["--data-path", data, "--epochs", 4, *TINY, *FAST, *PLAIN, *SCHEDULE, "--reducer", name,
               "--no-model-ema"]
     straight, resumed = tmp_path / "straight", tmp_path / "resumed"
     deit_run(*common, "--output_dir", straight).fit()
@@ -221,7 +222,7 @@ def test_tome_run_resumed_two_plus_two_epochs_equals_four_straight(data, tmp_pat
     assert load(resumed / "checkpoint.pth")["epoch"] == 1
     deit_run(*common, "--output_dir", resumed, "--auto-resume").fit()
     a, b = load(straight / "checkpoint.pth"), load(resumed / "checkpoint.pth")
-    assert a["epoch"] == b["epoch"] == 3 and a["args"]["reducer"] == "tome"
+    assert a["epoch"] == b["epoch"] == 3 and a["args"]["reducer"] == name
     assert_same_tensors(a["model"], b["model"], "model")
     for key in a["optimizer"]["state"]:
         assert_same_tensors(a["optimizer"]["state"][key], b["optimizer"]["state"][key], f"optimizer state {key}")
