@@ -215,7 +215,7 @@ def test_reducer_flag_builds_the_reducer_and_refuses_toe_switches(capsys):
 
 
 @pytest.mark.e2e  # trains a tiny model in this process (a few seconds per reducer)
-@pytest.mark.parametrize("name", BASELINES)  # random draws from the torch generator: its state must resume too
+@pytest.mark.parametrize("name", BASELINES)  # random also draws its tokens from the saved torch generator
 def test_run_resumed_two_plus_two_epochs_equals_four_straight(name, data, tmp_path):
     common = ["--data-path", data, "--epochs", 4, *TINY, *FAST, *PLAIN, *SCHEDULE, "--reducer", name,
               "--no-model-ema"]
